@@ -1,0 +1,18 @@
+"""mla-ref: the NumPy reference for DeepSeek MLA, DeepSeek-MoE routing and MTP (see spec/)."""
+
+from .cache import LatentCache, NaiveCache, PagedLatentCache
+from .config import ModelConfig, load_config, load_preset, preset_names
+from .errors import CacheError, ConfigError, InputError, MlaRefError, ShapeError, SpecError, WeightError
+from .mla import MLAResult, latent_attention_core, mla_forward
+from .spec import spec_version
+from .trace import Trace
+from .weights import attention_weight_shapes, generate_attention_weights, generate_weights, weight_shapes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheError", "ConfigError", "InputError", "LatentCache", "MLAResult", "MlaRefError", "ModelConfig", "NaiveCache",
+    "PagedLatentCache", "ShapeError", "SpecError", "Trace", "WeightError", "attention_weight_shapes",
+    "generate_attention_weights", "generate_weights", "latent_attention_core", "load_config", "load_preset",
+    "mla_forward", "preset_names", "spec_version", "weight_shapes",
+]

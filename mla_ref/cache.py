@@ -1,0 +1,263 @@
+"""Caches for cached decode: plumbing, not math (spec/mla.yaml MLA.18, MLA.19).
+
+* :class:`LatentCache` — contiguous rows ``[latent | k_pe]`` of width
+  ``kv_lora_rank + qk_rope_head_dim`` per token (the absorbed form's cache, MLA.5).
+* :class:`PagedLatentCache` — the same rows in a block pool ``[num_blocks, block_size, 1,
+  width]`` addressed through a block table (FlashMLA / vLLM layout).
+* :class:`NaiveCache` — full per-head keys ``[nope | rope]`` and values.
+
+Caches are immutable values: ``append`` returns a new cache, so an old one is a
+snapshot (rolling back is keeping the old object, or :meth:`truncate`). Every cache has
+``lengths [batch]``: how many positions of each sequence it holds (positions 0 .. length-1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import CacheError, ShapeError
+
+
+def config_fingerprint(config: ModelConfig) -> str:
+    """Identifies the fields that decide what a cache row means (widths and RoPE)."""
+    fields = ("num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+              "rope_theta", "rope_scaling_type", "rope_factor", "original_max_position_embeddings", "beta_fast",
+              "beta_slow", "mscale", "mscale_all_dim", "yarn_truncate", "yarn_activation", "max_seq_len", "rope_layout")
+    text = repr([getattr(config, name) for name in fields])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _lengths(lengths, batch: int, name: str) -> np.ndarray:
+    values = np.asarray(lengths)
+    if values.shape != (batch,) or values.dtype.kind not in "iu":
+        raise CacheError(name, f"expected an integer array of shape [{batch}], got {values.dtype} {list(values.shape)}", "MLA.18")
+    if (values < 0).any():
+        raise CacheError(name, f"expected lengths >= 0, got {values.tolist()}", "MLA.18")
+    return values.astype(np.int64)
+
+
+def _append_index(lengths: np.ndarray, query_lengths: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(batch index, position, query index) of every new token that is not padding."""
+    queries = np.arange(seq)[None, :]  # [1, seq]
+    valid = queries < query_lengths[:, None]  # [batch, seq]
+    batch_index, query_index = np.nonzero(valid)
+    return batch_index, lengths[batch_index] + query_index, query_index
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentCache:
+    """Contiguous latent cache: ``rows [batch, capacity, width]``, ``lengths [batch]``."""
+
+    rows: np.ndarray
+    lengths: np.ndarray
+    fingerprint: str | None = None
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, dtype=np.float64) -> "LatentCache":
+        """A cache holding no token for ``batch`` sequences."""
+        return cls(np.zeros((batch, 0, config.latent_cache_width), dtype), np.zeros(batch, np.int64), config_fingerprint(config))
+
+    def check(self, config: ModelConfig, batch: int) -> None:
+        """Raise ``CacheError`` if this cache was built for another config or batch."""
+        _check_common(self.fingerprint, self.lengths, self.rows.shape[0], self.rows.shape[-1], config, batch)
+
+    def append(self, new_rows: np.ndarray, query_lengths: np.ndarray) -> "LatentCache":
+        """MLA.18 — write ``new_rows [batch, seq, width]`` after each sequence's last position."""
+        batch, seq, width = new_rows.shape
+        grown = int((self.lengths + query_lengths).max(initial=0))
+        rows = self.rows
+        if grown > rows.shape[1]:
+            rows = np.concatenate([rows, np.zeros((batch, grown - rows.shape[1], width), rows.dtype)], axis=1)
+        else:
+            rows = rows.copy()
+        batch_index, position, query_index = _append_index(self.lengths, query_lengths, seq)
+        rows[batch_index, position] = new_rows[batch_index, query_index]
+        return LatentCache(rows, self.lengths + query_lengths, self.fingerprint)
+
+    def key_rows(self) -> np.ndarray:
+        """All cached rows ``[batch, max(lengths), width]``; rows past a sequence's length are padding."""
+        return self.rows[:, : int(self.lengths.max(initial=0))]
+
+    def truncate(self, lengths) -> "LatentCache":
+        """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
+        lengths = _shrink(self.lengths, lengths)
+        return LatentCache(self.rows, lengths, self.fingerprint)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedLatentCache:
+    """Paged latent cache in the FlashMLA layout.
+
+    ``blocks [num_blocks, block_size, 1, width]``; ``block_table [batch, max_blocks]`` maps
+    block k of sequence b (positions k*block_size .. (k+1)*block_size - 1) to a pool block,
+    -1 where none is allocated; ``lengths [batch]``. Allocated blocks never overlap.
+    """
+
+    blocks: np.ndarray
+    block_table: np.ndarray
+    lengths: np.ndarray
+    fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_block_table(self.block_table, self.blocks.shape[0], self.blocks.shape[1], self.lengths)
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, max_tokens: int, block_size: int = 64,
+              extra_blocks: int = 0, shuffle_seed: int | None = None, dtype=np.float64) -> "PagedLatentCache":
+        """A pool with room for ``max_tokens`` per sequence; ``shuffle_seed`` scatters the block table."""
+        if block_size < 1:
+            raise CacheError("block_size", f"expected >= 1, got {block_size}", "MLA.19")
+        per_sequence = -(-max_tokens // block_size)
+        num_blocks = batch * per_sequence + extra_blocks
+        order = np.arange(num_blocks)
+        if shuffle_seed is not None:
+            order = np.random.default_rng(shuffle_seed).permutation(num_blocks)
+        table = order[: batch * per_sequence].reshape(batch, per_sequence)
+        blocks = np.zeros((num_blocks, block_size, 1, config.latent_cache_width), dtype)
+        return cls(blocks, table, np.zeros(batch, np.int64), config_fingerprint(config))
+
+    @property
+    def block_size(self) -> int:
+        return self.blocks.shape[1]
+
+    def check(self, config: ModelConfig, batch: int) -> None:
+        """Raise ``CacheError`` if this cache was built for another config or batch."""
+        _check_common(self.fingerprint, self.lengths, self.block_table.shape[0], self.blocks.shape[-1], config, batch)
+
+    def _slots(self, batch_index: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        block_column = position // self.block_size
+        if (block_column >= self.block_table.shape[1]).any():
+            bad = int(np.argmax(block_column >= self.block_table.shape[1]))
+            raise CacheError("block_table", f"sequence {int(batch_index[bad])} needs position {int(position[bad])}, "
+                             f"beyond its {self.block_table.shape[1]} blocks of {self.block_size}", "MLA.19")
+        block = self.block_table[batch_index, block_column]
+        if (block < 0).any():
+            bad = int(np.argmax(block < 0))
+            raise CacheError("block_table", f"no block allocated for position {int(position[bad])} of sequence {int(batch_index[bad])}", "MLA.19")
+        return block, position % self.block_size
+
+    def append(self, new_rows: np.ndarray, query_lengths: np.ndarray) -> "PagedLatentCache":
+        """MLA.18 — write rows into the blocks the table assigns to their positions."""
+        batch_index, position, query_index = _append_index(self.lengths, query_lengths, new_rows.shape[1])
+        block, slot = self._slots(batch_index, position)
+        blocks = self.blocks.copy()
+        blocks[block, slot, 0] = new_rows[batch_index, query_index]
+        return PagedLatentCache(blocks, self.block_table, self.lengths + query_lengths, self.fingerprint)
+
+    def key_rows(self) -> np.ndarray:
+        """MLA.19 — gather ``[batch, max(lengths), width]``; slots past a length read as 0."""
+        return gather_paged_rows(self.blocks, self.block_table, self.lengths)
+
+    def truncate(self, lengths) -> "PagedLatentCache":
+        """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
+        return PagedLatentCache(self.blocks, self.block_table, _shrink(self.lengths, lengths), self.fingerprint)
+
+
+@dataclasses.dataclass(frozen=True)
+class NaiveCache:
+    """Per-head cache: ``keys [batch, capacity, heads, qk_head_dim]``, ``values [.., v_head_dim]``."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    lengths: np.ndarray
+    fingerprint: str | None = None
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, dtype=np.float64) -> "NaiveCache":
+        heads = config.num_attention_heads
+        return cls(np.zeros((batch, 0, heads, config.qk_head_dim), dtype), np.zeros((batch, 0, heads, config.v_head_dim), dtype),
+                   np.zeros(batch, np.int64), config_fingerprint(config))
+
+    def check(self, config: ModelConfig, batch: int) -> None:
+        """Raise ``CacheError`` if this cache was built for another config or batch."""
+        _check_common(self.fingerprint, self.lengths, self.keys.shape[0], self.keys.shape[-1], config, batch,
+                      width_name="qk_head_dim", width=config.qk_head_dim)
+        if self.keys.shape[2] != config.num_attention_heads or self.values.shape[-1] != config.v_head_dim:
+            raise CacheError("NaiveCache", f"expected heads {config.num_attention_heads} and value width {config.v_head_dim}, "
+                             f"got keys {list(self.keys.shape)}, values {list(self.values.shape)}", "MLA.18")
+
+    def append(self, new_keys: np.ndarray, new_values: np.ndarray, query_lengths: np.ndarray) -> "NaiveCache":
+        """MLA.18 — write per-head keys and values after each sequence's last position."""
+        batch, seq = new_keys.shape[:2]
+        grown = int((self.lengths + query_lengths).max(initial=0))
+        keys, values = self.keys, self.values
+        if grown > keys.shape[1]:
+            pad = grown - keys.shape[1]
+            keys = np.concatenate([keys, np.zeros((batch, pad) + keys.shape[2:], keys.dtype)], axis=1)
+            values = np.concatenate([values, np.zeros((batch, pad) + values.shape[2:], values.dtype)], axis=1)
+        else:
+            keys, values = keys.copy(), values.copy()
+        batch_index, position, query_index = _append_index(self.lengths, query_lengths, seq)
+        keys[batch_index, position] = new_keys[batch_index, query_index]
+        values[batch_index, position] = new_values[batch_index, query_index]
+        return NaiveCache(keys, values, self.lengths + query_lengths, self.fingerprint)
+
+    def keys_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cached ``[batch, max(lengths), heads, ..]`` keys and values."""
+        used = int(self.lengths.max(initial=0))
+        return self.keys[:, :used], self.values[:, :used]
+
+    def truncate(self, lengths) -> "NaiveCache":
+        """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
+        return NaiveCache(self.keys, self.values, _shrink(self.lengths, lengths), self.fingerprint)
+
+
+def _shrink(current: np.ndarray, lengths) -> np.ndarray:
+    lengths = _lengths(lengths, current.shape[0], "lengths")
+    if (lengths > current).any():
+        raise CacheError("lengths", f"rollback may only shrink: cache holds {current.tolist()}, asked {lengths.tolist()}", "MLA.18")
+    return lengths
+
+
+def _check_common(fingerprint, lengths, batch_of_cache, width_of_cache, config, batch, width_name="latent_cache_width", width=None) -> None:
+    width = config.latent_cache_width if width is None else width
+    if fingerprint is not None and fingerprint != config_fingerprint(config):
+        raise CacheError("cache", f"built for another config (fingerprint {fingerprint}, expected {config_fingerprint(config)} for {config.name})", "MLA.18")
+    if width_of_cache != width:
+        raise CacheError("cache", f"expected rows of {width_name} = {width}, got {width_of_cache}", "MLA.18")
+    if batch_of_cache != batch:
+        raise CacheError("cache", f"expected batch {batch}, got {batch_of_cache}", "MLA.18")
+    _lengths(lengths, batch, "cache.lengths")
+
+
+def validate_block_table(block_table: np.ndarray, num_blocks: int, block_size: int, lengths: np.ndarray) -> None:
+    """MLA.19 — entries in [-1, num_blocks), no pool block used twice, every held position allocated."""
+    table = np.asarray(block_table)
+    if table.ndim != 2 or table.dtype.kind not in "iu":
+        raise CacheError("block_table", f"expected an integer array [batch, max_blocks], got {table.dtype} {list(table.shape)}", "MLA.19")
+    lengths = _lengths(lengths, table.shape[0], "cache_seqlens")
+    if ((table < -1) | (table >= num_blocks)).any():
+        bad = tuple(int(i) for i in np.argwhere((table < -1) | (table >= num_blocks))[0])
+        raise CacheError("block_table", f"entry {bad} = {int(table[bad])} points outside the pool of {num_blocks} blocks (expected -1 .. {num_blocks - 1})", "MLA.19")
+    used = table[table >= 0]
+    if np.unique(used).size != used.size:
+        values, counts = np.unique(used, return_counts=True)
+        raise CacheError("block_table", f"pool block {int(values[counts > 1][0])} appears {int(counts.max())} times: blocks overlap", "MLA.19")
+    needed = -(-lengths // block_size)  # [batch] blocks holding data
+    if (needed > table.shape[1]).any():
+        bad = int(np.argmax(needed > table.shape[1]))
+        raise CacheError("cache_seqlens", f"sequence {bad} holds {int(lengths[bad])} tokens, more than its {table.shape[1]} blocks of {block_size}", "MLA.19")
+    columns = np.arange(table.shape[1])[None, :]
+    if ((columns < needed[:, None]) & (table < 0)).any():
+        bad = tuple(int(i) for i in np.argwhere((columns < needed[:, None]) & (table < 0))[0])
+        raise CacheError("block_table", f"entry {bad} is -1 but sequence {bad[0]} holds {int(lengths[bad[0]])} tokens", "MLA.19")
+
+
+def gather_paged_rows(blocks: np.ndarray, block_table: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """MLA.19 — token t of sequence b is ``blocks[block_table[b, t // block_size], t % block_size, 0]``.
+
+    Returns ``[batch, max(lengths), width]``; slots past a sequence's length are 0, never
+    read from the pool (unused slots may hold NaN).
+    """
+    if blocks.ndim != 4 or blocks.shape[2] != 1:
+        raise ShapeError("k_cache", f"expected [num_blocks, block_size, 1, width], got {list(blocks.shape)}", "MLA.19")
+    block_size = blocks.shape[1]
+    positions = np.arange(int(np.max(lengths, initial=0)))  # [keys]
+    valid = positions[None, :] < lengths[:, None]  # [batch, keys]
+    block = np.where(valid, block_table[:, positions // block_size] if positions.size else np.zeros_like(valid, np.int64), 0)
+    rows = blocks[np.maximum(block, 0), positions[None, :] % block_size, 0]  # [batch, keys, width]
+    return np.where(valid[..., None], rows, 0.0)

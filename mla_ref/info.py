@@ -1,0 +1,76 @@
+"""The derived constants of a config, as ``mla-ref info`` prints them (spec/config.yaml ``derived``)."""
+
+from __future__ import annotations
+
+from .config import ModelConfig, cache_values_per_token
+from .rope import (base_inverse_frequencies, rope_amplitude, rope_frequencies, softmax_scale, yarn_correction_range,
+                   yarn_get_mscale, yarn_ramp)
+
+BYTES_PER_VALUE = {"bf16": 2, "fp32": 4}
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    if not layers:
+        return "none"
+    parts, start = [], layers[0]
+    for previous, current in zip(layers, layers[1:] + [None]):
+        if current != previous + 1:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+            start = current
+    return ", ".join(parts)
+
+
+def info_text(config: ModelConfig) -> str:
+    """A human-readable report of the derived constants of ``config``."""
+    m = yarn_get_mscale(config.rope_factor, config.mscale_all_dim)
+    base_scale = config.qk_head_dim ** -0.5
+    lines = [
+        f"config: {config.name}",
+        f"source: {config.source}",
+        "",
+        "attention (spec/mla.yaml, spec/rope.yaml)",
+        f"  heads                      {config.num_attention_heads}",
+        f"  q_lora_rank                {config.q_lora_rank if config.q_lora_rank else 'none (direct q_proj)'}",
+        f"  kv_lora_rank               {config.kv_lora_rank}",
+        f"  qk_nope / rope / v dims    {config.qk_nope_head_dim} / {config.qk_rope_head_dim} / {config.v_head_dim}",
+        f"  qk_head_dim                {config.qk_head_dim}",
+        f"  softmax scale without YaRN {base_scale!r}  (qk_head_dim ** -0.5)",
+        f"  YaRN m (mscale_all_dim)    {m!r}  (0.1 * {config.mscale_all_dim} * ln({config.rope_factor}) + 1)",
+        f"  softmax scale with YaRN    {base_scale * m * m!r}  (x m^2 = {m * m!r})",
+        f"  applies                    {'with YaRN' if config.yarn_active else 'without YaRN'} "
+        f"(rope_scaling_type={config.rope_scaling_type}, yarn_activation={config.yarn_activation}"
+        + (f", max_seq_len={config.max_seq_len} vs original {config.original_max_position_embeddings}" if config.yarn_activation == "max_seq_len" else "") + ")",
+        f"  softmax scale in use       {softmax_scale(config)!r}",
+        f"  cos/sin amplitude          {rope_amplitude(config)!r}  (mscale / mscale_all_dim)",
+        f"  rope layout                {config.rope_layout}",
+        "",
+        "RoPE / YaRN (ROPE.1-ROPE.3)",
+        f"  rope_theta {config.rope_theta}, factor {config.rope_factor}, original length {config.original_max_position_embeddings}, "
+        f"beta_fast {config.beta_fast}, beta_slow {config.beta_slow}",
+    ]
+    low, high = yarn_correction_range(config)
+    lines.append(f"  correction range           low = {low}, high = {high}" + ("" if config.yarn_active else "  (YaRN inactive: frequencies unchanged)"))
+    lines.append("     j   base inv_freq        ramp     frequency in use")
+    ramp = yarn_ramp(config) if config.yarn_active else [0.0] * (config.qk_rope_head_dim // 2)
+    for j, (base, weight, used) in enumerate(zip(base_inverse_frequencies(config), ramp, rope_frequencies(config))):
+        lines.append(f"  {j:4d}   {base:.10e}  {weight:8.5f}   {used:.10e}")
+    lines += ["", "layers (CONFIG first_k_dense_replace, moe_layer_freq)",
+              f"  dense layers               {_ranges(config.dense_layers)}",
+              f"  MoE layers                 {_ranges(config.moe_layers)}",
+              f"  MTP modules                {config.num_nextn_predict_layers}"
+              + (f" (layer ids {config.num_hidden_layers}..{config.num_hidden_layers + config.num_nextn_predict_layers - 1})" if config.num_nextn_predict_layers else ""),
+              "", "cache per token per layer (values; bytes in bf16 / fp32)"]
+    values = cache_values_per_token(config)
+    per_kv_head = config.qk_head_dim + config.v_head_dim
+    rows = [("latent (absorbed MLA)", values["latent"], f"kv_lora_rank + qk_rope_head_dim"),
+            ("naive MLA (per-head k, v)", values["naive"], f"heads x (qk_head_dim + v_head_dim)"),
+            ("MHA, same head dims", values["mha"], f"{config.num_attention_heads} kv heads x {per_kv_head}"),
+            (f"GQA, {min(8, config.num_attention_heads)} kv heads", values["gqa8"], f"{min(8, config.num_attention_heads)} x {per_kv_head}")]
+    for label, count, formula in rows:
+        lines.append(f"  {label:27s}{count:9d}  {count * BYTES_PER_VALUE['bf16']:10d} B / {count * BYTES_PER_VALUE['fp32']:10d} B   ({formula})")
+    lines.append(f"  naive / latent             {values['naive'] / values['latent']:.2f}x")
+    lines.append(f"  latent equals GQA with     {values['gqa_equal_kv_heads']:.3f} kv heads of these dims "
+                 f"({values['latent'] / (2 * config.v_head_dim):.3f} groups of 2 x d_h = {2 * config.v_head_dim}, V2R's comparison)")
+    lines.append(f"  whole model, latent, bf16  {values['latent'] * 2 * config.num_hidden_layers} B per token ({config.num_hidden_layers} layers)")
+    return "\n".join(lines)

@@ -1,0 +1,370 @@
+"""MLA — Multi-head Latent Attention, one function per step of spec/mla.yaml.
+
+The whole layer is :func:`mla_forward` (prefill, chunked prefill after a cached prefix,
+and cached decode in the naive or the absorbed form); :func:`latent_attention_core` is the
+FlashMLA-layout kernel contract on its own. Shapes use the config's names; ``batch``,
+``seq`` (new tokens) and ``keys`` (visible key positions) are the runtime sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .cache import LatentCache, NaiveCache, PagedLatentCache, gather_paged_rows, validate_block_table
+from .config import ModelConfig
+from .errors import CacheError, InputError, ShapeError
+from .norm import rms_norm
+from .rope import apply_rope, rope_angles, softmax_scale
+from .trace import Trace, record
+from .weights import attention_weight_shapes, check_weights
+
+# Bound on the elements of one [batch, heads, query_chunk, keys] logits block (MLA.9/MLA.14).
+DEFAULT_LOGITS_ELEMENTS = 1 << 24
+
+
+def query_latent(hidden: np.ndarray, weights: dict, eps: float) -> np.ndarray:
+    """MLA.1 — compressed query ``c_q = RMSNorm(x @ Wq_a.T)`` (V2R eq. 12; V3R eq. 6)."""
+    c_q = hidden @ weights["q_a_proj.weight"].T  # [batch, seq, q_lora_rank]
+    return rms_norm(c_q, weights["q_a_layernorm.weight"], eps)
+
+
+def query_heads(config: ModelConfig, query_input: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.2 — ``q = c_q @ Wq_b.T`` (or ``x @ Wq.T``), per head ``[nope | rope]`` (V2R eq. 13, 15; V3R eq. 7-8)."""
+    weight = weights["q_b_proj.weight"] if config.q_lora_rank else weights["q_proj.weight"]
+    q = query_input @ weight.T  # [batch, seq, heads * qk_head_dim]
+    q = q.reshape(q.shape[:-1] + (config.num_attention_heads, config.qk_head_dim))  # [batch, seq, heads, qk_head_dim]
+    return q[..., : config.qk_nope_head_dim], q[..., config.qk_nope_head_dim:]
+
+
+def kv_latent_and_rope_key(config: ModelConfig, hidden: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.3 — ``[c_kv | k_pe] = x @ Wkv_a.T``; RMSNorm on the latent only (V2R eq. 9, 16; V3R eq. 1, 3)."""
+    kv_a = hidden @ weights["kv_a_proj_with_mqa.weight"].T  # [batch, seq, kv_lora_rank + qk_rope_head_dim]
+    kv_latent = rms_norm(kv_a[..., : config.kv_lora_rank], weights["kv_a_layernorm.weight"], config.rms_norm_eps)
+    return kv_latent, kv_a[..., config.kv_lora_rank:]  # [batch, seq, kv_lora_rank], [batch, seq, qk_rope_head_dim]
+
+
+def rotate_query_key(config: ModelConfig, q_pe: np.ndarray, k_pe: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.4 — RoPE at absolute positions: q_pe per head, one k_pe shared by all heads (V2R eq. 15-16; V3R eq. 3, 8)."""
+    cos, sin = rope_angles(config, positions, q_pe.dtype)  # [batch, seq, rope_half]
+    q_rotated = apply_rope(q_pe, cos[:, :, None, :], sin[:, :, None, :], config.rope_layout)  # [batch, seq, heads, rope]
+    return q_rotated, apply_rope(k_pe, cos, sin, config.rope_layout)  # [batch, seq, qk_rope_head_dim]
+
+
+def latent_cache_rows(kv_latent: np.ndarray, k_pe: np.ndarray) -> np.ndarray:
+    """MLA.5 — one cache row per token: normalised latent then rotated k_pe (V2R section 2.1.2)."""
+    return np.concatenate([kv_latent, k_pe], axis=-1)  # [batch, seq, kv_lora_rank + qk_rope_head_dim]
+
+
+def expand_latent(config: ModelConfig, kv_latent: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.6 — ``kv = c_kv @ Wkv_b.T``, per head ``[k_nope | value]`` (V2R eq. 10-11; V3R eq. 2, 5)."""
+    kv = kv_latent @ weights["kv_b_proj.weight"].T  # [batch, keys, heads * (qk_nope_head_dim + v_head_dim)]
+    kv = kv.reshape(kv.shape[:-1] + (config.num_attention_heads, config.qk_nope_head_dim + config.v_head_dim))
+    return kv[..., : config.qk_nope_head_dim], kv[..., config.qk_nope_head_dim:]  # [batch, keys, heads, nope], [.., v]
+
+
+def assemble_query_key(q_nope: np.ndarray, q_pe: np.ndarray, k_nope: np.ndarray, k_pe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.7 — ``q = [q_nope ; q_pe]``, ``k = [k_nope ; k_pe]`` with k_pe broadcast to every head (V2R eq. 14, 17; V3R eq. 4, 9)."""
+    k_pe_heads = np.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + k_pe.shape[-1:])  # [batch, keys, heads, rope]
+    return np.concatenate([q_nope, q_pe], axis=-1), np.concatenate([k_nope, k_pe_heads], axis=-1)
+
+
+def causal_visibility(key_offsets: np.ndarray, query_lengths: np.ndarray, num_queries: int, num_keys: int) -> np.ndarray:
+    """MLA.8 — bottom-right causal mask: query i of sequence b sees key j iff ``j <= key_offsets[b] + i``.
+
+    ``key_offsets[b]`` keys precede the new tokens (the cached prefix); queries at or past
+    ``query_lengths[b]`` are padding and see nothing.
+    """
+    queries = np.arange(num_queries)[None, :, None]  # [1, seq, 1]
+    keys = np.arange(num_keys)[None, None, :]  # [1, 1, keys]
+    valid_query = queries < query_lengths[:, None, None]
+    return valid_query & (keys <= key_offsets[:, None, None] + queries)  # [batch, seq, keys]
+
+
+def attention_logits(q_full: np.ndarray, k_heads: np.ndarray, scale: float) -> np.ndarray:
+    """MLA.9 — ``scale * <q_full[i, h], k_full[j, h]>`` with k as ``[batch, heads, qk_head_dim, keys]`` (V2R eq. 18; V3R eq. 10)."""
+    return scale * (q_full.transpose(0, 2, 1, 3) @ k_heads)  # [batch, heads, seq, keys]
+
+
+def masked_softmax(logits: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.10 — softmax over visible keys and its natural-log LSE; a row with no visible key gives p = 0, lse = -inf."""
+    masked = np.where(visible, logits, -np.inf)  # [batch, heads, seq, keys]
+    row_max = masked.max(axis=-1, keepdims=True, initial=-np.inf)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    exponentials = np.exp(masked - row_max)
+    total = exponentials.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        probs = np.where(total > 0, exponentials / total, 0.0)
+        lse = np.log(total[..., 0]) + row_max[..., 0]  # [batch, heads, seq]
+    return probs, lse
+
+
+def attention_values(probs: np.ndarray, value_heads: np.ndarray) -> np.ndarray:
+    """MLA.11 — ``o[i, h] = sum_j p[h, i, j] v[j, h]`` with v as ``[batch, heads, keys, v_head_dim]`` (V2R eq. 18)."""
+    return (probs @ value_heads).transpose(0, 2, 1, 3)  # [batch, seq, heads, v_head_dim]
+
+
+def output_projection(attn: np.ndarray, weights: dict) -> np.ndarray:
+    """MLA.12 — head-major concat, then ``@ Wo.T`` (V2R eq. 19; V3R eq. 11)."""
+    flat = attn.reshape(attn.shape[:2] + (-1,))  # [batch, seq, heads * v_head_dim]
+    return flat @ weights["o_proj.weight"].T  # [batch, seq, hidden_size]
+
+
+def _kv_b_heads(config: ModelConfig, weights: dict) -> tuple[np.ndarray, np.ndarray]:
+    """W_UK ``[heads, qk_nope_head_dim, kv_lora_rank]`` and W_UV ``[heads, v_head_dim, kv_lora_rank]``: per-head slices of kv_b_proj."""
+    per_head = weights["kv_b_proj.weight"].reshape(config.num_attention_heads, config.qk_nope_head_dim + config.v_head_dim, config.kv_lora_rank)
+    return per_head[:, : config.qk_nope_head_dim], per_head[:, config.qk_nope_head_dim:]
+
+
+def absorb_query(config: ModelConfig, q_nope: np.ndarray, q_pe: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.13 — fold W_UK into the query: ``q_absorbed = q_nope @ W_UK``; ``q_latent = [q_absorbed | q_pe]`` (V2R section 2.1.2)."""
+    w_uk, _ = _kv_b_heads(config, weights)
+    q_absorbed = np.einsum("bshd,hdc->bshc", q_nope, w_uk, optimize=True)  # [batch, seq, heads, kv_lora_rank]
+    return q_absorbed, np.concatenate([q_absorbed, q_pe], axis=-1)  # [.., kv_lora_rank + qk_rope_head_dim]
+
+
+def latent_logits(q_latent: np.ndarray, key_rows: np.ndarray, scale: float) -> np.ndarray:
+    """MLA.14 — ``scale * (q_absorbed . latent + q_pe . k_pe)``: one MQA product against the shared rows."""
+    batch, seq, heads, width = q_latent.shape
+    logits = q_latent.reshape(batch, seq * heads, width) @ key_rows.transpose(0, 2, 1)  # [batch, seq * heads, keys]
+    return scale * logits.reshape(batch, seq, heads, -1).transpose(0, 2, 1, 3)  # [batch, heads, seq, keys]
+
+
+def latent_values(probs: np.ndarray, key_rows: np.ndarray, head_dim_v: int) -> np.ndarray:
+    """MLA.15 — ``o_latent = p @ latent``: the values are the first ``head_dim_v`` columns of each row."""
+    return (probs @ key_rows[:, None, :, :head_dim_v]).transpose(0, 2, 1, 3)  # [batch, seq, heads, head_dim_v]
+
+
+def unabsorb_output(config: ModelConfig, out_latent: np.ndarray, weights: dict) -> np.ndarray:
+    """MLA.16 — apply W_UV per head: ``o = o_latent @ W_UV.T`` (V2R section 2.1.2: W_UV absorbed into W_O)."""
+    _, w_uv = _kv_b_heads(config, weights)
+    return np.einsum("bshc,hdc->bshd", out_latent, w_uv, optimize=True)  # [batch, seq, heads, v_head_dim]
+
+
+def _query_chunks(visible: np.ndarray, heads: int, query_chunk: int | None, trace: Trace | None):
+    batch, seq, keys = visible.shape
+    if trace is not None or seq == 0:
+        return [slice(0, seq)]
+    if query_chunk is None:
+        query_chunk = max(1, DEFAULT_LOGITS_ELEMENTS // max(1, batch * heads * keys))
+    if query_chunk < 1:
+        raise InputError("query_chunk", f"expected >= 1, got {query_chunk}", "MLA.9")
+    return [slice(start, start + query_chunk) for start in range(0, seq, query_chunk)]
+
+
+def naive_attention(q_full: np.ndarray, k_full: np.ndarray, value: np.ndarray, visible: np.ndarray, scale: float,
+                    query_chunk: int | None = None, trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.9 -> MLA.10 -> MLA.11 over query chunks; returns ``o [batch, seq, heads, v]``, ``lse [batch, heads, seq]``."""
+    key_used = visible.any(axis=1)[:, :, None, None]  # [batch, keys, 1, 1]: unused slots may hold NaN
+    k_heads = np.where(key_used, k_full, 0.0).transpose(0, 2, 3, 1)  # [batch, heads, qk_head_dim, keys]
+    value_heads = np.where(key_used, value, 0.0).transpose(0, 2, 1, 3)  # [batch, heads, keys, v_head_dim]
+    outputs, lses = [], []
+    for chunk in _query_chunks(visible, q_full.shape[2], query_chunk, trace):
+        logits = attention_logits(q_full[:, chunk], k_heads, scale)
+        probs, lse = masked_softmax(logits, visible[:, None, chunk])
+        outputs.append(attention_values(probs, value_heads))
+        lses.append(lse)
+        record(trace, "MLA.9", logits=logits)
+        record(trace, "MLA.10", probs=probs, lse=lse)
+        record(trace, "MLA.11", attn=outputs[-1])
+    return np.concatenate(outputs, axis=1), np.concatenate(lses, axis=2)
+
+
+def latent_attention(q_latent: np.ndarray, key_rows: np.ndarray, visible: np.ndarray, scale: float, head_dim_v: int,
+                     query_chunk: int | None = None, trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.14 -> MLA.10 -> MLA.15 over query chunks; returns ``o_latent [batch, seq, heads, head_dim_v]``, ``lse``."""
+    key_rows = np.where(visible.any(axis=1)[..., None], key_rows, 0.0)  # [batch, keys, width]: unused slots may hold NaN
+    outputs, lses = [], []
+    for chunk in _query_chunks(visible, q_latent.shape[2], query_chunk, trace):
+        logits = latent_logits(q_latent[:, chunk], key_rows, scale)
+        probs, lse = masked_softmax(logits, visible[:, None, chunk])
+        outputs.append(latent_values(probs, key_rows, head_dim_v))
+        lses.append(lse)
+        record(trace, "MLA.14", logits=logits)
+        record(trace, "MLA.10", probs=probs, lse=lse)
+        record(trace, "MLA.15", out_latent=outputs[-1])
+    return np.concatenate(outputs, axis=1), np.concatenate(lses, axis=2)
+
+
+def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.ndarray, cache_seqlens: np.ndarray,
+                          head_dim_v: int, softmax_scale: float, causal: bool = False, *, query_chunk: int | None = None,
+                          dtype=np.float64, allow_nonfinite: bool = False, trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.17 — the latent attention kernel in the FlashMLA layout (``flash_mla_with_kvcache``).
+
+    ``q [batch, s_q, heads, width]`` (width = kv_lora_rank + qk_rope_head_dim = 576 for V3:
+    ``[q_absorbed | q_pe]``), ``k_cache [num_blocks, block_size, 1, width]`` paged rows,
+    ``block_table [batch, max_blocks]``, ``cache_seqlens [batch]`` (keys per sequence, the new
+    ones included). Values are the first ``head_dim_v`` columns of each row. ``causal``:
+    query i sees key j iff ``j <= cache_seqlens - s_q + i`` (bottom-right; no effect when
+    s_q = 1). ``softmax_scale`` is required: FlashMLA's default 576^-0.5 is wrong for
+    DeepSeek. Returns ``out [batch, s_q, heads, head_dim_v]`` and the natural-log
+    ``lse [batch, heads, s_q]``; a query with no visible key gets out 0 and lse -inf.
+    Unused cache slots are never read, so they may hold NaN.
+    """
+    dtype = _compute_dtype(dtype)
+    q = check_tensor("q", q, ("batch", "s_q", "heads", "width"), "MLA.17", dtype, allow_nonfinite)
+    batch, s_q, heads, width = q.shape
+    cache = check_tensor("k_cache", k_cache, ("num_blocks", "block_size", 1, width), "MLA.17", dtype, allow_nonfinite=True)
+    seqlens = check_int_vector("cache_seqlens", cache_seqlens, batch, "MLA.17")
+    table = np.asarray(block_table)
+    if table.ndim != 2 or table.shape[0] != batch:
+        raise ShapeError("block_table", f"expected [{batch}, max_blocks], got {list(table.shape)}", "MLA.19")
+    validate_block_table(table, cache.shape[0], cache.shape[1], seqlens)
+    if not isinstance(head_dim_v, (int, np.integer)) or not 0 < head_dim_v <= width:
+        raise InputError("head_dim_v", f"expected an int in 1 .. {width}, got {head_dim_v!r}", "MLA.17")
+    if not isinstance(softmax_scale, (float, int)) or not softmax_scale > 0:
+        raise InputError("softmax_scale", f"expected a float > 0 (the model's scale, e.g. 0.1352337788608801 for V3), got {softmax_scale!r}", "MLA.17")
+    key_rows = gather_paged_rows(cache, table.astype(np.int64), seqlens)  # MLA.19: [batch, keys, width]
+    keys = key_rows.shape[1]
+    if causal:
+        visible = causal_visibility(seqlens - s_q, np.full(batch, s_q), s_q, keys)  # MLA.8
+    else:
+        visible = np.broadcast_to((np.arange(keys)[None, :] < seqlens[:, None])[:, None, :], (batch, s_q, keys))
+    record(trace, "MLA.19", key_rows=key_rows)
+    record(trace, "MLA.8", visible=visible)
+    out, lse = latent_attention(q, key_rows, visible, float(softmax_scale), int(head_dim_v), query_chunk, trace)
+    record(trace, "MLA.17", out=out, lse=lse)
+    return out, lse
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAResult:
+    """``output [batch, seq, hidden_size]``, the updated cache (None without one) and ``lse [batch, heads, seq]``."""
+
+    output: np.ndarray
+    cache: LatentCache | PagedLatentCache | NaiveCache | None
+    lse: np.ndarray
+
+
+def mla_forward(config: ModelConfig, weights: dict, hidden: np.ndarray, start_positions=None, cache=None, *,
+                attention: str | None = None, query_lengths=None, query_chunk: int | None = None,
+                dtype=np.float64, allow_nonfinite: bool = False, trace: Trace | None = None) -> MLAResult:
+    """One MLA layer: prefill, prefill after a cached prefix, or cached decode (spec/mla.yaml).
+
+    ``weights``: the attention tensors under names relative to ``self_attn.``.
+    ``hidden [batch, seq, hidden_size]``: new tokens; token i of sequence b sits at position
+    ``start_positions[b] + i`` (default: the cache lengths, else 0). With a cache,
+    ``start_positions`` must equal the cache lengths; keys are the cached positions plus
+    the new tokens. ``query_lengths [batch]`` marks right padding (default all ``seq``):
+    padded tokens produce 0 and are not cached. ``attention``: ``naive`` (per-head k, v) or
+    ``absorbed`` (latent rows); default naive without a cache or with a NaiveCache,
+    absorbed with a latent cache.
+    """
+    w, x, starts, lengths, attention = _prepare(config, weights, hidden, start_positions, cache, attention,
+                                                query_lengths, dtype, allow_nonfinite)
+    batch, seq, _ = x.shape
+    scale = softmax_scale(config)
+    positions = starts[:, None] + np.arange(seq)[None, :]  # [batch, seq]
+    query_input = query_latent(x, w, config.rms_norm_eps) if config.q_lora_rank else x  # MLA.1
+    q_nope, q_pe_raw = query_heads(config, query_input, w)  # MLA.2: [batch, seq, heads, nope], [.., rope]
+    kv_latent, kv_a_rope = kv_latent_and_rope_key(config, x, w)  # MLA.3: [batch, seq, kv_lora_rank], [batch, seq, rope]
+    q_pe, k_pe = rotate_query_key(config, q_pe_raw, kv_a_rope, positions)  # MLA.4: rotated, same shapes
+    new_rows = latent_cache_rows(kv_latent, k_pe)  # MLA.5: [batch, seq, kv_lora_rank + rope]
+    key_offsets = np.zeros(batch, np.int64) if cache is None else cache.lengths  # keys before the new tokens
+    if isinstance(cache, NaiveCache):
+        k_nope, value = expand_latent(config, kv_latent, w)  # MLA.6 on the new tokens only
+        q_full, k_full = assemble_query_key(q_nope, q_pe, k_nope, k_pe)  # MLA.7
+        cache = cache.append(k_full, value, lengths)  # MLA.18
+        k_full, value = cache.keys_values()  # [batch, keys, heads, qk_head_dim], [.., v_head_dim]
+        num_keys = k_full.shape[1]
+    else:
+        cache = None if cache is None else cache.append(new_rows, lengths)  # MLA.18
+        key_rows = new_rows if cache is None else cache.key_rows()  # [batch, keys, kv_lora_rank + rope]
+        num_keys = key_rows.shape[1]
+    visible = causal_visibility(key_offsets, lengths, seq, num_keys)  # MLA.8: [batch, seq, keys]
+    if trace is not None:
+        if config.q_lora_rank:
+            record(trace, "MLA.1", c_q=query_input)
+        record(trace, "MLA.2", q_nope=q_nope, q_pe_raw=q_pe_raw)
+        record(trace, "MLA.3", kv_latent=kv_latent, k_pe_raw=kv_a_rope)
+        record(trace, "MLA.4", q_pe=q_pe, k_pe=k_pe)
+        record(trace, "MLA.5", rows=new_rows)
+        record(trace, "MLA.8", visible=visible)
+        if cache is not None:
+            record(trace, "MLA.18", lengths=cache.lengths)
+    if attention == "absorbed":
+        q_absorbed, q_latent = absorb_query(config, q_nope, q_pe, w)  # MLA.13: [batch, seq, heads, kv_lora_rank (+ rope)]
+        record(trace, "MLA.13", q_absorbed=q_absorbed, q_latent=q_latent)
+        out_latent, lse = latent_attention(q_latent, key_rows, visible, scale, config.kv_lora_rank, query_chunk, trace)
+        attn = unabsorb_output(config, out_latent, w)  # MLA.16: [batch, seq, heads, v_head_dim]
+        record(trace, "MLA.16", attn=attn)
+    else:
+        if not isinstance(cache, NaiveCache):
+            k_nope, value = expand_latent(config, key_rows[..., : config.kv_lora_rank], w)  # MLA.6: [batch, keys, heads, ..]
+            q_full, k_full = assemble_query_key(q_nope, q_pe, k_nope, key_rows[..., config.kv_lora_rank:])  # MLA.7
+        record(trace, "MLA.6", k_nope=k_full[..., : config.qk_nope_head_dim], value=value)
+        record(trace, "MLA.7", q_full=q_full, k_full=k_full)
+        attn, lse = naive_attention(q_full, k_full, value, visible, scale, query_chunk, trace)  # MLA.9-11
+    output = output_projection(attn, w)  # MLA.12: [batch, seq, hidden_size]
+    record(trace, "MLA.12", output=output)
+    return MLAResult(output, cache, lse)
+
+
+def _prepare(config, weights, hidden, start_positions, cache, attention, query_lengths, dtype, allow_nonfinite):
+    """Validate the inputs of :func:`mla_forward`; return them cast to ``dtype``."""
+    dtype = _compute_dtype(dtype)
+    w = check_weights(attention_weight_shapes(config), weights, "MLA.weights", dtype)
+    x = check_tensor("hidden", hidden, ("batch", "seq", config.hidden_size), "MLA.1", dtype, allow_nonfinite)
+    batch, seq, _ = x.shape
+    if cache is not None:
+        if not isinstance(cache, (LatentCache, PagedLatentCache, NaiveCache)):
+            raise CacheError("cache", f"expected LatentCache, PagedLatentCache or NaiveCache, got {type(cache).__name__}", "MLA.18")
+        cache.check(config, batch)
+    lengths = np.full(batch, seq, np.int64) if query_lengths is None else check_int_vector("query_lengths", query_lengths, batch, "MLA.8")
+    if (lengths > seq).any():
+        raise InputError("query_lengths", f"expected values <= seq = {seq}, got {lengths.tolist()}", "MLA.8")
+    if start_positions is None:
+        starts = np.zeros(batch, np.int64) if cache is None else cache.lengths.astype(np.int64)
+    else:
+        starts = check_int_vector("start_positions", start_positions, batch, "MLA.4")
+        if cache is not None and not np.array_equal(starts, cache.lengths):
+            raise CacheError("start_positions", f"expected the cache lengths {cache.lengths.tolist()}, got {starts.tolist()}", "MLA.18")
+    last = starts + np.maximum(lengths, 1) - 1
+    if (last >= config.max_position_embeddings).any():
+        bad = int(np.argmax(last >= config.max_position_embeddings))
+        raise InputError("positions", f"sequence {bad} reaches position {int(last[bad])}, expected < max_position_embeddings = {config.max_position_embeddings}", "MLA.4")
+    if attention is None:
+        attention = "absorbed" if isinstance(cache, (LatentCache, PagedLatentCache)) else "naive"
+    if attention not in ("naive", "absorbed"):
+        raise InputError("attention", f"expected 'naive' or 'absorbed', got {attention!r}", "MLA.13")
+    if attention == "absorbed" and isinstance(cache, NaiveCache):
+        raise CacheError("cache", "absorbed attention needs a latent cache (LatentCache or PagedLatentCache), got NaiveCache", "MLA.13")
+    return w, x, starts, lengths, attention
+
+
+def _compute_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
+        raise InputError("dtype", f"expected float64 or float32, got {dtype}", "MLA.1")
+    return dtype
+
+
+def check_tensor(name: str, value, shape: tuple, spec_id: str, dtype, allow_nonfinite: bool = False) -> np.ndarray:
+    """Check rank, fixed dims (ints) and finiteness of a float input; return it cast to ``dtype``.
+
+    ``shape`` mixes symbol names (any size) and ints (required size).
+    """
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise ShapeError(name, f"expected a real float array, got dtype {array.dtype}", spec_id)
+    written = "[" + ", ".join(str(dim) for dim in shape) + "]"
+    if array.ndim != len(shape) or any(isinstance(dim, int) and dim != size for dim, size in zip(shape, array.shape)):
+        raise ShapeError(name, f"expected {written}, got {tuple(array.shape)}", spec_id)
+    array = array.astype(dtype, copy=False)
+    if not allow_nonfinite and not np.isfinite(array).all():
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise InputError(name, f"contains {array[index]} at index {index}; pass allow_nonfinite=True to accept NaN/Inf", spec_id)
+    return array
+
+
+def check_int_vector(name: str, value, batch: int, spec_id: str) -> np.ndarray:
+    """An integer vector of shape ``[batch]`` with values >= 0."""
+    array = np.asarray(value)
+    if array.ndim == 0 and array.dtype.kind in "iu":
+        array = np.full(batch, int(array))
+    if array.shape != (batch,) or array.dtype.kind not in "iu":
+        raise ShapeError(name, f"expected integers of shape [{batch}], got {array.dtype} {list(array.shape)}", spec_id)
+    if (array < 0).any():
+        raise InputError(name, f"expected values >= 0, got {array.tolist()}", spec_id)
+    return array.astype(np.int64)

@@ -1,0 +1,185 @@
+"""WEIGHTS — checkpoint names and shapes, validation, and the deterministic generator.
+
+The table of tensors lives in spec/weights.yaml. A tensor's values depend only on
+(seed, name, shape), so one layer of DeepSeek-V3 can be rebuilt without the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import WeightError
+from .rope import half_layout_permutation
+from .spec import evaluate_shape, load_spec_file
+
+GENERATOR_VERSION = 1
+
+
+def _condition(config: ModelConfig, when: str | None) -> bool:
+    if when is None:
+        return True
+    if when == "no_q_lora_rank":
+        return config.q_lora_rank is None
+    return bool(getattr(config, when))
+
+
+def _group_shapes(config: ModelConfig, group: str, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Names (with ``prefix``) and shapes of one group of spec/weights.yaml ``tensors``."""
+    symbols = config.symbols()
+    shapes = {}
+    for entry in load_spec_file("weights.yaml")["tensors"][group]:
+        if not _condition(config, entry.get("when")):
+            continue
+        shape = evaluate_shape(entry["shape"], symbols)
+        if "{expert}" in entry["name"]:
+            for expert in range(config.n_routed_experts):
+                shapes[prefix + entry["name"].format(expert=expert)] = shape
+        else:
+            shapes[prefix + entry["name"]] = shape
+    return shapes
+
+
+def attention_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The MLA tensors relative to ``self_attn.``: ``{"q_a_proj.weight": (q_lora_rank, hidden)}``..."""
+    return _group_shapes(config, "attention")
+
+
+def layer_weight_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """All tensors of decoder layer (or MTP module) ``layer`` under full names."""
+    prefix = f"model.layers.{layer}."
+    shapes = _group_shapes(config, "layer", prefix)
+    shapes.update(_group_shapes(config, "attention", prefix + "self_attn."))
+    shapes.update(_group_shapes(config, "moe_mlp" if config.is_moe_layer(layer) else "dense_mlp", prefix))
+    if layer >= config.num_hidden_layers:
+        shapes.update(_group_shapes(config, "mtp", prefix))
+    return shapes
+
+
+def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model, MTP modules included (spec/weights.yaml ``layout``)."""
+    shapes = _group_shapes(config, "model")
+    for layer in range(config.num_hidden_layers + config.num_nextn_predict_layers):
+        shapes.update(layer_weight_shapes(config, layer))
+    return shapes
+
+
+def _init_rules() -> dict[str, str]:
+    rules = {}
+    for group in load_spec_file("weights.yaml")["tensors"].values():
+        for entry in group:
+            rules[entry["name"]] = entry["init"]
+    return rules
+
+
+def _init_rule(name: str, rules: Mapping[str, str]) -> str:
+    """The init rule of a full or relative tensor name (longest matching suffix)."""
+    parts = name.split(".")
+    for start in range(len(parts)):
+        suffix = ".".join(parts[start:])
+        if suffix in rules:
+            return rules[suffix]
+        if start + 2 < len(parts) and parts[start] == "mlp" and parts[start + 1] == "experts":
+            template = ".".join(["mlp", "experts", "{expert}"] + parts[start + 3:])
+            if template in rules:
+                return rules[template]
+    raise WeightError(name, "no init rule in spec/weights.yaml for this tensor", "WEIGHTS.generator")
+
+
+def tensor_seed(seed: int, name: str, shape: tuple[int, ...]) -> int:
+    """The 64-bit seed of one tensor: sha256 of (generator version, seed, name, shape)."""
+    key = f"mla-ref-weights/v{GENERATOR_VERSION}/{seed}/{name}/{','.join(map(str, shape))}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+
+
+def generate_tensor(seed: int, name: str, shape: tuple[int, ...], rule: str, dtype=np.float64) -> np.ndarray:
+    """One tensor by its init rule (spec/weights.yaml ``generator.init``)."""
+    z = np.random.Generator(np.random.PCG64(tensor_seed(seed, name, shape))).standard_normal(shape)
+    if rule == "linear":
+        values = z / np.sqrt(shape[-1])
+    elif rule == "norm":
+        values = 1.0 + 0.1 * z
+    elif rule == "embedding":
+        values = z
+    elif rule == "bias":
+        values = 0.1 * z
+    else:
+        raise WeightError(name, f"unknown init rule {rule!r}", "WEIGHTS.generator")
+    return values.astype(dtype, copy=False)
+
+
+def generate_weights(config: ModelConfig, seed: int = 0, names: Iterable[str] | None = None,
+                     shapes: Mapping[str, tuple[int, ...]] | None = None, dtype=np.float64) -> dict[str, np.ndarray]:
+    """Deterministic weights under Hugging Face names.
+
+    ``shapes`` defaults to the whole model (:func:`weight_shapes`); pass
+    ``attention_weight_shapes(config)`` for one MLA layer's relative names, or ``names``
+    to build a subset (e.g. only the experts some tokens need).
+    """
+    table = dict(weight_shapes(config) if shapes is None else shapes)
+    if names is not None:
+        wanted = list(names)
+        missing = [name for name in wanted if name not in table]
+        if missing:
+            raise WeightError(missing[0], f"not a tensor of this config ({len(missing)} unknown)", "WEIGHTS.tensors")
+        table = {name: table[name] for name in wanted}
+    rules = _init_rules()
+    return {name: generate_tensor(seed, name, shape, _init_rule(name, rules), dtype) for name, shape in table.items()}
+
+
+def generate_attention_weights(config: ModelConfig, seed: int = 0, layer: int = 0, dtype=np.float64) -> dict[str, np.ndarray]:
+    """The MLA tensors of ``layer`` under relative names (values equal to the full model's)."""
+    prefix = f"model.layers.{layer}.self_attn."
+    full = generate_weights(config, seed, shapes={prefix + name: shape for name, shape in attention_weight_shapes(config).items()}, dtype=dtype)
+    return {name[len(prefix):]: value for name, value in full.items()}
+
+
+def subtree(weights: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """The tensors under ``prefix`` with the prefix removed (``model.layers.0.self_attn.``)."""
+    return {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
+
+
+def check_weights(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray],
+                  spec_id: str, dtype=np.float64) -> dict[str, np.ndarray]:
+    """Validate names, shapes and dtypes; return the tensors cast to ``dtype``.
+
+    Missing, extra (unexpected) and mis-shaped tensors, and non-float dtypes, raise
+    ``WeightError`` naming the tensor.
+    """
+    if not isinstance(weights, Mapping):
+        raise WeightError("weights", f"expected a mapping name -> array, got {type(weights).__name__}", spec_id)
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        raise WeightError(missing[0], f"missing (expected shape {list(expected[missing[0]])}); all missing: {missing}", spec_id)
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise WeightError(extra[0], f"unexpected tensor; expected only {sorted(expected)}", spec_id)
+    checked = {}
+    for name, shape in expected.items():
+        value = np.asarray(weights[name])
+        if value.dtype.kind != "f":
+            raise WeightError(name, f"expected a real floating dtype, got {value.dtype}", spec_id)
+        if value.shape != tuple(shape):
+            raise WeightError(name, f"expected shape {list(shape)}, got {list(value.shape)}", spec_id)
+        checked[name] = value.astype(dtype, copy=False)
+    return checked
+
+
+def attention_weights_for_half_layout(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """ROPE.7 — permute the rope rows so that ``rope_layout = half`` reproduces the canonical model.
+
+    Rows permuted: the last ``qk_rope_head_dim`` rows of every head block of q_b_proj /
+    q_proj, and the last ``qk_rope_head_dim`` rows of kv_a_proj_with_mqa.
+    """
+    permutation = half_layout_permutation(config.qk_rope_head_dim)
+    q_name = "q_b_proj.weight" if config.q_lora_rank else "q_proj.weight"
+    permuted = dict(weights)
+    q_weight = np.asarray(weights[q_name]).reshape(config.num_attention_heads, config.qk_head_dim, -1)
+    rows = np.concatenate([np.arange(config.qk_nope_head_dim), config.qk_nope_head_dim + permutation])
+    permuted[q_name] = q_weight[:, rows, :].reshape(weights[q_name].shape)
+    kv_rows = np.concatenate([np.arange(config.kv_lora_rank), config.kv_lora_rank + permutation])
+    permuted["kv_a_proj_with_mqa.weight"] = np.asarray(weights["kv_a_proj_with_mqa.weight"])[kv_rows]
+    return permuted
