@@ -243,7 +243,7 @@ def from_hf(values: Mapping[str, Any], name: str = "hf-config") -> ModelConfig:
     for field, spec in field_specs().items():
         node: Any = values
         external = spec.get("hf")
-        if not external:
+        if not external or field == "rope_layout":
             continue
         for part in str(external).split("."):
             node = node.get(part) if isinstance(node, Mapping) else None
@@ -255,8 +255,8 @@ def from_hf(values: Mapping[str, Any], name: str = "hf-config") -> ModelConfig:
         mapped["rope_scaling_type"] = kind
         if kind not in (None, "yarn"):
             raise ConfigError("rope_scaling.type", f"expected 'yarn' or absent, got {kind!r}", "CONFIG.rope_scaling_type")
-    if "rope_interleave" in mapped:
-        mapped["rope_layout"] = "interleaved" if mapped.pop("rope_interleave") else "half"
+    if "rope_interleave" in values:
+        mapped["rope_layout"] = "interleaved" if values["rope_interleave"] else "half"
     if "topk_method" not in mapped and values.get("n_routed_experts") is not None:
         mapped["topk_method"] = "greedy"
     return from_dict(mapped)

@@ -107,7 +107,7 @@ def attention_values(probs: np.ndarray, value_heads: np.ndarray) -> np.ndarray:
 
 def output_projection(attn: np.ndarray, weights: dict) -> np.ndarray:
     """MLA.12 — head-major concat, then ``@ Wo.T`` (V2R eq. 19; V3R eq. 11)."""
-    flat = attn.reshape(attn.shape[:2] + (-1,))  # [batch, seq, heads * v_head_dim]
+    flat = attn.reshape(attn.shape[:2] + (attn.shape[2] * attn.shape[3],))  # [batch, seq, heads * v_head_dim]
     return flat @ weights["o_proj.weight"].T  # [batch, seq, hidden_size]
 
 
@@ -128,7 +128,7 @@ def latent_logits(q_latent: np.ndarray, key_rows: np.ndarray, scale: float) -> n
     """MLA.14 — ``scale * (q_absorbed . latent + q_pe . k_pe)``: one MQA product against the shared rows."""
     batch, seq, heads, width = q_latent.shape
     logits = q_latent.reshape(batch, seq * heads, width) @ key_rows.transpose(0, 2, 1)  # [batch, seq * heads, keys]
-    return scale * logits.reshape(batch, seq, heads, -1).transpose(0, 2, 1, 3)  # [batch, heads, seq, keys]
+    return scale * logits.reshape(batch, seq, heads, key_rows.shape[1]).transpose(0, 2, 1, 3)  # [batch, heads, seq, keys]
 
 
 def latent_values(probs: np.ndarray, key_rows: np.ndarray, head_dim_v: int) -> np.ndarray:

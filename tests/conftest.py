@@ -1,0 +1,45 @@
+"""Shared helpers: configs, weights and random inputs for the MLA tests."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from mla_ref.config import load_preset, preset_names
+from mla_ref.weights import generate_attention_weights
+
+TINY_PRESETS = [name for name in preset_names() if name.startswith("tiny")]
+BIG_PRESETS = [name for name in preset_names() if not name.startswith("tiny")]
+
+
+@functools.lru_cache(maxsize=None)
+def preset(name: str):
+    return load_preset(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _weights(name: str, seed: int):
+    return generate_attention_weights(preset(name), seed=seed)
+
+
+def attention_weights(name: str, seed: int = 0) -> dict:
+    """Attention weights of a preset (cached; a fresh dict each call)."""
+    return dict(_weights(name, seed))
+
+
+def hidden_states(config, batch: int, seq: int, seed: int = 0, dtype=np.float64) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, seq, config.hidden_size)).astype(dtype)
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """max |actual - expected| / max |expected| (0 for two zero arrays)."""
+    scale = float(np.max(np.abs(expected), initial=0.0))
+    diff = float(np.max(np.abs(actual - expected), initial=0.0))
+    return diff / scale if scale else diff
+
+
+@pytest.fixture(params=TINY_PRESETS)
+def tiny_name(request) -> str:
+    return request.param

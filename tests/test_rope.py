@@ -1,0 +1,113 @@
+"""RoPE / YaRN closed forms at zero tolerance, and the two layouts (spec/rope.yaml)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from mla_ref import rope
+from mla_ref.config import load_preset
+
+
+def test_v3_constants_from_the_facts_sheet():
+    config = load_preset("deepseek-v3")
+    assert rope.yarn_correction_range(config) == (10, 23)
+    assert rope.softmax_scale(config) == 0.1352337788608801
+    assert rope.yarn_get_mscale(40.0, 1.0) == 1.3688879454113936
+    assert rope.rope_amplitude(config) == 1.0
+
+
+def test_v2_constants_from_the_facts_sheet():
+    for name in ("deepseek-v2", "deepseek-v2-lite"):
+        config = load_preset(name)
+        assert rope.softmax_scale(config) == 0.1147213867929261
+        assert rope.yarn_get_mscale(40.0, 0.707) == 1.2608037774058554
+
+
+def test_v3_frequency_table_matches_the_fp32_samples():
+    frequencies = rope.rope_frequencies(load_preset("deepseek-v3"))
+    samples = {0: 1.0, 10: 0.05623413, 11: 0.03900693, 16: 0.0055, 22: 1.7782794e-4, 23: 3.3338038e-5, 31: 3.3338038e-6}
+    for j, value in samples.items():
+        assert math.isclose(frequencies[j], value, rel_tol=2e-7), j
+
+
+def test_ramp_is_linear_between_low_and_high():
+    config = load_preset("deepseek-v3")
+    ramp = rope.yarn_ramp(config)
+    assert np.all(ramp[:11] == 0.0) and np.all(ramp[23:] == 1.0)
+    assert ramp[11] == 1 / 13 and ramp[16] == 6 / 13
+    base = rope.base_inverse_frequencies(config)
+    frequencies = rope.rope_frequencies(config)
+    assert np.array_equal(frequencies[:11], base[:11]) and np.array_equal(frequencies[23:], base[23:] / 40.0)
+
+
+def test_kimi_k2_equal_betas_give_a_single_step():
+    config = load_preset("kimi-k2")
+    assert rope.yarn_correction_range(config) == (19, 20)
+    ramp = rope.yarn_ramp(config)
+    assert np.all(ramp[:20] == 0.0) and np.all(ramp[20:] == 1.0)
+    untruncated = config.replace(yarn_truncate=False)
+    low, high = rope.yarn_correction_range(untruncated)
+    assert low == high and 19 < low < 20  # the 0.001 guard then decides
+    assert np.all(np.isin(rope.yarn_ramp(untruncated), [0.0, 1.0]))
+
+
+def test_official_activation_rule_switches_yarn_off_for_short_max_seq_len():
+    config = load_preset("deepseek-v3").replace(yarn_activation="max_seq_len", max_seq_len=4096)
+    assert not config.yarn_active
+    assert rope.softmax_scale(config) == 192 ** -0.5
+    assert np.array_equal(rope.rope_frequencies(config), rope.base_inverse_frequencies(config))
+    assert load_preset("deepseek-v3").replace(yarn_activation="max_seq_len").yarn_active  # default 16384 > 4096
+
+
+def test_amplitude_when_mscale_differs_from_mscale_all_dim():
+    config = load_preset("tiny-mscale-mismatch")
+    expected = (0.1 * 0.9 * math.log(40) + 1) / (0.1 * 0.6 * math.log(40) + 1)
+    assert math.isclose(rope.rope_amplitude(config), expected, rel_tol=1e-15)
+    assert math.isclose(rope.softmax_scale(config), 24 ** -0.5 * (0.1 * 0.6 * math.log(40) + 1) ** 2, rel_tol=1e-15)
+
+
+def test_rope_of_unit_vectors_at_known_positions():
+    config = load_preset("tiny")  # d = 16, theta 1e4, no YaRN: f_0 = 1, f_4 = 1e4 ** -0.5 = 0.01
+    for position, j, angle in [(0, 0, 0.0), (3, 0, 3.0), (100, 4, 1.0), (7, 0, 7.0)]:
+        cos, sin = rope.rope_angles(config, np.array([position]))
+        real_unit = np.zeros(16)
+        real_unit[2 * j] = 1.0
+        out = rope.apply_rope(real_unit, cos[0], sin[0], "interleaved")
+        expected = np.zeros(16)
+        expected[2 * j], expected[2 * j + 1] = math.cos(angle), math.sin(angle)
+        assert np.array_equal(out, expected)
+        imag_unit = np.zeros(16)
+        imag_unit[j + 8] = 1.0
+        out = rope.apply_rope(imag_unit, cos[0], sin[0], "half")
+        expected = np.zeros(16)
+        expected[j], expected[j + 8] = -math.sin(angle), math.cos(angle)
+        assert np.array_equal(out, expected)
+
+
+def test_rotation_preserves_norm_and_relative_position():
+    config = load_preset("tiny-yarn")
+    rng = np.random.default_rng(3)
+    q, k = rng.standard_normal(32), rng.standard_normal(32)
+    dots = []
+    for shift in (0, 1000, 70000):
+        cos, sin = rope.rope_angles(config, np.array([shift + 9, shift + 4]))
+        q_rot = rope.apply_rope(q, cos[0], sin[0], "interleaved")
+        k_rot = rope.apply_rope(k, cos[1], sin[1], "interleaved")
+        assert math.isclose(np.linalg.norm(q_rot), np.linalg.norm(q), rel_tol=1e-14)
+        dots.append(q_rot @ k_rot)
+    assert np.allclose(dots, dots[0], rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(half=st.integers(1, 40), position=st.integers(0, 200000), seed=st.integers(0, 2**32 - 1))
+def test_half_layout_permutation_identity(half, position, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 2 * half))
+    angles = position * rng.uniform(0, 1, half)
+    cos, sin = np.cos(angles), np.sin(angles)
+    permutation = rope.half_layout_permutation(2 * half)
+    assert np.array_equal(rope.apply_rope(x[:, permutation], cos, sin, "half"),
+                          rope.apply_rope(x, cos, sin, "interleaved")[:, permutation])

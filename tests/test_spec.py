@@ -1,0 +1,133 @@
+"""The spec files load, are well formed, and every step names a function that cites its id."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import textwrap
+
+import pytest
+
+from mla_ref import spec as spec_module
+from mla_ref.config import ModelConfig, field_specs
+from mla_ref.errors import SpecError
+from mla_ref.spec import evaluate_dim, evaluate_shape, load_spec_file, load_steps, read_yaml, spec_version
+
+SECTION_FILES = ["mla.yaml", "rope.yaml", "norm.yaml"]
+
+
+def resolve(dotted: str):
+    """Import ``package.module.attr[.attr]`` and return the object."""
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[split:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def test_every_file_has_the_index_version():
+    version = spec_version()
+    for path in sorted(spec_module.spec_dir().rglob("*.yaml")):
+        name = str(path.relative_to(spec_module.spec_dir()))
+        assert load_spec_file(name)["spec_version"] == version, name
+
+
+@pytest.mark.parametrize("file", SECTION_FILES)
+def test_steps_are_ordered_and_complete(file):
+    steps = load_steps(file)
+    section = load_spec_file(file)["section"]
+    ids = [step["id"] for step in steps]
+    assert ids == [f"{section}.{i}" for i in range(1, len(ids) + 1)], "ids must be SECTION.1, SECTION.2, ... in order"
+    for step in steps:
+        assert step["pitfalls"] is not None and step["equation"].strip()
+
+
+@pytest.mark.parametrize("file", SECTION_FILES)
+def test_step_functions_exist_and_cite_their_id(file):
+    for step in load_steps(file):
+        function = resolve(step["function"])
+        assert callable(function), step["id"]
+        doc = function.__doc__ or ""
+        first_line = doc.strip().splitlines()[0] if doc.strip() else ""
+        assert step["id"] in first_line, f"{step['function']} docstring must cite {step['id']} on its first line"
+
+
+def test_config_fields_match_the_dataclass():
+    assert [f.name for f in dataclasses.fields(ModelConfig)] == list(field_specs())
+
+
+def test_derived_quantities_name_existing_code():
+    for name, derived in load_spec_file("config.yaml")["derived"].items():
+        assert resolve(derived["function"]) is not None, name
+
+
+def test_every_field_documents_its_external_names():
+    for name, spec in field_specs().items():
+        assert "hf" in spec and "official" in spec and spec.get("meaning"), name
+
+
+def test_weight_table_shapes_evaluate_for_every_preset():
+    from mla_ref.config import load_preset, preset_names
+    from mla_ref.weights import weight_shapes
+    for name in preset_names():
+        shapes = weight_shapes(load_preset(name))
+        assert all(all(dim > 0 for dim in shape) for shape in shapes.values()), name
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  - id: MLA.1\n    name: [unclosed\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml.*line"):
+        read_yaml(bad)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("x: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(SpecError, match="evil.yaml"):
+        read_yaml(evil)
+
+
+def test_missing_step_key_names_file_and_key(tmp_path, monkeypatch):
+    (tmp_path / "spec.yaml").write_text(f'spec_version: "{spec_version()}"\n')
+    (tmp_path / "mla.yaml").write_text(textwrap.dedent(f"""\
+        spec_version: "{spec_version()}"
+        steps:
+          - id: MLA.1
+            name: query_latent
+    """))
+    monkeypatch.setattr(spec_module, "spec_dir", lambda: tmp_path)
+    load_spec_file.cache_clear()
+    try:
+        with pytest.raises(SpecError, match=r"mla\.yaml\.steps\[0\]\.inputs: required key is missing"):
+            load_steps("mla.yaml")
+    finally:
+        load_spec_file.cache_clear()
+
+
+def test_version_mismatch_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "spec.yaml").write_text('spec_version: "9.9.9"\n')
+    (tmp_path / "rope.yaml").write_text('spec_version: "0.0.1"\nsteps: []\n')
+    monkeypatch.setattr(spec_module, "spec_dir", lambda: tmp_path)
+    load_spec_file.cache_clear()
+    try:
+        with pytest.raises(SpecError, match=r"rope\.yaml\.spec_version"):
+            load_spec_file("rope.yaml")
+    finally:
+        load_spec_file.cache_clear()
+
+
+def test_shape_expressions():
+    symbols = {"heads": 4, "qk_head_dim": 24, "q_lora_rank": 8}
+    assert evaluate_shape("[heads * qk_head_dim, q_lora_rank]", symbols) == (96, 8)
+    assert evaluate_dim("2 * (heads + 1) // 3", symbols) == 3
+    assert evaluate_shape("[]", symbols) == ()
+    with pytest.raises(SpecError, match="unknown or unset symbol 'nope'"):
+        evaluate_dim("nope + 1", symbols)
+    with pytest.raises(SpecError, match="unsupported syntax"):
+        evaluate_dim("__import__('os')", symbols)
