@@ -83,8 +83,8 @@ def causal_visibility(key_offsets: np.ndarray, query_lengths: np.ndarray, num_qu
 
 
 def attention_logits(q_full: np.ndarray, k_heads: np.ndarray, scale: float) -> np.ndarray:
-    """MLA.9 — ``scale * <q_full[i, h], k_full[j, h]>`` with k as ``[batch, heads, qk_head_dim, keys]`` (V2R eq. 18; V3R eq. 10)."""
-    return scale * (q_full.transpose(0, 2, 1, 3) @ k_heads)  # [batch, heads, seq, keys]
+    """MLA.9 — ``scale * <q_full[i, h], k_full[j, h]>`` with k head-major ``[batch, heads, keys, qk_head_dim]`` (V2R eq. 18; V3R eq. 10)."""
+    return scale * (q_full.transpose(0, 2, 1, 3) @ k_heads.swapaxes(-1, -2))  # [batch, heads, seq, keys]
 
 
 def masked_softmax(logits: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +101,7 @@ def masked_softmax(logits: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray,
 
 
 def attention_values(probs: np.ndarray, value_heads: np.ndarray) -> np.ndarray:
-    """MLA.11 — ``o[i, h] = sum_j p[h, i, j] v[j, h]`` with v as ``[batch, heads, keys, v_head_dim]`` (V2R eq. 18)."""
+    """MLA.11 — ``o[i, h] = sum_j p[h, i, j] v[j, h]`` with v head-major ``[batch, heads, keys, v_head_dim]`` (V2R eq. 18)."""
     return (probs @ value_heads).transpose(0, 2, 1, 3)  # [batch, seq, heads, v_head_dim]
 
 
@@ -153,12 +153,20 @@ def _query_chunks(visible: np.ndarray, heads: int, query_chunk: int | None, trac
     return [slice(start, start + query_chunk) for start in range(0, seq, query_chunk)]
 
 
+def _head_major(per_token: np.ndarray, key_used: np.ndarray) -> np.ndarray:
+    """``[batch, keys, heads, d]`` -> contiguous ``[batch, heads, keys, d]``, unused keys set to 0 (one copy)."""
+    batch, keys, heads, width = per_token.shape
+    out = np.zeros((batch, heads, keys, width), per_token.dtype)
+    np.copyto(out, per_token.transpose(0, 2, 1, 3), where=key_used)
+    return out
+
+
 def naive_attention(q_full: np.ndarray, k_full: np.ndarray, value: np.ndarray, visible: np.ndarray, scale: float,
                     query_chunk: int | None = None, trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MLA.9 -> MLA.10 -> MLA.11 over query chunks; returns ``o [batch, seq, heads, v]``, ``lse [batch, heads, seq]``."""
-    key_used = visible.any(axis=1)[:, :, None, None]  # [batch, keys, 1, 1]: unused slots may hold NaN
-    k_heads = np.where(key_used, k_full, 0.0).transpose(0, 2, 3, 1)  # [batch, heads, qk_head_dim, keys]
-    value_heads = np.where(key_used, value, 0.0).transpose(0, 2, 1, 3)  # [batch, heads, keys, v_head_dim]
+    key_used = visible.any(axis=1)[:, None, :, None]  # [batch, 1, keys, 1]: unused slots may hold NaN
+    k_heads = _head_major(k_full, key_used)  # [batch, heads, keys, qk_head_dim]
+    value_heads = _head_major(value, key_used)  # [batch, heads, keys, v_head_dim]
     outputs, lses = [], []
     for chunk in _query_chunks(visible, q_full.shape[2], query_chunk, trace):
         logits = attention_logits(q_full[:, chunk], k_heads, scale)

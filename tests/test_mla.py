@@ -262,3 +262,16 @@ def test_scale_matters_with_many_keys_but_not_with_one():
     wrong = prefill(config.replace(mscale_all_dim=0.0), weights, hidden, [0])
     assert relative_error(wrong.output[:, 0], right.output[:, 0]) <= TOL
     assert relative_error(wrong.output[:, 1:], right.output[:, 1:]) > 1e-3
+
+
+def test_lse_is_the_natural_log_of_the_visible_scaled_logits():
+    from mla_ref import Trace
+    config = preset("tiny-v2")
+    trace = Trace()
+    result = mla_forward(config, attention_weights("tiny-v2"), hidden_states(config, 2, 5, 9), [0, 10], trace=trace)
+    logits, visible = trace["MLA.9"]["logits"], trace["MLA.8"]["visible"]
+    for b in range(2):
+        for h in range(config.num_attention_heads):
+            for i in range(5):
+                expected = np.logaddexp.reduce(logits[b, h, i, visible[b, i]])
+                assert abs(result.lse[b, h, i] - expected) <= 1e-13 * abs(expected) + 1e-13
