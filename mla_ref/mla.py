@@ -89,14 +89,16 @@ def attention_logits(q_full: np.ndarray, k_heads: np.ndarray, scale: float) -> n
 
 def masked_softmax(logits: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MLA.10 — softmax over visible keys and its natural-log LSE; a row with no visible key gives p = 0, lse = -inf."""
-    masked = np.where(visible, logits, -np.inf)  # [batch, heads, seq, keys]
-    row_max = masked.max(axis=-1, keepdims=True, initial=-np.inf)
-    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-    exponentials = np.exp(masked - row_max)
-    total = exponentials.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        probs = np.where(total > 0, exponentials / total, 0.0)
-        lse = np.log(total[..., 0]) + row_max[..., 0]  # [batch, heads, seq]
+    probs = np.where(visible, logits, -np.inf)  # [batch, heads, seq, keys], rewritten in place below
+    row_max = probs.max(axis=-1, keepdims=True, initial=-np.inf)
+    row_max[~np.isfinite(row_max)] = 0.0
+    np.subtract(probs, row_max, out=probs)
+    np.exp(probs, out=probs)
+    total = probs.sum(axis=-1, keepdims=True)
+    empty = total == 0.0
+    np.divide(probs, np.where(empty, 1.0, total), out=probs)
+    with np.errstate(divide="ignore"):
+        lse = np.log(total[..., 0]) + row_max[..., 0]  # [batch, heads, seq]; -inf for an empty row
     return probs, lse
 
 
@@ -143,14 +145,22 @@ def unabsorb_output(config: ModelConfig, out_latent: np.ndarray, weights: dict) 
 
 
 def _query_chunks(visible: np.ndarray, heads: int, query_chunk: int | None, trace: Trace | None):
+    """(query slice, key count) pairs: keys past the last one visible to the chunk are skipped (causal saving).
+
+    With a trace there is one chunk over all keys, so every step is recorded whole.
+    """
     batch, seq, keys = visible.shape
     if trace is not None or seq == 0:
-        return [slice(0, seq)]
+        return [(slice(0, seq), keys)]
     if query_chunk is None:
         query_chunk = max(1, DEFAULT_LOGITS_ELEMENTS // max(1, batch * heads * keys))
     if query_chunk < 1:
         raise InputError("query_chunk", f"expected >= 1, got {query_chunk}", "MLA.9")
-    return [slice(start, start + query_chunk) for start in range(0, seq, query_chunk)]
+    chunks = []
+    for start in range(0, seq, query_chunk):
+        seen = np.flatnonzero(visible[:, start:start + query_chunk].any(axis=(0, 1)))
+        chunks.append((slice(start, start + query_chunk), int(seen[-1]) + 1 if seen.size else 0))
+    return chunks
 
 
 def _head_major(per_token: np.ndarray, key_used: np.ndarray) -> np.ndarray:
@@ -168,10 +178,10 @@ def naive_attention(q_full: np.ndarray, k_full: np.ndarray, value: np.ndarray, v
     k_heads = _head_major(k_full, key_used)  # [batch, heads, keys, qk_head_dim]
     value_heads = _head_major(value, key_used)  # [batch, heads, keys, v_head_dim]
     outputs, lses = [], []
-    for chunk in _query_chunks(visible, q_full.shape[2], query_chunk, trace):
-        logits = attention_logits(q_full[:, chunk], k_heads, scale)
-        probs, lse = masked_softmax(logits, visible[:, None, chunk])
-        outputs.append(attention_values(probs, value_heads))
+    for chunk, used in _query_chunks(visible, q_full.shape[2], query_chunk, trace):
+        logits = attention_logits(q_full[:, chunk], k_heads[:, :, :used], scale)
+        probs, lse = masked_softmax(logits, visible[:, None, chunk, :used])
+        outputs.append(attention_values(probs, value_heads[:, :, :used]))
         lses.append(lse)
         record(trace, "MLA.9", logits=logits)
         record(trace, "MLA.10", probs=probs, lse=lse)
@@ -184,10 +194,10 @@ def latent_attention(q_latent: np.ndarray, key_rows: np.ndarray, visible: np.nda
     """MLA.14 -> MLA.10 -> MLA.15 over query chunks; returns ``o_latent [batch, seq, heads, head_dim_v]``, ``lse``."""
     key_rows = np.where(visible.any(axis=1)[..., None], key_rows, 0.0)  # [batch, keys, width]: unused slots may hold NaN
     outputs, lses = [], []
-    for chunk in _query_chunks(visible, q_latent.shape[2], query_chunk, trace):
-        logits = latent_logits(q_latent[:, chunk], key_rows, scale)
-        probs, lse = masked_softmax(logits, visible[:, None, chunk])
-        outputs.append(latent_values(probs, key_rows, head_dim_v))
+    for chunk, used in _query_chunks(visible, q_latent.shape[2], query_chunk, trace):
+        logits = latent_logits(q_latent[:, chunk], key_rows[:, :used], scale)
+        probs, lse = masked_softmax(logits, visible[:, None, chunk, :used])
+        outputs.append(latent_values(probs, key_rows[:, :used], head_dim_v))
         lses.append(lse)
         record(trace, "MLA.14", logits=logits)
         record(trace, "MLA.10", probs=probs, lse=lse)
