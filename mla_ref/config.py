@@ -67,6 +67,9 @@ class ModelConfig:
     bias_update_speed: float
     aux_loss_alpha: float
     num_nextn_predict_layers: int
+    mtp_concat_order: str
+    mtp_hidden_source: str
+    mtp_rope_position: str
 
     def __post_init__(self) -> None:
         _validate(self)
