@@ -41,3 +41,7 @@ class InputError(MlaRefError):
 
 class CacheError(MlaRefError):
     """A cache does not fit the config, is full, or its block table is invalid."""
+
+
+class GoldenError(MlaRefError):
+    """A golden file or manifest is missing, tampered with, malformed or unsafe."""

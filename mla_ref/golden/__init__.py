@@ -1,0 +1,1 @@
+"""Golden tensors: case definitions, generation, verification and file formats (spec/golden.yaml)."""

@@ -1,0 +1,47 @@
+"""Rounding emulation: nearest-even to bf16 / fp16 / tf32, checked against exhaustive and closed-form cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mla_ref.precision import UNIT_ROUNDOFF, round_bf16, round_fp16, round_fp32, round_tf32
+
+
+def test_bf16_ties_go_to_even_and_specials_pass():
+    one = 1.0
+    ulp = 2.0 ** -7
+    cases = {one + ulp / 2: one, one + 3 * ulp / 2: one + 2 * ulp, one + ulp / 2 + 2 ** -20: one + ulp,
+             -(one + 3 * ulp / 2): -(one + 2 * ulp), 0.0: 0.0, 3.4e38: np.inf, 3.3895313892515355e38: 3.3895313892515355e38}
+    for value, expected in cases.items():
+        assert round_bf16(np.array(value)) == expected, value
+    assert np.isnan(round_bf16(np.array(np.nan)))
+    assert round_bf16(np.array(-np.inf)) == -np.inf
+
+
+def test_bf16_agrees_with_an_exhaustive_grid_search():
+    """Every bf16 value is a float32 whose low 16 bits are 0: nearest-even over that grid, checked directly."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(5000) * 10.0 ** rng.integers(-30, 30, 5000)).astype(np.float32)
+    bits = x.view(np.uint32)
+    below = (bits & 0xFFFF0000).view(np.float32).astype(np.float64)
+    above = ((bits & 0xFFFF0000) + 0x10000).astype(np.uint32).view(np.float32).astype(np.float64)
+    exact = x.astype(np.float64)
+    distance_below, distance_above = np.abs(exact - below), np.abs(above - exact)
+    below_is_even = ((bits >> 16) & 1) == 0
+    expected = np.where(distance_below < distance_above, below,
+                        np.where(distance_above < distance_below, above, np.where(below_is_even, below, above)))
+    assert np.array_equal(round_bf16(x), expected)
+
+
+@pytest.mark.parametrize("rounding, fmt", [(round_bf16, "bf16"), (round_fp16, "fp16"), (round_tf32, "tf32"), (round_fp32, "fp32")])
+def test_relative_error_is_at_most_the_unit_roundoff(rounding, fmt):
+    x = np.random.default_rng(1).uniform(0.5, 2.0, 10000) * np.random.default_rng(2).choice([-1, 1], 10000)
+    assert np.max(np.abs(rounding(x) - x) / np.abs(x)) <= UNIT_ROUNDOFF[fmt]
+    assert np.array_equal(rounding(rounding(x)), rounding(x))  # idempotent
+
+
+def test_tf32_keeps_ten_mantissa_bits():
+    assert round_tf32(np.array(1.0 + 2.0 ** -10)) == 1.0 + 2.0 ** -10
+    assert round_tf32(np.array(1.0 + 2.0 ** -11)) == 1.0  # tie to even
+    assert round_tf32(np.array(1.0 + 3 * 2.0 ** -11)) == 1.0 + 2.0 ** -9
