@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .config import ModelConfig, cache_values_per_token
+from .moe import renormalises_topk
 from .rope import (base_inverse_frequencies, rope_amplitude, rope_frequencies, softmax_scale, yarn_correction_range,
                    yarn_get_mscale, yarn_ramp)
 
@@ -19,6 +20,36 @@ def _ranges(layers: list[int]) -> str:
             parts.append(str(start) if start == previous else f"{start}-{previous}")
             start = current
     return ", ".join(parts)
+
+
+def _routing_lines(config: ModelConfig) -> list[str]:
+    """The MoE routing constants and which rules of spec/moe.yaml apply."""
+    per_group = config.n_routed_experts // config.n_group
+    if config.n_group == 1:
+        groups = "1 (no group limit)"
+        group_rule = f"{config.group_score_rule}, no effect with one group"
+    else:
+        groups = f"{config.n_group} of {per_group} experts, keep {config.topk_group}"
+        group_rule = config.group_score_rule
+    if config.topk_norm_rule == "sigmoid_only":
+        norm_reason = f"topk_norm_rule sigmoid_only, scoring_func {config.scoring_func}"
+    else:
+        norm_reason = f"topk_norm_rule norm_topk_prob, norm_topk_prob {str(config.norm_topk_prob).lower()}"
+    return [
+        "MoE routing (spec/moe.yaml)",
+        f"  routed experts             {config.n_routed_experts}, top-{config.num_experts_per_tok} per token, width {config.moe_intermediate_size}",
+        f"  expert groups              {groups}",
+        f"  shared experts             {config.n_shared_experts}" + (f" (one MLP of width {config.shared_expert_width})" if config.n_shared_experts else ""),
+        f"  score function             {config.scoring_func} (MOE.2)",
+        "  correction bias            " + (f"yes, selection only (topk_method {config.topk_method}, MOE.3)" if config.has_correction_bias
+                                            else f"no (topk_method {config.topk_method})"),
+        f"  group score rule           {group_rule} (MOE.4)",
+        f"  dropped-group fill         {config.group_mask_fill} (MOE.6)" + (" (unused: no group is dropped)" if config.topk_group == config.n_group else ""),
+        f"  renormalise top-k weights  {'yes' if renormalises_topk(config) else 'no'} ({norm_reason}), epsilon {config.topk_norm_epsilon!r} (MOE.8)",
+        f"  routed scaling factor      {config.routed_scaling_factor!r}, always applied (MOE.8)",
+        f"  bias update speed          " + (f"{config.bias_update_speed!r} (MOE.15)" if config.has_correction_bias else "unused (no correction bias)"),
+        f"  balance loss alpha         {config.aux_loss_alpha!r} (MOE.16 sequence-wise, or MOE.17 expert-level alpha1)",
+    ]
 
 
 def info_text(config: ModelConfig) -> str:
@@ -60,7 +91,9 @@ def info_text(config: ModelConfig) -> str:
               f"  MoE layers                 {_ranges(config.moe_layers)}",
               f"  MTP modules                {config.num_nextn_predict_layers}"
               + (f" (layer ids {config.num_hidden_layers}..{config.num_hidden_layers + config.num_nextn_predict_layers - 1})" if config.num_nextn_predict_layers else ""),
-              "", "cache per token per layer (values; bytes in bf16 / fp32)"]
+              ""]
+    lines += _routing_lines(config)
+    lines += ["", "cache per token per layer (values; bytes in bf16 / fp32)"]
     values = cache_values_per_token(config)
     per_kv_head = config.qk_head_dim + config.v_head_dim
     rows = [("latent (absorbed MLA)", values["latent"], f"kv_lora_rank + qk_rope_head_dim"),
