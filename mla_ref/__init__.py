@@ -1,9 +1,12 @@
 """mla-ref: the NumPy reference for DeepSeek MLA, DeepSeek-MoE routing and MTP (see spec/)."""
 
+from .balance import bias_update, expert_load, sequence_balance_loss, v2_balance_losses
 from .cache import LatentCache, NaiveCache, PagedLatentCache
 from .config import ModelConfig, load_config, load_preset, preset_names
-from .errors import CacheError, ConfigError, InputError, MlaRefError, ShapeError, SpecError, WeightError
+from .dispatch import DispatchPlan, dispatch_plan
+from .errors import CacheError, ConfigError, GoldenError, InputError, MlaRefError, ShapeError, SpecError, WeightError
 from .mla import MLAResult, latent_attention_core, mla_forward
+from .moe import FFNResult, Routing, ffn_forward, needed_expert_weight_names, route
 from .spec import spec_version
 from .trace import Trace
 from .weights import attention_weight_shapes, generate_attention_weights, generate_weights, weight_shapes
@@ -11,6 +14,8 @@ from .weights import attention_weight_shapes, generate_attention_weights, genera
 __version__ = "0.1.0"
 
 __all__ = [
+    "DispatchPlan", "FFNResult", "GoldenError", "Routing", "bias_update", "dispatch_plan", "expert_load", "ffn_forward",
+    "needed_expert_weight_names", "route", "sequence_balance_loss", "v2_balance_losses",
     "CacheError", "ConfigError", "InputError", "LatentCache", "MLAResult", "MlaRefError", "ModelConfig", "NaiveCache",
     "PagedLatentCache", "ShapeError", "SpecError", "Trace", "WeightError", "attention_weight_shapes",
     "generate_attention_weights", "generate_weights", "latent_attention_core", "load_config", "load_preset",

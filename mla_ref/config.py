@@ -73,9 +73,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
-        if self.group_score_rule is None:
-            derived = "top2_sum" if self.topk_method == "noaux_tc" else "max"
-            object.__setattr__(self, "group_score_rule", derived)
 
     # ------------------------------------------------------------ derived (config.yaml)
     @property
@@ -94,6 +91,13 @@ class ModelConfig:
         if self.rope_scaling_type != "yarn":
             return False
         return self.yarn_activation == "always" or self.max_seq_len > self.original_max_position_embeddings
+
+    @property
+    def group_rule(self) -> str:
+        """The group score rule in use: ``group_score_rule``, or when null top2_sum for noaux_tc (V3) and max otherwise (V2)."""
+        if self.group_score_rule is not None:
+            return self.group_score_rule
+        return "top2_sum" if self.topk_method == "noaux_tc" else "max"
 
     @property
     def has_correction_bias(self) -> bool:

@@ -27,10 +27,10 @@ def _routing_lines(config: ModelConfig) -> list[str]:
     per_group = config.n_routed_experts // config.n_group
     if config.n_group == 1:
         groups = "1 (no group limit)"
-        group_rule = f"{config.group_score_rule}, no effect with one group"
+        group_rule = f"{config.group_rule}, no effect with one group"
     else:
         groups = f"{config.n_group} of {per_group} experts, keep {config.topk_group}"
-        group_rule = config.group_score_rule
+        group_rule = config.group_rule
     if config.topk_norm_rule == "sigmoid_only":
         norm_reason = f"topk_norm_rule sigmoid_only, scoring_func {config.scoring_func}"
     else:

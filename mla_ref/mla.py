@@ -58,16 +58,30 @@ def latent_cache_rows(kv_latent: np.ndarray, k_pe: np.ndarray) -> np.ndarray:
 
 
 def expand_latent(config: ModelConfig, kv_latent: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
-    """MLA.6 — ``kv = c_kv @ Wkv_b.T``, per head ``[k_nope | value]`` (V2R eq. 10-11; V3R eq. 2, 5)."""
-    kv = kv_latent @ weights["kv_b_proj.weight"].T  # [batch, keys, heads * (qk_nope_head_dim + v_head_dim)]
-    kv = kv.reshape(kv.shape[:-1] + (config.num_attention_heads, config.qk_nope_head_dim + config.v_head_dim))
-    return kv[..., : config.qk_nope_head_dim], kv[..., config.qk_nope_head_dim:]  # [batch, keys, heads, nope], [.., v]
+    """MLA.6 — ``kv = c_kv @ Wkv_b.T``, per head ``[k_nope | value]`` (V2R eq. 10-11; V3R eq. 2, 5).
+
+    Computed per head with the W_UK / W_UV blocks of kv_b_proj into head-major buffers that
+    attention reads without a copy; returned as ``[batch, keys, heads, ..]`` views.
+    """
+    w_uk, w_uv = _kv_b_heads(config, weights)  # [heads, nope, kv_lora_rank], [heads, v, kv_lora_rank]
+    k_nope = kv_latent[:, None] @ w_uk.swapaxes(-1, -2)  # [batch, heads, keys, qk_nope_head_dim]
+    value = kv_latent[:, None] @ w_uv.swapaxes(-1, -2)  # [batch, heads, keys, v_head_dim]
+    return k_nope.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
 
 
 def assemble_query_key(q_nope: np.ndarray, q_pe: np.ndarray, k_nope: np.ndarray, k_pe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MLA.7 — ``q = [q_nope ; q_pe]``, ``k = [k_nope ; k_pe]`` with k_pe broadcast to every head (V2R eq. 14, 17; V3R eq. 4, 9)."""
-    k_pe_heads = np.broadcast_to(k_pe[:, :, None, :], k_nope.shape[:3] + k_pe.shape[-1:])  # [batch, keys, heads, rope]
-    return np.concatenate([q_nope, q_pe], axis=-1), np.concatenate([k_nope, k_pe_heads], axis=-1)
+    """MLA.7 — ``q = [q_nope ; q_pe]``, ``k = [k_nope ; k_pe]`` with k_pe broadcast to every head (V2R eq. 14, 17; V3R eq. 4, 9).
+
+    Both are built in head-major buffers and returned as ``[batch, seq|keys, heads, qk_head_dim]`` views.
+    """
+    nope = q_nope.shape[-1]
+    q_full = np.empty((q_nope.shape[0], q_nope.shape[2], q_nope.shape[1], nope + q_pe.shape[-1]), q_nope.dtype)
+    q_full[..., :nope] = q_nope.transpose(0, 2, 1, 3)
+    q_full[..., nope:] = q_pe.transpose(0, 2, 1, 3)
+    k_full = np.empty((k_nope.shape[0], k_nope.shape[2], k_nope.shape[1], nope + k_pe.shape[-1]), k_nope.dtype)
+    k_full[..., :nope] = k_nope.transpose(0, 2, 1, 3)
+    k_full[..., nope:] = k_pe[:, None, :, :]  # the one k_pe of a token, for every head
+    return q_full.transpose(0, 2, 1, 3), k_full.transpose(0, 2, 1, 3)
 
 
 def causal_visibility(key_offsets: np.ndarray, query_lengths: np.ndarray, num_queries: int, num_keys: int) -> np.ndarray:
@@ -164,10 +178,15 @@ def _query_chunks(visible: np.ndarray, heads: int, query_chunk: int | None, trac
 
 
 def _head_major(per_token: np.ndarray, key_used: np.ndarray) -> np.ndarray:
-    """``[batch, keys, heads, d]`` -> contiguous ``[batch, heads, keys, d]``, unused keys set to 0 (one copy)."""
-    batch, keys, heads, width = per_token.shape
-    out = np.zeros((batch, heads, keys, width), per_token.dtype)
-    np.copyto(out, per_token.transpose(0, 2, 1, 3), where=key_used)
+    """``[batch, keys, heads, d]`` -> ``[batch, heads, keys, d]`` with keys no query sees set to 0.
+
+    A view when every key is used (prefill), else one copy: unused slots may hold NaN.
+    """
+    head_major = per_token.transpose(0, 2, 1, 3)
+    if key_used.all():
+        return head_major
+    out = np.zeros(head_major.shape, per_token.dtype)
+    np.copyto(out, head_major, where=key_used)
     return out
 
 

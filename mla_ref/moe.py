@@ -55,7 +55,7 @@ def selection_scores(scores: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
 def group_scores(config: ModelConfig, selection: np.ndarray) -> np.ndarray:
     """MOE.4 — one score per contiguous expert group: the max (V2) or the sum of the top two (V3) (V3R section 2.1.2)."""
     grouped = selection.reshape(selection.shape[0], config.n_group, config.n_routed_experts // config.n_group)
-    if config.group_score_rule == "max":
+    if config.group_rule == "max":
         return grouped.max(axis=-1)  # [tokens, n_group]
     best_two = np.sort(grouped, axis=-1)[..., ::-1][..., :2]  # [tokens, n_group, min(2, experts_per_group)]
     return best_two.sum(axis=-1)  # [tokens, n_group]

@@ -40,7 +40,7 @@ def select_token(config, scores, bias) -> dict:
     group_value = []
     for g in range(config.n_group):
         members = sorted(chooser[g * size:(g + 1) * size], reverse=True)
-        rule = config.group_score_rule
+        rule = config.group_rule
         group_value.append(members[0] if rule == "max" else sum(members[:2]))
     ranked_groups = [g for _, g in sorted((-value, g) for g, value in enumerate(group_value))]
     kept = ranked_groups[: config.topk_group]

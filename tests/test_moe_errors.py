@@ -64,9 +64,10 @@ def test_unknown_rules(field, value):
 
 
 def test_group_score_rule_is_derived_from_the_bias():
-    assert small_config(topk_method="noaux_tc").group_score_rule == "top2_sum"
-    assert small_config(topk_method="group_limited_greedy").group_score_rule == "max"
-    assert small_config(topk_method="noaux_tc", group_score_rule="max").group_score_rule == "max"
+    assert small_config(topk_method="noaux_tc").group_rule == "top2_sum"
+    assert small_config(topk_method="group_limited_greedy").group_rule == "max"
+    assert small_config(topk_method="noaux_tc", group_score_rule="max").group_rule == "max"
+    assert small_config(topk_method="noaux_tc").replace(topk_method="group_limited_greedy").group_rule == "max"
 
 
 # ---------------------------------------------------------------------------- router tensors

@@ -13,7 +13,14 @@ from mla_ref.config import ModelConfig, field_specs
 from mla_ref.errors import SpecError
 from mla_ref.spec import evaluate_dim, evaluate_shape, load_spec_file, load_steps, read_yaml, spec_version
 
-SECTION_FILES = ["mla.yaml", "rope.yaml", "norm.yaml"]
+SECTION_FILES = sorted(path.name for path in spec_module.spec_dir().glob("*.yaml") if "steps" in (read_yaml(path) or {}))
+
+
+def test_the_index_lists_every_spec_file():
+    listed = set(load_spec_file("spec.yaml")["files"])
+    present = {path.name for path in spec_module.spec_dir().glob("*.yaml")} - {"spec.yaml"}
+    assert present <= listed, f"spec/spec.yaml files: does not list {sorted(present - listed)}"
+    assert len(SECTION_FILES) >= 4
 
 
 def resolve(dotted: str):
