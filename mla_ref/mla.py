@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .errors import CacheError, InputError, ShapeError
 from .norm import rms_norm
 from .rope import apply_rope, rope_angles, softmax_scale
-from .trace import Trace, record
+from .trace import Trace, emit
 from .weights import attention_weight_shapes, check_weights
 
 # Bound on the elements of one [batch, heads, query_chunk, keys] logits block (MLA.9/MLA.14).
@@ -198,13 +198,10 @@ def naive_attention(q_full: np.ndarray, k_full: np.ndarray, value: np.ndarray, v
     value_heads = _head_major(value, key_used)  # [batch, heads, keys, v_head_dim]
     outputs, lses = [], []
     for chunk, used in _query_chunks(visible, q_full.shape[2], query_chunk, trace):
-        logits = attention_logits(q_full[:, chunk], k_heads[:, :, :used], scale)
-        probs, lse = masked_softmax(logits, visible[:, None, chunk, :used])
-        outputs.append(attention_values(probs, value_heads[:, :, :used]))
+        logits = emit(trace, "MLA.9", attention_logits(q_full[:, chunk], k_heads[:, :, :used], scale))
+        probs, lse = emit(trace, "MLA.10", *masked_softmax(logits, visible[:, None, chunk, :used]))
+        outputs.append(emit(trace, "MLA.11", attention_values(probs, value_heads[:, :, :used])))
         lses.append(lse)
-        record(trace, "MLA.9", logits=logits)
-        record(trace, "MLA.10", probs=probs, lse=lse)
-        record(trace, "MLA.11", attn=outputs[-1])
     return np.concatenate(outputs, axis=1), np.concatenate(lses, axis=2)
 
 
@@ -214,13 +211,10 @@ def latent_attention(q_latent: np.ndarray, key_rows: np.ndarray, visible: np.nda
     key_rows = np.where(visible.any(axis=1)[..., None], key_rows, 0.0)  # [batch, keys, width]: unused slots may hold NaN
     outputs, lses = [], []
     for chunk, used in _query_chunks(visible, q_latent.shape[2], query_chunk, trace):
-        logits = latent_logits(q_latent[:, chunk], key_rows[:, :used], scale)
-        probs, lse = masked_softmax(logits, visible[:, None, chunk, :used])
-        outputs.append(latent_values(probs, key_rows[:, :used], head_dim_v))
+        logits = emit(trace, "MLA.14", latent_logits(q_latent[:, chunk], key_rows[:, :used], scale))
+        probs, lse = emit(trace, "MLA.10", *masked_softmax(logits, visible[:, None, chunk, :used]))
+        outputs.append(emit(trace, "MLA.15", latent_values(probs, key_rows[:, :used], head_dim_v)))
         lses.append(lse)
-        record(trace, "MLA.14", logits=logits)
-        record(trace, "MLA.10", probs=probs, lse=lse)
-        record(trace, "MLA.15", out_latent=outputs[-1])
     return np.concatenate(outputs, axis=1), np.concatenate(lses, axis=2)
 
 
@@ -252,17 +246,17 @@ def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.nd
         raise InputError("head_dim_v", f"expected an int in 1 .. {width}, got {head_dim_v!r}", "MLA.17")
     if not isinstance(softmax_scale, (float, int)) or not softmax_scale > 0:
         raise InputError("softmax_scale", f"expected a float > 0 (the model's scale, e.g. 0.1352337788608801 for V3), got {softmax_scale!r}", "MLA.17")
-    key_rows = gather_paged_rows(cache, table.astype(np.int64), seqlens)  # MLA.19: [batch, keys, width]
+    q = q if trace is None else trace.round_input(q)
+    cache = cache if trace is None else trace.round_input(cache)
+    key_rows = emit(trace, "MLA.19", gather_paged_rows(cache, table.astype(np.int64), seqlens))  # [batch, keys, width]
     keys = key_rows.shape[1]
     if causal:
         visible = causal_visibility(seqlens - s_q, np.full(batch, s_q), s_q, keys)  # MLA.8
     else:
         visible = np.broadcast_to((np.arange(keys)[None, :] < seqlens[:, None])[:, None, :], (batch, s_q, keys))
-    record(trace, "MLA.19", key_rows=key_rows)
-    record(trace, "MLA.8", visible=visible)
+    visible = emit(trace, "MLA.8", visible)
     out, lse = latent_attention(q, key_rows, visible, float(softmax_scale), int(head_dim_v), query_chunk, trace)
-    record(trace, "MLA.17", out=out, lse=lse)
-    return out, lse
+    return emit(trace, "MLA.17", out, lse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,60 +283,49 @@ def mla_forward(config: ModelConfig, weights: dict, hidden: np.ndarray, start_po
     absorbed with a latent cache.
     """
     w, x, starts, lengths, attention = _prepare(config, weights, hidden, start_positions, cache, attention,
-                                                query_lengths, dtype, allow_nonfinite)
+                                                query_lengths, dtype, allow_nonfinite, trace)
     batch, seq, _ = x.shape
     scale = softmax_scale(config)
     positions = starts[:, None] + np.arange(seq)[None, :]  # [batch, seq]
-    query_input = query_latent(x, w, config.rms_norm_eps) if config.q_lora_rank else x  # MLA.1
-    q_nope, q_pe_raw = query_heads(config, query_input, w)  # MLA.2: [batch, seq, heads, nope], [.., rope]
-    kv_latent, kv_a_rope = kv_latent_and_rope_key(config, x, w)  # MLA.3: [batch, seq, kv_lora_rank], [batch, seq, rope]
-    q_pe, k_pe = rotate_query_key(config, q_pe_raw, kv_a_rope, positions)  # MLA.4: rotated, same shapes
-    new_rows = latent_cache_rows(kv_latent, k_pe)  # MLA.5: [batch, seq, kv_lora_rank + rope]
+    query_input = emit(trace, "MLA.1", query_latent(x, w, config.rms_norm_eps)) if config.q_lora_rank else x
+    q_nope, q_pe_raw = emit(trace, "MLA.2", *query_heads(config, query_input, w))  # [batch, seq, heads, nope], [.., rope]
+    kv_latent, k_pe_raw = emit(trace, "MLA.3", *kv_latent_and_rope_key(config, x, w))  # [batch, seq, kv_lora_rank], [.., rope]
+    q_pe, k_pe = emit(trace, "MLA.4", *rotate_query_key(config, q_pe_raw, k_pe_raw, positions))  # rotated, same shapes
+    new_rows = emit(trace, "MLA.5", latent_cache_rows(kv_latent, k_pe))  # [batch, seq, kv_lora_rank + rope]
     key_offsets = np.zeros(batch, np.int64) if cache is None else cache.lengths  # keys before the new tokens
     if isinstance(cache, NaiveCache):
-        k_nope, value = expand_latent(config, kv_latent, w)  # MLA.6 on the new tokens only
-        q_full, k_full = assemble_query_key(q_nope, q_pe, k_nope, k_pe)  # MLA.7
+        k_nope, value = emit(trace, "MLA.6", *expand_latent(config, kv_latent, w))  # the new tokens only
+        q_full, k_full = emit(trace, "MLA.7", *assemble_query_key(q_nope, q_pe, k_nope, k_pe))
         cache = cache.append(k_full, value, lengths)  # MLA.18
         k_full, value = cache.keys_values()  # [batch, keys, heads, qk_head_dim], [.., v_head_dim]
-        num_keys = k_full.shape[1]
     else:
         cache = None if cache is None else cache.append(new_rows, lengths)  # MLA.18
         key_rows = new_rows if cache is None else cache.key_rows()  # [batch, keys, kv_lora_rank + rope]
-        num_keys = key_rows.shape[1]
-    visible = causal_visibility(key_offsets, lengths, seq, num_keys)  # MLA.8: [batch, seq, keys]
-    if trace is not None:
-        if config.q_lora_rank:
-            record(trace, "MLA.1", c_q=query_input)
-        record(trace, "MLA.2", q_nope=q_nope, q_pe_raw=q_pe_raw)
-        record(trace, "MLA.3", kv_latent=kv_latent, k_pe_raw=kv_a_rope)
-        record(trace, "MLA.4", q_pe=q_pe, k_pe=k_pe)
-        record(trace, "MLA.5", rows=new_rows)
-        record(trace, "MLA.8", visible=visible)
-        if cache is not None:
-            record(trace, "MLA.18", lengths=cache.lengths)
+    if cache is not None:
+        emit(trace, "MLA.18", cache.lengths)
+    num_keys = k_full.shape[1] if isinstance(cache, NaiveCache) else key_rows.shape[1]
+    visible = emit(trace, "MLA.8", causal_visibility(key_offsets, lengths, seq, num_keys))  # [batch, seq, keys]
     if attention == "absorbed":
-        q_absorbed, q_latent = absorb_query(config, q_nope, q_pe, w)  # MLA.13: [batch, seq, heads, kv_lora_rank (+ rope)]
-        record(trace, "MLA.13", q_absorbed=q_absorbed, q_latent=q_latent)
+        q_absorbed, q_latent = emit(trace, "MLA.13", *absorb_query(config, q_nope, q_pe, w))  # [.., kv_lora_rank (+ rope)]
         out_latent, lse = latent_attention(q_latent, key_rows, visible, scale, config.kv_lora_rank, query_chunk, trace)
-        attn = unabsorb_output(config, out_latent, w)  # MLA.16: [batch, seq, heads, v_head_dim]
-        record(trace, "MLA.16", attn=attn)
+        attn = emit(trace, "MLA.16", unabsorb_output(config, out_latent, w))  # [batch, seq, heads, v_head_dim]
     else:
         if not isinstance(cache, NaiveCache):
-            k_nope, value = expand_latent(config, key_rows[..., : config.kv_lora_rank], w)  # MLA.6: [batch, keys, heads, ..]
-            q_full, k_full = assemble_query_key(q_nope, q_pe, k_nope, key_rows[..., config.kv_lora_rank:])  # MLA.7
-        record(trace, "MLA.6", k_nope=k_full[..., : config.qk_nope_head_dim], value=value)
-        record(trace, "MLA.7", q_full=q_full, k_full=k_full)
+            k_nope, value = emit(trace, "MLA.6", *expand_latent(config, key_rows[..., : config.kv_lora_rank], w))
+            q_full, k_full = emit(trace, "MLA.7", *assemble_query_key(q_nope, q_pe, k_nope, key_rows[..., config.kv_lora_rank:]))
         attn, lse = naive_attention(q_full, k_full, value, visible, scale, query_chunk, trace)  # MLA.9-11
-    output = output_projection(attn, w)  # MLA.12: [batch, seq, hidden_size]
-    record(trace, "MLA.12", output=output)
+    output = emit(trace, "MLA.12", output_projection(attn, w))  # [batch, seq, hidden_size]
     return MLAResult(output, cache, lse)
 
 
-def _prepare(config, weights, hidden, start_positions, cache, attention, query_lengths, dtype, allow_nonfinite):
-    """Validate the inputs of :func:`mla_forward`; return them cast to ``dtype``."""
+def _prepare(config, weights, hidden, start_positions, cache, attention, query_lengths, dtype, allow_nonfinite, trace):
+    """Validate the inputs of :func:`mla_forward`; return them cast to ``dtype`` (and rounded per the trace's profile)."""
     dtype = _compute_dtype(dtype)
     w = check_weights(attention_weight_shapes(config), weights, "MLA.weights", dtype)
     x = check_tensor("hidden", hidden, ("batch", "seq", config.hidden_size), "MLA.1", dtype, allow_nonfinite)
+    if trace is not None:
+        w = {name: trace.round_input(value, "weights") for name, value in w.items()}
+        x = trace.round_input(x)
     batch, seq, _ = x.shape
     if cache is not None:
         if not isinstance(cache, (LatentCache, PagedLatentCache, NaiveCache)):

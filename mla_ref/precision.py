@@ -1,4 +1,4 @@
-"""PRECISION — rounding emulation of low-precision storage (spec/tolerance.yaml).
+"""TOLERANCE.1 — rounding emulation of low-precision storage (spec/tolerance.yaml).
 
 Round-to-nearest-even to bfloat16, float16 and TF32 (10-bit mantissa), done on the
 bits of float32 so that NumPy needs no extension type. Values come back as float64
@@ -24,23 +24,23 @@ def _round_float32_mantissa(x: np.ndarray, dropped_bits: int) -> np.ndarray:
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:
-    """PRECISION.1 — to bfloat16 (8 exponent, 7 mantissa bits), via float32, nearest-even."""
+    """TOLERANCE.1 — to bfloat16 (8 exponent, 7 mantissa bits), via float32, nearest-even."""
     return _round_float32_mantissa(x, 16)
 
 
 def round_tf32(x: np.ndarray) -> np.ndarray:
-    """PRECISION.1 — to TF32 (float32 range, 10 mantissa bits), nearest-even."""
+    """TOLERANCE.1 — to TF32 (float32 range, 10 mantissa bits), nearest-even."""
     return _round_float32_mantissa(x, 13)
 
 
 def round_fp16(x: np.ndarray) -> np.ndarray:
-    """PRECISION.1 — to IEEE float16 (NumPy's own cast rounds to nearest-even; overflow gives inf)."""
+    """TOLERANCE.1 — to IEEE float16 (NumPy's own cast rounds to nearest-even; overflow gives inf)."""
     with np.errstate(over="ignore"):
         return np.asarray(x, dtype=np.float64).astype(np.float16).astype(np.float64)
 
 
 def round_fp32(x: np.ndarray) -> np.ndarray:
-    """PRECISION.1 — to IEEE float32."""
+    """TOLERANCE.1 — to IEEE float32."""
     with np.errstate(over="ignore"):
         return np.asarray(x, dtype=np.float64).astype(np.float32).astype(np.float64)
 

@@ -1,20 +1,50 @@
-"""Recording of intermediates: every spec step's outputs, by step id.
+"""Step hooks: record every spec step's outputs by step id, and emulate a precision profile.
 
 Pass a :class:`Trace` to a forward function to record what each step produced; tests
 check every recorded array against the step's declared symbolic shape, and golden cases
-store them. Recording turns query chunking off so each step is recorded once, whole.
+store them. ``Trace(precision="bf16")`` also rounds every float step output the way that
+profile of spec/tolerance.yaml stores it, so the forward becomes the emulation of a bf16
+implementation. A trace turns query chunking off so each step is seen once, whole.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
+from .errors import InputError
+from .precision import ROUNDING
+from .spec import load_spec_file, step_by_id
 
 
 class Trace:
-    """``trace[step_id][name]`` is the array that step ``step_id`` produced under ``name``."""
+    """``trace[step_id][name]`` is the array that step ``step_id`` produced under ``name``.
 
-    def __init__(self) -> None:
+    ``precision``: a profile of spec/tolerance.yaml to emulate (None: exact float64).
+    ``keep``: whether to keep the arrays (False for an emulation that only needs the result).
+    """
+
+    def __init__(self, precision: str | None = None, keep: bool = True) -> None:
         self.steps: dict[str, dict[str, np.ndarray]] = {}
+        self.precision = precision
+        self.keep = keep
+        self.profile = profile(precision) if precision is not None else None
+
+    def round(self, step_id: str, name: str, value: np.ndarray) -> np.ndarray:
+        """TOLERANCE.2 — ``value`` as the profile stores output ``name`` of ``step_id`` (integers and bools untouched)."""
+        if self.profile is None or np.asarray(value).dtype.kind != "f":
+            return value
+        overrides = self.profile["overrides"]
+        fmt = overrides.get(f"{step_id}/{name}", overrides.get(step_id, self.profile["storage"]))
+        return ROUNDING[fmt](value).astype(np.asarray(value).dtype, copy=False)
+
+    def round_input(self, value: np.ndarray, kind: str = "inputs") -> np.ndarray:
+        """A weight (``kind="weights"``) or float input as the profile stores it."""
+        if self.profile is None or np.asarray(value).dtype.kind != "f":
+            return value
+        fmt = self.profile.get(kind, self.profile["storage"])
+        return ROUNDING[fmt](value).astype(np.asarray(value).dtype, copy=False)
 
     def record(self, step_id: str, **arrays: np.ndarray) -> None:
         """Store the named outputs of one step (a later call for the same step adds names)."""
@@ -28,6 +58,38 @@ class Trace:
 
 
 def record(trace: Trace | None, step_id: str, **arrays: np.ndarray) -> None:
-    """Record into ``trace`` if one is given (the forward functions call this after each step)."""
-    if trace is not None:
+    """Record into ``trace`` if one is given and keeps arrays (for outputs that are not rounded: see :func:`emit`)."""
+    if trace is not None and trace.keep:
         trace.record(step_id, **arrays)
+
+
+@functools.lru_cache(maxsize=None)
+def output_names(step_id: str) -> tuple[str, ...]:
+    """The output names of a step, in the order the spec declares them."""
+    return tuple(step_by_id(step_id)["outputs"])
+
+
+@functools.lru_cache(maxsize=None)
+def profile(name: str) -> dict:
+    """A precision profile of spec/tolerance.yaml."""
+    profiles = load_spec_file("tolerance.yaml")["profiles"]
+    if name not in profiles:
+        raise InputError("precision", f"unknown profile {name!r}; expected one of {sorted(profiles)}", "TOLERANCE.2")
+    return profiles[name]
+
+
+def emit(trace: Trace | None, step_id: str, *arrays: np.ndarray):
+    """TOLERANCE.2 — pass one step's outputs through the trace: rounded per its profile, recorded under the spec's names.
+
+    Returns the arrays (one array, or a tuple in the spec's output order); without a
+    trace they come back unchanged.
+    """
+    if trace is None:
+        return arrays[0] if len(arrays) == 1 else arrays
+    names = output_names(step_id)
+    if len(names) != len(arrays):
+        raise InputError(step_id, f"expected {len(names)} outputs {list(names)}, got {len(arrays)}", "TOLERANCE.2")
+    passed = tuple(trace.round(step_id, name, value) for name, value in zip(names, arrays))
+    if trace.keep:
+        trace.record(step_id, **dict(zip(names, passed)))
+    return passed[0] if len(passed) == 1 else passed

@@ -1,0 +1,70 @@
+"""Precision profiles: the emulated forward carries the error its storage format implies, and nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import attention_weights, hidden_states, preset, relative_error
+from mla_ref import InputError, Trace, mla_forward
+from mla_ref.conformance.compare import compare_tensor
+from mla_ref.precision import UNIT_ROUNDOFF
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    config = preset("tiny-yarn")
+    weights = attention_weights("tiny-yarn")
+    hidden = hidden_states(config, 2, 9, 3)
+    return config, weights, hidden, mla_forward(config, weights, hidden, [0, 5000])
+
+
+@pytest.mark.parametrize("profile, low, high", [("fp64", 0, 1e-15), ("fp32", 1e-9, 1e-6), ("tf32", 1e-5, 1e-2),
+                                                ("fp16", 1e-5, 1e-2), ("bf16", 1e-4, 5e-2)])
+def test_emulated_error_matches_the_format(tiny_run, profile, low, high):
+    config, weights, hidden, truth = tiny_run
+    for attention in ("naive", "absorbed"):
+        emulated = mla_forward(config, weights, hidden, [0, 5000], attention=attention, trace=Trace(profile, keep=False))
+        assert low <= relative_error(emulated.output, truth.output) <= high, (profile, attention)
+
+
+def test_every_stored_float_is_representable_in_its_format(tiny_run):
+    config, weights, hidden, _ = tiny_run
+    trace = Trace("bf16")
+    mla_forward(config, weights, hidden, [0, 5000], trace=trace)
+    q_nope = trace["MLA.2"]["q_nope"].astype(np.float32)
+    assert np.all(q_nope.view(np.uint32) & 0xFFFF == 0)  # bf16: low 16 bits of the float32 are zero
+    logits = trace["MLA.9"]["logits"]
+    assert np.array_equal(logits, logits.astype(np.float32).astype(np.float64))  # fp32 override
+    assert trace["MLA.8"]["visible"].dtype == bool
+
+
+def test_unknown_profile():
+    with pytest.raises(InputError, match=r"precision: unknown profile 'bf8'"):
+        Trace("bf8")
+
+
+def test_noise_relative_rule_accepts_the_emulation_and_rejects_a_scale_bug(tiny_run):
+    config, weights, hidden, truth = tiny_run
+    emulated = mla_forward(config, weights, hidden, [0, 5000], trace=Trace("bf16", keep=False)).output
+    noise = float(np.linalg.norm(emulated - truth.output))
+    assert compare_tensor("output", emulated, truth.output, noise, "bf16").passed
+    wrong = mla_forward(config.replace(mscale_all_dim=0.0), weights, hidden, [0, 5000], trace=Trace("bf16", keep=False)).output
+    verdict = compare_tensor("output", wrong, truth.output, noise, "bf16")
+    assert not verdict.passed and verdict.used > 1 and "L2 error" in verdict.reason
+
+
+def test_comparison_reports_exact_mismatches():
+    truth = np.array([[1, 2], [3, 4]])
+    verdict = compare_tensor("expert_ids", np.array([[1, 2], [4, 3]]), truth, 0.0, "bf16")
+    assert not verdict.passed and "2 of 4 values differ" in verdict.reason and verdict.worst_abs["index"] == [1, 0]
+    nan_truth = np.array([1.0, -np.inf, 2.0])
+    assert not compare_tensor("lse", np.array([1.0, 0.0, 2.0]), nan_truth, 1e-3, "bf16").passed
+    assert compare_tensor("lse", np.array([1.0, -np.inf, 2.0]), nan_truth, 1e-3, "bf16").passed
+    shape = compare_tensor("out", np.zeros(3), np.zeros(4), 0.0, "fp32")
+    assert not shape.passed and "shape [3], expected [4]" in shape.reason
+
+
+def test_unit_roundoffs_agree_with_the_spec():
+    from mla_ref.spec import load_spec_file
+    assert load_spec_file("tolerance.yaml")["formats"] == UNIT_ROUNDOFF
