@@ -14,6 +14,7 @@ import numpy as np
 
 from .cache import LatentCache, NaiveCache, PagedLatentCache, gather_paged_rows, validate_block_table
 from .config import ModelConfig
+from .checks import check_int_vector, check_tensor, compute_dtype
 from .errors import CacheError, InputError, ShapeError
 from .norm import rms_norm
 from .rope import apply_rope, rope_angles, softmax_scale
@@ -233,7 +234,7 @@ def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.nd
     ``lse [batch, heads, s_q]``; a query with no visible key gets out 0 and lse -inf.
     Unused cache slots are never read, so they may hold NaN.
     """
-    dtype = _compute_dtype(dtype)
+    dtype = compute_dtype(dtype)
     q = check_tensor("q", q, ("batch", "s_q", "heads", "width"), "MLA.17", dtype, allow_nonfinite)
     batch, s_q, heads, width = q.shape
     cache = check_tensor("k_cache", k_cache, ("num_blocks", "block_size", 1, width), "MLA.17", dtype, allow_nonfinite=True)
@@ -320,7 +321,7 @@ def mla_forward(config: ModelConfig, weights: dict, hidden: np.ndarray, start_po
 
 def _prepare(config, weights, hidden, start_positions, cache, attention, query_lengths, dtype, allow_nonfinite, trace):
     """Validate the inputs of :func:`mla_forward`; return them cast to ``dtype`` (and rounded per the trace's profile)."""
-    dtype = _compute_dtype(dtype)
+    dtype = compute_dtype(dtype)
     w = check_weights(attention_weight_shapes(config), weights, "MLA.weights", dtype)
     x = check_tensor("hidden", hidden, ("batch", "seq", config.hidden_size), "MLA.1", dtype, allow_nonfinite)
     if trace is not None:
@@ -351,40 +352,3 @@ def _prepare(config, weights, hidden, start_positions, cache, attention, query_l
     if attention == "absorbed" and isinstance(cache, NaiveCache):
         raise CacheError("cache", "absorbed attention needs a latent cache (LatentCache or PagedLatentCache), got NaiveCache", "MLA.13")
     return w, x, starts, lengths, attention
-
-
-def _compute_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
-        raise InputError("dtype", f"expected float64 or float32, got {dtype}", "MLA.1")
-    return dtype
-
-
-def check_tensor(name: str, value, shape: tuple, spec_id: str, dtype, allow_nonfinite: bool = False) -> np.ndarray:
-    """Check rank, fixed dims (ints) and finiteness of a float input; return it cast to ``dtype``.
-
-    ``shape`` mixes symbol names (any size) and ints (required size).
-    """
-    array = np.asarray(value)
-    if array.dtype.kind not in "fiu":
-        raise ShapeError(name, f"expected a real float array, got dtype {array.dtype}", spec_id)
-    written = "[" + ", ".join(str(dim) for dim in shape) + "]"
-    if array.ndim != len(shape) or any(isinstance(dim, int) and dim != size for dim, size in zip(shape, array.shape)):
-        raise ShapeError(name, f"expected {written}, got {tuple(array.shape)}", spec_id)
-    array = array.astype(dtype, copy=False)
-    if not allow_nonfinite and not np.isfinite(array).all():
-        index = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
-        raise InputError(name, f"contains {array[index]} at index {index}; pass allow_nonfinite=True to accept NaN/Inf", spec_id)
-    return array
-
-
-def check_int_vector(name: str, value, batch: int, spec_id: str) -> np.ndarray:
-    """An integer vector of shape ``[batch]`` with values >= 0."""
-    array = np.asarray(value)
-    if array.ndim == 0 and array.dtype.kind in "iu":
-        array = np.full(batch, int(array))
-    if array.shape != (batch,) or array.dtype.kind not in "iu":
-        raise ShapeError(name, f"expected integers of shape [{batch}], got {array.dtype} {list(array.shape)}", spec_id)
-    if (array < 0).any():
-        raise InputError(name, f"expected values >= 0, got {array.tolist()}", spec_id)
-    return array.astype(np.int64)

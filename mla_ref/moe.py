@@ -17,9 +17,9 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InputError, ShapeError, WeightError
-from .mla import check_tensor
+from .checks import check_tensor, compute_dtype
 from .spec import evaluate_shape, load_spec_file
-from .trace import Trace, record
+from .trace import Trace, emit
 
 GATE = "mlp.gate.weight"
 BIAS = "mlp.gate.e_score_correction_bias"
@@ -126,40 +126,38 @@ class Routing:
 
 
 def route(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden, *, dtype=np.float64,
-          allow_nonfinite: bool = False, trace: Trace | None = None) -> Routing:
+          allow_nonfinite: bool = False, forced_expert_ids=None, trace: Trace | None = None) -> Routing:
     """MOE.1-MOE.8 — route ``hidden [..., hidden_size]`` (leading axes flattened into tokens).
 
     ``weights`` holds ``mlp.gate.weight`` and, iff the config has a correction bias,
     ``mlp.gate.e_score_correction_bias`` (names relative to ``model.layers.{layer}.``; other
     tensors are ignored).
     """
-    dtype = _compute_dtype(dtype)
+    dtype = compute_dtype(dtype, "MOE.1")
     x = _flat_hidden(config, hidden, dtype, allow_nonfinite)  # [tokens, hidden_size]
-    gate, bias = _router_tensors(config, weights, dtype)
-    return _route_tokens(config, gate, bias, x, allow_nonfinite, trace)
+    x = x if trace is None else trace.round_input(x)
+    gate, bias = _router_tensors(config, weights, dtype, trace)
+    return _route_tokens(config, gate, bias, x, allow_nonfinite, trace, forced_expert_ids)
 
 
-def _route_tokens(config, gate, bias, x, allow_nonfinite, trace) -> Routing:
-    logits = gate_logits(x, gate)  # MOE.1: [tokens, n_routed_experts]
-    scores = gate_scores(config, logits)  # MOE.2
+def _route_tokens(config, gate, bias, x, allow_nonfinite, trace, forced_expert_ids=None) -> Routing:
+    logits = emit(trace, "MOE.1", gate_logits(x, gate))  # [tokens, n_routed_experts]
+    scores = emit(trace, "MOE.2", gate_scores(config, logits))
     if not allow_nonfinite and not np.isfinite(scores).all():
         token, expert = (int(i) for i in np.argwhere(~np.isfinite(scores))[0])
         raise InputError("scores", f"{scores[token, expert]} at token {token}, expert {expert} (logit {logits[token, expert]}); "
                          "pass allow_nonfinite=True to accept non-finite rows", "MOE.2")
-    selection = selection_scores(scores, bias)  # MOE.3
-    scores_of_groups = group_scores(config, selection)  # MOE.4: [tokens, n_group]
-    kept_groups, group_margin = group_selection(config, scores_of_groups)  # MOE.5: [tokens, topk_group], [tokens]
-    masked = group_mask(config, selection, kept_groups)  # MOE.6: [tokens, n_routed_experts]
-    expert_ids, expert_margin = expert_selection(config, masked)  # MOE.7: [tokens, num_experts_per_tok], [tokens]
-    weights = routing_weights(config, scores, expert_ids)  # MOE.8: [tokens, num_experts_per_tok]
-    record(trace, "MOE.1", logits=logits)
-    record(trace, "MOE.2", scores=scores)
-    record(trace, "MOE.3", selection=selection)
-    record(trace, "MOE.4", group_scores=scores_of_groups)
-    record(trace, "MOE.5", kept_groups=kept_groups, group_margin=group_margin)
-    record(trace, "MOE.6", masked=masked)
-    record(trace, "MOE.7", expert_ids=expert_ids, expert_margin=expert_margin)
-    record(trace, "MOE.8", weights=weights)
+    selection = emit(trace, "MOE.3", selection_scores(scores, bias))
+    scores_of_groups = emit(trace, "MOE.4", group_scores(config, selection))  # [tokens, n_group]
+    kept_groups, group_margin = emit(trace, "MOE.5", *group_selection(config, scores_of_groups))  # [tokens, topk_group], [tokens]
+    masked = emit(trace, "MOE.6", group_mask(config, selection, kept_groups))  # [tokens, n_routed_experts]
+    expert_ids, expert_margin = expert_selection(config, masked)  # [tokens, num_experts_per_tok], [tokens]
+    if forced_expert_ids is not None:  # teacher forcing: another implementation's (acceptable) choice
+        expert_ids = check_expert_ids(config, forced_expert_ids, ("tokens",), "MOE.7")
+        if expert_ids.shape[0] != x.shape[0]:
+            raise ShapeError("forced_expert_ids", f"expected [{x.shape[0]}, {config.num_experts_per_tok}], got {list(expert_ids.shape)}", "MOE.7")
+    expert_ids, expert_margin = emit(trace, "MOE.7", expert_ids, expert_margin)
+    weights = emit(trace, "MOE.8", routing_weights(config, scores, expert_ids))  # [tokens, num_experts_per_tok]
     return Routing(logits, scores, selection, scores_of_groups, kept_groups, group_margin, masked,
                    expert_ids, expert_margin, weights)
 
@@ -180,7 +178,7 @@ def assignment_order(expert_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
 
 
 def expert_outputs(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray, expert_ids: np.ndarray,
-                   dtype=np.float64) -> np.ndarray:
+                   dtype=np.float64, trace: Trace | None = None) -> np.ndarray:
     """MOE.9 — each routed expert's SwiGLU on its tokens, one row per assignment in dispatch order (V3R eq. 12).
 
     Only the experts that received a token are read from ``weights``, one expert at a time.
@@ -192,7 +190,7 @@ def expert_outputs(config: ModelConfig, weights: Mapping[str, np.ndarray], hidde
     for expert, start, count in zip(used.tolist(), starts.tolist(), counts.tolist()):
         rows = slice(start, start + count)
         hint = f"; token {int(tokens[start])} is routed to expert {expert}: build the needed experts with needed_expert_weight_names"
-        projections = [_tensor(weights, name.format(expert=expert), shape, "MOE.9", dtype, hint) for name, shape in templates.items()]
+        projections = [_tensor(weights, name.format(expert=expert), shape, "MOE.9", dtype, trace, hint) for name, shape in templates.items()]
         expert_out[rows] = swiglu(hidden[tokens[rows]], *projections)
     return expert_out
 
@@ -205,10 +203,11 @@ def combine_experts(expert_out: np.ndarray, expert_ids: np.ndarray, weights: np.
     return routed
 
 
-def shared_experts(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray, dtype=np.float64) -> np.ndarray:
+def shared_experts(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray, dtype=np.float64,
+                   trace: Trace | None = None) -> np.ndarray:
     """MOE.11 — the shared experts: one SwiGLU of width n_shared_experts * moe_intermediate_size on every token (V3R eq. 12)."""
     shapes = {name: shape for name, shape in _spec_shapes(config, "moe_mlp").items() if name.startswith("mlp.shared_experts.")}
-    return swiglu(hidden, *(_tensor(weights, name, shape, "MOE.11", dtype) for name, shape in shapes.items()))
+    return swiglu(hidden, *(_tensor(weights, name, shape, "MOE.11", dtype, trace) for name, shape in shapes.items()))
 
 
 def moe_output(routed: np.ndarray, shared: np.ndarray | None) -> np.ndarray:
@@ -216,10 +215,11 @@ def moe_output(routed: np.ndarray, shared: np.ndarray | None) -> np.ndarray:
     return routed if shared is None else routed + shared  # [tokens, hidden_size]
 
 
-def dense_mlp(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray, dtype=np.float64) -> np.ndarray:
+def dense_mlp(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray, dtype=np.float64,
+              trace: Trace | None = None) -> np.ndarray:
     """MOE.13 — the dense SwiGLU MLP of width intermediate_size, for layers that are not MoE (V3R section 4.2)."""
     shapes = _spec_shapes(config, "dense_mlp")
-    return swiglu(hidden, *(_tensor(weights, name, shape, "MOE.13", dtype) for name, shape in shapes.items()))
+    return swiglu(hidden, *(_tensor(weights, name, shape, "MOE.13", dtype, trace) for name, shape in shapes.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,33 +231,30 @@ class FFNResult:
 
 
 def ffn_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden, layer: int, *, dtype=np.float64,
-                allow_nonfinite: bool = False, trace: Trace | None = None) -> FFNResult:
+                allow_nonfinite: bool = False, forced_expert_ids=None, trace: Trace | None = None) -> FFNResult:
     """The feed-forward block of ``layer``: MoE (MOE.1-MOE.12) or dense (MOE.13) per ``config.is_moe_layer``.
 
     ``weights``: the layer's tensors relative to ``model.layers.{layer}.`` (only ``mlp.`` names
     are read; any Mapping works). For an MoE layer only the routed experts the tokens need
     must be present (see :func:`needed_expert_weight_names`). ``hidden [..., hidden_size]``.
+    ``forced_expert_ids [tokens, num_experts_per_tok]`` replaces the router's choice (teacher
+    forcing: the downstream output under another implementation's routing).
     """
-    dtype = _compute_dtype(dtype)
+    dtype = compute_dtype(dtype, "MOE.1")
     _check_layer(config, layer)
     x = _flat_hidden(config, hidden, dtype, allow_nonfinite)  # [tokens, hidden_size]
+    x = x if trace is None else trace.round_input(x)
     _reject_unexpected(config, weights, layer)
     leading = np.shape(hidden)[:-1]
     if not config.is_moe_layer(layer):
-        output = dense_mlp(config, weights, x, dtype)  # MOE.13: [tokens, hidden_size]
-        record(trace, "MOE.13", output=output)
+        output = emit(trace, "MOE.13", dense_mlp(config, weights, x, dtype, trace))  # [tokens, hidden_size]
         return FFNResult(output.reshape(leading + (config.hidden_size,)), None)
-    gate, bias = _router_tensors(config, weights, dtype)
-    routing = _route_tokens(config, gate, bias, x, allow_nonfinite, trace)  # MOE.1-MOE.8
-    expert_out = expert_outputs(config, weights, x, routing.expert_ids, dtype)  # MOE.9: [tokens * K, hidden_size]
-    routed = combine_experts(expert_out, routing.expert_ids, routing.weights)  # MOE.10: [tokens, hidden_size]
-    shared = shared_experts(config, weights, x, dtype) if config.n_shared_experts else None  # MOE.11
-    output = moe_output(routed, shared)  # MOE.12: [tokens, hidden_size]
-    record(trace, "MOE.9", expert_out=expert_out)
-    record(trace, "MOE.10", routed=routed)
-    if shared is not None:
-        record(trace, "MOE.11", shared=shared)
-    record(trace, "MOE.12", output=output)
+    gate, bias = _router_tensors(config, weights, dtype, trace)
+    routing = _route_tokens(config, gate, bias, x, allow_nonfinite, trace, forced_expert_ids)  # MOE.1-MOE.8
+    expert_out = emit(trace, "MOE.9", expert_outputs(config, weights, x, routing.expert_ids, dtype, trace))  # [tokens * K, hidden]
+    routed = emit(trace, "MOE.10", combine_experts(expert_out, routing.expert_ids, routing.weights))  # [tokens, hidden_size]
+    shared = emit(trace, "MOE.11", shared_experts(config, weights, x, dtype, trace)) if config.n_shared_experts else None
+    output = emit(trace, "MOE.12", moe_output(routed, shared))  # [tokens, hidden_size]
     return FFNResult(output.reshape(leading + (config.hidden_size,)), routing)
 
 
@@ -322,8 +319,9 @@ def _spec_shapes(config: ModelConfig, group: str, experts: bool = False) -> dict
     return shapes
 
 
-def _tensor(weights: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], spec_id: str, dtype, hint: str = "") -> np.ndarray:
-    """Read one tensor, check its dtype and shape, cast it to ``dtype``."""
+def _tensor(weights: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], spec_id: str, dtype,
+            trace: Trace | None = None, hint: str = "") -> np.ndarray:
+    """Read one tensor, check its dtype and shape, cast it to ``dtype`` (and round it as the trace's profile stores weights)."""
     if name not in weights:
         raise WeightError(name, f"missing (expected shape {list(shape)}){hint}", spec_id)
     value = np.asarray(weights[name])
@@ -331,18 +329,20 @@ def _tensor(weights: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]
         raise WeightError(name, f"expected a real floating dtype, got {value.dtype}", spec_id)
     if value.shape != tuple(shape):
         raise WeightError(name, f"expected shape {list(shape)}, got {list(value.shape)}", spec_id)
-    return value.astype(dtype, copy=False)
+    value = value.astype(dtype, copy=False)
+    return value if trace is None else trace.round_input(value, "weights")
 
 
-def _router_tensors(config: ModelConfig, weights: Mapping[str, np.ndarray], dtype) -> tuple[np.ndarray, np.ndarray | None]:
+def _router_tensors(config: ModelConfig, weights: Mapping[str, np.ndarray], dtype,
+                    trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The gate weight and the correction bias (None without noaux_tc), checked and finite."""
     if not isinstance(weights, Mapping):
         raise WeightError("weights", f"expected a mapping name -> array, got {type(weights).__name__}", "MOE.1")
     shapes = _spec_shapes(config, "moe_mlp")
-    gate = _tensor(weights, GATE, shapes[GATE], "MOE.1", dtype)
+    gate = _tensor(weights, GATE, shapes[GATE], "MOE.1", dtype, trace)
     bias = None
     if config.has_correction_bias:
-        bias = _tensor(weights, BIAS, shapes[BIAS], "MOE.3", dtype)
+        bias = _tensor(weights, BIAS, shapes[BIAS], "MOE.3", dtype)  # kept in fp32 or better (OFF 4592be48)
     elif BIAS in weights:
         raise WeightError(BIAS, f"unexpected: the config has no correction bias (topk_method = {config.topk_method!r}, not 'noaux_tc')", "MOE.3")
     for name, value, spec_id in ((GATE, gate, "MOE.1"), (BIAS, bias, "MOE.3")):
@@ -393,10 +393,3 @@ def _flat_hidden(config: ModelConfig, hidden, dtype, allow_nonfinite: bool) -> n
     if array.ndim < 1 or array.shape[-1] != config.hidden_size:
         raise ShapeError("hidden", f"expected [..., {config.hidden_size}] (tokens, hidden_size), got {tuple(array.shape)}", "MOE.1")
     return check_tensor("hidden", array.reshape(-1, config.hidden_size), ("tokens", config.hidden_size), "MOE.1", dtype, allow_nonfinite)
-
-
-def _compute_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
-        raise InputError("dtype", f"expected float64 or float32, got {dtype}", "MOE.1")
-    return dtype

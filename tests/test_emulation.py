@@ -68,3 +68,31 @@ def test_comparison_reports_exact_mismatches():
 def test_unit_roundoffs_agree_with_the_spec():
     from mla_ref.spec import load_spec_file
     assert load_spec_file("tolerance.yaml")["formats"] == UNIT_ROUNDOFF
+
+
+def test_moe_layer_emulation_and_teacher_forcing():
+    from mla_ref import ffn_forward
+    from mla_ref.moe import sigmoid
+    from mla_ref.weights import generate_weights, subtree
+    config = preset("tiny")
+    weights = subtree(generate_weights(config, seed=2), "model.layers.1.")
+    hidden = hidden_states(config, 1, 12, 4)[0]
+    truth = ffn_forward(config, weights, hidden, 1)
+    emulated = ffn_forward(config, weights, hidden, 1, trace=Trace("bf16", keep=False))
+    assert 1e-4 < relative_error(emulated.output, truth.output) < 5e-2
+    same = ffn_forward(config, weights, hidden, 1, forced_expert_ids=truth.routing.expert_ids)
+    assert np.array_equal(same.output, truth.output)
+    forced_ids = truth.routing.expert_ids.copy()
+    forced_ids[0] = [e for e in range(config.n_routed_experts) if e not in forced_ids[0]][:config.num_experts_per_tok]
+    forced = ffn_forward(config, weights, hidden, 1, forced_expert_ids=forced_ids)
+    assert relative_error(forced.output[1:], truth.output[1:]) <= 1e-14  # BLAS may block a different row count differently
+    assert not np.allclose(forced.output[0], truth.output[0])
+    chosen = forced.routing.scores[0, forced_ids[0]]  # unbiased scores of the forced experts, renormalised and scaled
+    expected_weights = chosen / chosen.sum() * config.routed_scaling_factor
+    assert np.allclose(forced.routing.weights[0], expected_weights, rtol=1e-14)
+    expert = lambda e, x: (lambda g: (g * sigmoid(g) * (x @ weights[f"mlp.experts.{e}.up_proj.weight"].T))
+                           @ weights[f"mlp.experts.{e}.down_proj.weight"].T)(x @ weights[f"mlp.experts.{e}.gate_proj.weight"].T)
+    shared_gate = hidden[0] @ weights["mlp.shared_experts.gate_proj.weight"].T
+    shared = (shared_gate * sigmoid(shared_gate) * (hidden[0] @ weights["mlp.shared_experts.up_proj.weight"].T)) @ weights["mlp.shared_experts.down_proj.weight"].T
+    manual = sum(w * expert(e, hidden[0]) for e, w in zip(forced_ids[0], expected_weights)) + shared
+    assert relative_error(forced.output[0], manual) <= 1e-12
