@@ -35,9 +35,7 @@ class Trace:
         """TOLERANCE.2 — ``value`` as the profile stores output ``name`` of ``step_id`` (integers and bools untouched)."""
         if self.profile is None or np.asarray(value).dtype.kind != "f":
             return value
-        overrides = self.profile["overrides"]
-        fmt = overrides.get(f"{step_id}/{name}", overrides.get(step_id, self.profile["storage"]))
-        return ROUNDING[fmt](value).astype(np.asarray(value).dtype, copy=False)
+        return ROUNDING[storage_format(self.precision, step_id, name)](value).astype(np.asarray(value).dtype, copy=False)
 
     def round_input(self, value: np.ndarray, kind: str = "inputs") -> np.ndarray:
         """A weight (``kind="weights"``) or float input as the profile stores it."""
@@ -76,6 +74,13 @@ def profile(name: str) -> dict:
     if name not in profiles:
         raise InputError("precision", f"unknown profile {name!r}; expected one of {sorted(profiles)}", "TOLERANCE.2")
     return profiles[name]
+
+
+def storage_format(precision: str, step_id: str, name: str) -> str:
+    """TOLERANCE.2 — the format a profile stores output ``name`` of ``step_id`` in (overrides, else ``storage``)."""
+    declared = profile(precision)
+    overrides = declared["overrides"]
+    return overrides.get(f"{step_id}/{name}", overrides.get(step_id, declared["storage"]))
 
 
 def emit(trace: Trace | None, step_id: str, *arrays: np.ndarray):

@@ -17,15 +17,19 @@ import numpy as np
 from ..spec import load_spec_file
 
 
-def acceptance() -> dict:
-    """The ``acceptance`` constants of spec/tolerance.yaml."""
-    return load_spec_file("tolerance.yaml")["acceptance"]
-
-
-def unit_roundoff(profile_name: str) -> float:
-    """Unit roundoff of a profile's storage format."""
+def acceptance(profile_name: str | None = None) -> dict:
+    """The ``acceptance`` constants of spec/tolerance.yaml, with a profile's own overrides."""
     spec = load_spec_file("tolerance.yaml")
-    return float(spec["formats"][spec["profiles"][profile_name]["storage"]])
+    rule = dict(spec["acceptance"])
+    if profile_name is not None:
+        rule.update(spec["profiles"][profile_name].get("acceptance", {}))
+    return rule
+
+
+def unit_roundoff(profile_name: str, fmt: str | None = None) -> float:
+    """Unit roundoff of ``fmt``, or of the profile's storage format."""
+    spec = load_spec_file("tolerance.yaml")
+    return float(spec["formats"][fmt or spec["profiles"][profile_name]["storage"]])
 
 
 @dataclasses.dataclass
@@ -54,12 +58,13 @@ def _worst(index_flat: int, shape: tuple, candidate: np.ndarray, truth: np.ndarr
 
 
 def compare_tensor(name: str, candidate, truth: np.ndarray, noise_l2: float, profile_name: str, *,
-                   k: float | None = None) -> Comparison:
+                   fmt: str | None = None, k: float | None = None) -> Comparison:
     """TOLERANCE.3 — accept iff ``||cand - truth|| <= k * max(noise, floor)`` and the elementwise bound holds.
 
-    ``noise_l2`` is ``||emulated - truth||_2`` for this tensor under the profile.
+    ``noise_l2`` is ``||emulated - truth||_2`` for this tensor under the profile; ``fmt`` the
+    format the profile stores it in (the floor and the elementwise bound are in its units).
     """
-    rule = acceptance()
+    rule = acceptance(profile_name)
     k = float(rule["k"]) if k is None else k
     truth = np.asarray(truth)
     try:
@@ -87,11 +92,11 @@ def compare_tensor(name: str, candidate, truth: np.ndarray, noise_l2: float, pro
         first = int(np.flatnonzero(special_mismatch.ravel())[0])
         return Comparison(name, False, f"{int(special_mismatch.sum())} NaN/inf positions differ from the truth",
                           worst_abs=_worst(first, truth.shape, candidate, truth, 0.0))
-    difference = np.where(finite, candidate - truth, 0.0)
     truth_finite = np.where(finite, truth, 0.0)
+    difference = np.where(finite, candidate, 0.0) - truth_finite
     error_l2 = float(np.linalg.norm(difference))
     truth_l2 = float(np.linalg.norm(truth_finite))
-    u = unit_roundoff(profile_name)
+    u = unit_roundoff(profile_name, fmt)
     floor = float(rule["floor_units"]) * u * truth_l2
     allowed = k * max(noise_l2, floor)
     rms = truth_l2 / math.sqrt(max(1, int(finite.sum())))

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import GoldenError
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-\[\]]+$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.:\-\[\]]+$")
 
 SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
                       "int16": "I16", "int8": "I8", "uint8": "U8", "uint16": "U16", "uint32": "U32", "bool": "BOOL"}
@@ -27,9 +27,9 @@ NUMPY_DTYPES = {code: np.dtype(name) for name, code in SAFETENSORS_DTYPES.items(
 
 
 def check_tensor_name(name: str) -> None:
-    """Tensor names are plain words, dots and brackets: no path separators, no spaces."""
+    """Tensor names are plain words, dots, colons and brackets: no path separators, no spaces."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise GoldenError("tensor name", f"expected letters, digits and _ . - [ ], got {name!r}", "GOLDEN.storage")
+        raise GoldenError("tensor name", f"expected letters, digits and _ . : - [ ], got {name!r}", "GOLDEN.storage")
 
 
 def _plain_array(name: str, value) -> np.ndarray:

@@ -1,0 +1,56 @@
+"""The reference itself behind the adapter protocol of spec/golden.yaml.
+
+This is the minimal complete adapter (and the one the golden generator runs): every
+entry point is a thin call into mla_ref. ``trace`` and ``attention`` are the generator's
+own keywords; another adapter never needs them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..cache import LatentCache
+from ..config import from_dict
+from ..mla import latent_attention_core as core, mla_forward
+from ..moe import ffn_forward, route
+
+PROFILE = "fp64"
+
+
+def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, trace=None):
+    """MLA.17 — FlashMLA-layout latent attention."""
+    out, lse = core(q, k_cache, block_table, cache_seqlens, int(head_dim_v), float(softmax_scale), bool(causal), trace=trace)
+    return {"out": out, "lse": lse}
+
+
+def mla_prefill(config, weights, hidden, start_positions, trace=None):
+    """MLA.1-MLA.12 without a cache (naive form)."""
+    result = mla_forward(from_dict(config), weights, hidden, start_positions, trace=trace)
+    return {"output": result.output, "lse": result.lse}
+
+
+def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths, attention="absorbed", trace=None):
+    """MLA layer after a cached prefix of latent rows: chunked prefill, decode or verification."""
+    cfg = from_dict(config)
+    cache = LatentCache(np.asarray(cache_rows, dtype=np.float64), np.asarray(cache_lengths, dtype=np.int64))
+    result = mla_forward(cfg, weights, hidden, cache=cache, attention=attention, query_lengths=query_lengths, trace=trace)
+    batch, seq = np.shape(hidden)[:2]
+    positions = cache.lengths[:, None] + np.arange(seq)[None, :]  # [batch, seq]
+    written = np.arange(seq)[None, :] < np.asarray(query_lengths)[:, None]
+    rows = np.where(written[..., None], result.cache.rows[np.arange(batch)[:, None], np.minimum(positions, result.cache.rows.shape[1] - 1)], 0.0)
+    return {"output": result.output, "rows": rows, "lse": result.lse}
+
+
+def moe_route(config, weights, hidden, trace=None):
+    """MOE.1-MOE.8 — expert ids and weights."""
+    routing = route(from_dict(config), weights, hidden, trace=trace)
+    return {"expert_ids": routing.expert_ids, "weights": routing.weights}
+
+
+def moe_layer(config, weights, hidden, layer, forced_expert_ids=None, trace=None):
+    """MOE.1-MOE.13 — the feed-forward block of ``layer`` (``forced_expert_ids``: teacher forcing)."""
+    result = ffn_forward(from_dict(config), weights, hidden, int(layer), forced_expert_ids=forced_expert_ids, trace=trace)
+    outputs = {"output": result.output}
+    if result.routing is not None:
+        outputs["expert_ids"] = result.routing.expert_ids
+    return outputs

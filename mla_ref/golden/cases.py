@@ -1,0 +1,295 @@
+"""GOLDEN — the golden cases of spec/golden.yaml, built from the spec by the reference.
+
+A builder turns a case definition (preset, seed, layout) into the arguments of one
+adapter entry point; :func:`build_case` then runs the reference adapter on them for the
+float64 truth (with every intermediate of the steps the case covers) and once per
+precision profile for the emulated outputs and the noise scale of every tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+
+import numpy as np
+
+from ..config import ModelConfig, load_preset
+from ..conformance import reference_adapter
+from ..errors import GoldenError
+from ..rope import softmax_scale
+from ..spec import load_spec_file
+from ..trace import Trace
+from ..weights import generate_attention_weights, generate_weights, subtree
+
+CASE_ID = re.compile(r"^[a-z0-9][a-z0-9_.\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
+
+
+@dataclasses.dataclass
+class Case:
+    """Everything a golden case stores. ``tensors()`` names them as the case file does."""
+
+    id: str
+    definition: dict
+    config: ModelConfig
+    args: dict  # scalar arguments of the entry point
+    inputs: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    steps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # "MLA.2/q_nope" -> array
+    emulated: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    noise: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # profile -> tensor -> L2 noise
+    acceptable: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def entry_point(self) -> str:
+        return self.definition["entry_point"]
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        named = {f"input:{k}": v for k, v in self.inputs.items()}
+        named.update({f"weight:{k}": v for k, v in self.weights.items()})
+        named.update({f"output:{k}": v for k, v in self.outputs.items()})
+        named.update({f"step:{k.replace('/', ':')}": v for k, v in self.steps.items()})
+        named.update({f"acceptable:{k}": v for k, v in self.acceptable.items()})
+        for profile, outputs in self.emulated.items():
+            named.update({f"emulated:{profile}:{k}": v for k, v in outputs.items()})
+        return named
+
+
+def case_definitions() -> list[dict]:
+    """The ``cases`` of spec/golden.yaml, ids checked."""
+    cases = load_spec_file("golden.yaml")["cases"]
+    seen = set()
+    for case in cases:
+        check_case_id(case["id"])
+        if case["id"] in seen:
+            raise GoldenError(case["id"], "duplicate case id in spec/golden.yaml", "GOLDEN.cases")
+        seen.add(case["id"])
+    return cases
+
+
+def check_case_id(case_id: str) -> None:
+    """Ids are lower-case words joined by '/', never '..', never absolute: they become file names."""
+    if not isinstance(case_id, str) or not CASE_ID.match(case_id) or ".." in case_id:
+        raise GoldenError("case id", f"expected segments of [a-z0-9_.-] joined by '/', got {case_id!r}", "GOLDEN.cases")
+
+
+def file_name(case_id: str) -> str:
+    """``mla.prefill/tiny/seed0`` -> ``mla.prefill__tiny__seed0.npz``."""
+    check_case_id(case_id)
+    return case_id.replace("/", "__") + ".npz"
+
+
+def case_config(definition: dict) -> ModelConfig:
+    return load_preset(definition["preset"]).replace(**definition.get("overrides", {}))
+
+
+def _rng(definition: dict, purpose: str) -> np.random.Generator:
+    key = f"mla-ref-golden/{definition['id']}/{purpose}"
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+
+
+# ------------------------------------------------------------------ builders: arguments of one call
+
+def build_paged_core(definition: dict, config: ModelConfig):
+    """Kernel level (MLA.17): FlashMLA layout, shuffled block table, NaN poison, a canary key past each length."""
+    layout = definition["layout"]
+    rng = _rng(definition, "inputs")
+    seqlens = np.array(layout["seqlens"], dtype=np.int64)
+    batch, s_q, block_size = len(seqlens), layout.get("s_q", 1), layout["block_size"]
+    heads, width = config.num_attention_heads, config.latent_cache_width
+    per_sequence = -(-(seqlens + 1) // block_size)  # room for the canary slot
+    spare = layout.get("spare_blocks", 2)
+    num_blocks = int(per_sequence.sum()) + spare
+    order = rng.permutation(num_blocks)
+    table = np.full((batch, int(per_sequence.max())), -1, dtype=np.int64)
+    taken = 0
+    for b in range(batch):
+        table[b, : per_sequence[b]] = order[taken: taken + per_sequence[b]]
+        taken += per_sequence[b]
+    q = rng.standard_normal((batch, s_q, heads, width)) * layout.get("q_scale", 1.0)
+    k_cache = np.full((num_blocks, block_size, 1, width), np.nan)  # unused slots and spare blocks stay NaN
+    for b in range(batch):
+        for t in range(int(seqlens[b])):
+            k_cache[table[b, t // block_size], t % block_size, 0] = rng.standard_normal(width)
+        if layout.get("canary", True):  # a large key aligned with the queries in the first slot past the length
+            direction = q[b].reshape(-1, width).mean(axis=0)
+            k_cache[table[b, seqlens[b] // block_size], seqlens[b] % block_size, 0] = 50.0 * direction / np.linalg.norm(direction)
+    inputs = {"q": q, "k_cache": k_cache, "block_table": table, "cache_seqlens": seqlens}
+    args = {"head_dim_v": config.kv_lora_rank, "softmax_scale": softmax_scale(config), "causal": bool(layout.get("causal", s_q > 1))}
+    return inputs, {}, args
+
+
+def _layer_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+    weights = generate_attention_weights(config, seed=definition.get("seed", 0))
+    gain = definition["layout"].get("logit_gain", 1.0)  # peaked softmax rows: GC-PREFILL
+    q_name = "q_b_proj.weight" if config.q_lora_rank else "q_proj.weight"
+    weights[q_name] = weights[q_name] * gain
+    weights["kv_b_proj.weight"] = weights["kv_b_proj.weight"] * gain
+    return weights
+
+
+def build_mla_prefill(definition: dict, config: ModelConfig):
+    """Layer level (MLA.1-MLA.12): one prefill without a cache at chosen start positions."""
+    layout = definition["layout"]
+    starts = np.array(layout["start_positions"], dtype=np.int64)
+    hidden = _rng(definition, "hidden").standard_normal((len(starts), layout["seq"], config.hidden_size))
+    return {"hidden": hidden, "start_positions": starts}, _layer_weights(definition, config), {}
+
+
+def build_mla_extend(definition: dict, config: ModelConfig):
+    """Layer level: new tokens after cached prefixes of different lengths (chunked prefill, decode, verification)."""
+    layout = definition["layout"]
+    prefixes = np.array(layout["prefix_lengths"], dtype=np.int64)
+    query_lengths = np.array(layout.get("query_lengths", [layout["seq"]] * len(prefixes)), dtype=np.int64)
+    weights = _layer_weights(definition, config)
+    rng = _rng(definition, "hidden")
+    prefix_hidden = rng.standard_normal((len(prefixes), int(prefixes.max(initial=0)), config.hidden_size))
+    prefill = reference_adapter.mla_extend(config.to_dict(), weights, prefix_hidden,
+                                           np.zeros((len(prefixes), 0, config.latent_cache_width)), np.zeros(len(prefixes), np.int64),
+                                           prefixes)
+    hidden = rng.standard_normal((len(prefixes), layout["seq"], config.hidden_size))
+    hidden[np.arange(layout["seq"])[None, :] >= query_lengths[:, None]] = 0.0  # padding
+    inputs = {"hidden": hidden, "cache_rows": prefill["rows"], "cache_lengths": prefixes, "query_lengths": query_lengths}
+    return inputs, weights, {}
+
+
+def _gate_weights(definition: dict, config: ModelConfig, layer: int) -> dict[str, np.ndarray]:
+    """The ``mlp.`` tensors of ``layer`` (tiny presets: every expert), the bias shifted by ``bias_shift``."""
+    weights = subtree(generate_weights(config, seed=definition.get("seed", 0)), f"model.layers.{layer}.")
+    weights = {name: value for name, value in weights.items() if name.startswith("mlp.")}
+    shift = definition["layout"].get("bias_shift")
+    if shift is not None and "mlp.gate.e_score_correction_bias" in weights:
+        weights["mlp.gate.e_score_correction_bias"] = weights["mlp.gate.e_score_correction_bias"] + shift
+    return weights
+
+
+def _routing_differs(config: ModelConfig, weights: dict, hidden: np.ndarray, reference_ids: np.ndarray, requirement: str) -> np.ndarray:
+    """Per token: does routing under one well-known bug choose another expert set? (GC-MOE-V3 designed rows)."""
+    from ..moe import route
+    if requirement == "bias_changes_selection":
+        variant, variant_weights = config, dict(weights, **{"mlp.gate.e_score_correction_bias": np.zeros(config.n_routed_experts)})
+    elif requirement == "group_rule_matters":
+        variant, variant_weights = config.replace(group_score_rule="max" if config.group_rule == "top2_sum" else "top2_sum"), weights
+    elif requirement == "zero_fill_matters":
+        variant, variant_weights = config.replace(group_mask_fill="zero"), weights
+    else:
+        raise GoldenError("layout.require", f"unknown requirement {requirement!r}", "GOLDEN.cases")
+    other = route(variant, variant_weights, hidden).expert_ids
+    return np.any(np.sort(other, axis=-1) != np.sort(reference_ids, axis=-1), axis=-1)
+
+
+def _tokens_with_margins(definition: dict, config: ModelConfig, weights: dict, count: int) -> np.ndarray:
+    """Random tokens whose expert and group margins exceed ``min_margin`` (routing far from any tie).
+
+    ``layout.require`` lists bugs that must change the routing of at least ``per_requirement``
+    of the chosen tokens (bias_changes_selection, group_rule_matters, zero_fill_matters).
+    """
+    from ..moe import route
+    rng = _rng(definition, "hidden")
+    layout = definition["layout"]
+    minimum, scale = layout.get("min_margin", 0.0), layout.get("hidden_scale", 1.0)
+    pool = rng.standard_normal((64 * count, config.hidden_size)) * scale
+    routing = route(config, weights, pool)
+    good = (routing.expert_margin > minimum) & (routing.group_margin > minimum)
+    chosen: list[int] = []
+    for requirement in layout.get("require", []):
+        differs = _routing_differs(config, weights, pool, routing.expert_ids, requirement) & good
+        picked = [int(i) for i in np.flatnonzero(differs) if i not in chosen][: layout.get("per_requirement", 3)]
+        if len(picked) < layout.get("per_requirement", 3):
+            raise GoldenError(definition["id"], f"too few tokens where {requirement} (found {len(picked)})", "GOLDEN.cases")
+        chosen += picked
+    chosen += [int(i) for i in np.flatnonzero(good) if i not in chosen][: count - len(chosen)]
+    if len(chosen) < count:
+        raise GoldenError(definition["id"], f"could not find {count} tokens with routing margins > {minimum}", "GOLDEN.cases")
+    return pool[np.sort(chosen)]
+
+
+def build_moe_route(definition: dict, config: ModelConfig):
+    """MOE.1-MOE.8 on tokens with routing margins above the profiles' noise, or with designed exact ties."""
+    layout = definition["layout"]
+    weights = _gate_weights(definition, config, layout["layer"])
+    weights = {name: value for name, value in weights.items() if name.startswith("mlp.gate.")}
+    if layout.get("ties"):
+        weights, hidden = _tied_router(definition, config, weights)
+    else:
+        hidden = _tokens_with_margins(definition, config, weights, layout["tokens"])
+    return {"hidden": hidden}, weights, {}
+
+
+def _tied_router(definition: dict, config: ModelConfig, weights: dict):
+    """GC-MOE-TIES: duplicated gate rows give bit-identical scores — a tie inside a group, at the expert cut, and between groups."""
+    per_group = config.n_routed_experts // config.n_group
+    gate = weights["mlp.gate.weight"].copy()
+    gate[1] = gate[0]  # a duplicated maximum inside group 0
+    gate[per_group: 2 * per_group] = gate[2 * per_group: 3 * per_group]  # groups 1 and 2 tie exactly
+    gate *= 3.0  # spread the scores so the duplicated experts lead
+    weights = dict(weights, **{"mlp.gate.weight": gate})
+    if "mlp.gate.e_score_correction_bias" in weights:
+        bias = weights["mlp.gate.e_score_correction_bias"].copy()
+        bias[1] = bias[0]
+        bias[per_group: 2 * per_group] = bias[2 * per_group: 3 * per_group]
+        weights["mlp.gate.e_score_correction_bias"] = bias
+    hidden = _rng(definition, "hidden").standard_normal((definition["layout"]["tokens"], config.hidden_size))
+    hidden[0] = gate[0] / np.linalg.norm(gate[0]) * 4.0  # token 0 leans on experts 0 and 1
+    return weights, hidden
+
+
+def build_moe_layer(definition: dict, config: ModelConfig):
+    """MOE.1-MOE.13 on one layer: the routed experts the tokens need, the shared experts, or the dense MLP."""
+    layout = definition["layout"]
+    layer = layout["layer"]
+    weights = _gate_weights(definition, config, layer)
+    if config.is_moe_layer(layer):
+        hidden = _tokens_with_margins(definition, config, weights, layout["tokens"])
+    else:
+        hidden = _rng(definition, "hidden").standard_normal((layout["tokens"], config.hidden_size))
+    return {"hidden": hidden}, weights, {"layer": layer}
+
+
+BUILDERS = {"latent_attention_core": build_paged_core, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
+            "moe_route": build_moe_route, "moe_layer": build_moe_layer}
+
+
+# ------------------------------------------------------------------ running the reference
+
+def call_reference(case: Case, trace: Trace | None) -> dict[str, np.ndarray]:
+    """Run the reference adapter's entry point on the case (in float64, or emulating the trace's profile)."""
+    function = getattr(reference_adapter, case.entry_point)
+    kwargs = dict(case.args)
+    if "attention" in case.definition.get("layout", {}):
+        kwargs["attention"] = case.definition["layout"]["attention"]
+    if case.entry_point == "latent_attention_core":
+        return function(**case.inputs, **kwargs, trace=trace)
+    return function(case.config.to_dict(), case.weights, **case.inputs, **kwargs, trace=trace)
+
+
+def profiles_of(definition: dict) -> list[str]:
+    return definition.get("profiles", ["fp64", "fp32", "tf32", "bf16", "fp16"])
+
+
+def build_case(definition: dict) -> Case:
+    """GOLDEN — arguments, float64 truth with intermediates, and per-profile emulation of one case."""
+    config = case_config(definition)
+    inputs, weights, args = BUILDERS[definition["entry_point"]](definition, config)
+    case = Case(definition["id"], definition, config, args, inputs, weights)
+    trace = Trace()
+    case.outputs = {name: np.asarray(value) for name, value in call_reference(case, trace).items()}
+    covered = set(definition["steps"])
+    case.steps = {f"{step}/{name}": value for step, arrays in trace.steps.items() if step in covered for name, value in arrays.items()}
+    for profile in profiles_of(definition):
+        emulation = Trace(profile)
+        emulated = call_reference(case, emulation)
+        case.emulated[profile] = {name: np.asarray(value) for name, value in emulated.items() if np.asarray(value).dtype.kind == "f"}
+        noise = {f"output:{name}": _l2(value, case.outputs[name]) for name, value in case.emulated[profile].items()}
+        for key, truth in case.steps.items():
+            step, name = key.split("/")
+            if step in emulation.steps and name in emulation[step] and truth.dtype.kind == "f":
+                noise[f"step:{step}:{name}"] = _l2(emulation[step][name], truth)
+        case.noise[profile] = noise
+    return case
+
+
+def _l2(emulated: np.ndarray, truth: np.ndarray) -> float:
+    finite = np.isfinite(truth) & np.isfinite(emulated)
+    return float(np.linalg.norm(np.where(finite, emulated, 0.0) - np.where(finite, truth, 0.0)))

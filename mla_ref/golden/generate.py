@@ -1,0 +1,146 @@
+"""``mla-ref golden generate`` and ``mla-ref golden verify``: write every case, and rebuild and compare them."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GoldenError
+from ..precision import UNIT_ROUNDOFF
+from ..spec import spec_dir, spec_version
+from .cases import build_case, case_definitions, file_name
+from .manifest import case_entry, read_manifest, write_manifest
+from .storage import read_npz, tensor_digest, write_npz
+
+FLOAT64_ULPS = 16  # truth regenerated on another BLAS may differ in its last bits
+
+
+def default_golden_dir() -> Path:
+    """``$MLA_REF_GOLDEN_DIR``, else ``golden/`` next to ``spec/`` in a checkout (goldens are not installed with the package)."""
+    configured = os.environ.get("MLA_REF_GOLDEN_DIR")
+    return Path(configured) if configured else spec_dir().parent / "golden"
+
+
+def selected(pattern: str | None) -> list[dict]:
+    definitions = case_definitions()
+    if pattern is None:
+        return definitions
+    return [d for d in definitions if fnmatch.fnmatch(d["id"], pattern) or pattern in d["id"]]
+
+
+def generate(directory: Path | None = None, pattern: str | None = None) -> dict[str, dict]:
+    """Build the selected cases, write their ``.npz`` files and the manifest (other entries are kept)."""
+    directory = Path(directory or default_golden_dir())
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest_path = directory / "manifest.yaml"
+    entries = read_manifest(manifest_path)["cases"] if pattern and manifest_path.exists() else {}
+    known = {d["id"] for d in case_definitions()}
+    entries = {case_id: entry for case_id, entry in entries.items() if case_id in known}
+    for definition in selected(pattern):
+        case = build_case(definition)
+        write_npz(directory / file_name(case.id), case.tensors())
+        entries[case.id] = case_entry(case)
+    ordered = {d["id"]: entries[d["id"]] for d in case_definitions() if d["id"] in entries}
+    write_manifest(manifest_path, spec_version(), ordered)
+    return ordered
+
+
+@dataclasses.dataclass
+class VerifyRow:
+    case_id: str
+    status: str  # ok | FAIL
+    tensors: int = 0
+    detail: str = ""
+
+
+def _close(name: str, stored: np.ndarray, rebuilt: np.ndarray) -> str:
+    """'' if a rebuilt tensor matches the stored one, else what differs."""
+    if stored.dtype != rebuilt.dtype or stored.shape != rebuilt.shape:
+        return f"{name}: stored {stored.dtype} {list(stored.shape)}, rebuilt {rebuilt.dtype} {list(rebuilt.shape)}"
+    if stored.dtype.kind != "f":
+        return "" if np.array_equal(stored, rebuilt) else f"{name}: integer values differ ({int((stored != rebuilt).sum())} elements)"
+    fmt = name.split(":")[1] if name.startswith("emulated:") else "fp64"
+    units = FLOAT64_ULPS * UNIT_ROUNDOFF["fp64"] if fmt == "fp64" else 4 * UNIT_ROUNDOFF[fmt]
+    finite = np.isfinite(stored)
+    if not np.array_equal(finite, np.isfinite(rebuilt)) or not np.array_equal(stored[~finite], rebuilt[~finite], equal_nan=True):
+        return f"{name}: NaN / inf positions differ"
+    if not finite.any():
+        return ""
+    rms = float(np.sqrt(np.mean(np.square(stored[finite]))))
+    excess = np.abs(stored[finite] - rebuilt[finite]) - units * (np.abs(stored[finite]) + rms)
+    return "" if (excess <= 0).all() else f"{name}: max difference {float(np.max(np.abs(stored[finite] - rebuilt[finite]))):.3e} beyond {units:.1e} relative"
+
+
+def verify(directory: Path | None = None, pattern: str | None = None) -> list[VerifyRow]:
+    """Rebuild every selected case and compare it with the committed files; also stale, orphan and tampered files."""
+    directory = Path(directory or default_golden_dir())
+    manifest = read_manifest(directory / "manifest.yaml")
+    rows: list[VerifyRow] = []
+    if manifest["spec_version"] != spec_version():
+        rows.append(VerifyRow("manifest", "FAIL", detail=f"spec_version {manifest['spec_version']!r}, spec is {spec_version()!r}: regenerate"))
+    defined = {d["id"] for d in case_definitions()}
+    for case_id in sorted(set(manifest["cases"]) - defined):
+        rows.append(VerifyRow(case_id, "FAIL", detail="orphan: in the manifest but not in spec/golden.yaml"))
+    listed = {entry["file"] for entry in manifest["cases"].values()}
+    for path in sorted(directory.glob("*.npz")):
+        if path.name not in listed:
+            rows.append(VerifyRow(path.name, "FAIL", detail="orphan file: not in the manifest"))
+    for definition in selected(pattern):
+        case_id = definition["id"]
+        entry = manifest["cases"].get(case_id)
+        if entry is None:
+            rows.append(VerifyRow(case_id, "FAIL", detail="stale: defined in spec/golden.yaml but not generated"))
+            continue
+        rows.append(_verify_case(directory, definition, entry))
+    return rows
+
+
+def _verify_case(directory: Path, definition: dict, entry: dict) -> VerifyRow:
+    case_id = definition["id"]
+    try:
+        stored = read_npz(directory / entry["file"])
+    except GoldenError as error:
+        return VerifyRow(case_id, "FAIL", detail=str(error))
+    problems = []
+    if set(stored) != set(entry["tensors"]):
+        problems.append(f"tensors in the file {sorted(set(stored) ^ set(entry['tensors']))} disagree with the manifest")
+    for name, value in stored.items():
+        recorded = entry["tensors"].get(name)
+        if recorded is not None and tensor_digest(value) != recorded["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (file modified)")
+    rebuilt_case = build_case(definition)
+    rebuilt = rebuilt_case.tensors()
+    if set(rebuilt) != set(stored):
+        problems.append(f"rebuilt tensors differ in names: {sorted(set(rebuilt) ^ set(stored))}")
+    for name in sorted(set(rebuilt) & set(stored)):
+        difference = _close(name, stored[name], rebuilt[name])
+        if difference:
+            problems.append(difference)
+    for profile, noise in rebuilt_case.noise.items():
+        recorded = entry["profiles"].get(profile, {}).get("noise", {})
+        for name, value in noise.items():
+            if name not in recorded or abs(recorded[name] - value) > 1e-3 * abs(value) + 1e-300:
+                problems.append(f"noise {profile} {name}: manifest {recorded.get(name)}, rebuilt {value}")
+                break
+    return VerifyRow(case_id, "FAIL" if problems else "ok", len(stored), "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
+
+
+def export(directory: Path | None, out: Path, pattern: str | None = None) -> int:
+    """Write every committed (selected) case as ``<file>.safetensors``, its manifest entry in the metadata."""
+    import json
+    from .storage import write_safetensors
+    directory = Path(directory or default_golden_dir())
+    manifest = read_manifest(directory / "manifest.yaml")
+    count = 0
+    for case_id, entry in manifest["cases"].items():
+        if pattern and not (fnmatch.fnmatch(case_id, pattern) or pattern in case_id):
+            continue
+        tensors = read_npz(directory / entry["file"])
+        metadata = {"case_id": case_id, "spec_version": manifest["spec_version"], "entry": json.dumps(entry, default=str)}
+        write_safetensors(Path(out) / entry["file"].replace(".npz", ".safetensors"), tensors, metadata)
+        count += 1
+    return count

@@ -1,0 +1,81 @@
+"""golden/manifest.yaml: what each committed case holds, with hashes, and its schema check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..errors import GoldenError
+from ..spec import read_yaml
+from .cases import Case, file_name
+from .storage import tensor_digest
+
+SCHEMA = "mla-ref-golden-manifest/1"
+GENERATOR_VERSION = 1
+CASE_KEYS = {"file": str, "entry_point": str, "level": str, "preset": str, "seed": int, "steps": list, "args": dict,
+             "config": dict, "profiles": dict, "tensors": dict, "purpose": str}
+TENSOR_KEYS = {"dtype": str, "shape": list, "sha256": str}
+
+
+def case_entry(case: Case) -> dict:
+    """The manifest entry of one case."""
+    definition = case.definition
+    return {
+        "file": file_name(case.id),
+        "entry_point": case.entry_point,
+        "level": definition["level"],
+        "preset": definition["preset"],
+        "overrides": dict(definition.get("overrides", {})),
+        "seed": int(definition.get("seed", 0)),
+        "steps": list(definition["steps"]),
+        "args": {name: (value.item() if isinstance(value, np.generic) else value) for name, value in case.args.items()},
+        "config": case.config.to_dict(),
+        "profiles": {profile: {"noise": noise} for profile, noise in case.noise.items()},
+        "tensors": {name: {"dtype": value.dtype.str, "shape": list(value.shape), "sha256": tensor_digest(value)}
+                    for name, value in case.tensors().items()},
+        "purpose": str(definition.get("purpose", "")),
+        "pitfalls": [str(p) for p in definition.get("pitfalls", [])],
+    }
+
+
+def write_manifest(path: Path, spec_version: str, entries: dict[str, dict]) -> None:
+    document = {"schema": SCHEMA, "spec_version": spec_version, "generator_version": GENERATOR_VERSION,
+                "numpy_version": np.__version__, "cases": entries}
+    Path(path).write_text(yaml.safe_dump(document, sort_keys=False, width=120), encoding="utf-8")
+
+
+def read_manifest(path: Path) -> dict:
+    """Read and schema-check golden/manifest.yaml (safe_load only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GoldenError(str(path), "manifest is missing (run mla-ref golden generate, or pass --dir / set MLA_REF_GOLDEN_DIR to a checkout's golden/)", "GOLDEN.manifest")
+    document = read_yaml(path)
+    if not isinstance(document, dict) or document.get("schema") != SCHEMA:
+        raise GoldenError(str(path), f"expected schema {SCHEMA!r}, got {document.get('schema') if isinstance(document, dict) else document!r}", "GOLDEN.manifest")
+    for key in ("spec_version", "generator_version", "numpy_version", "cases"):
+        if key not in document:
+            raise GoldenError(f"{path.name}: {key}", "required key is missing", "GOLDEN.manifest")
+    if not isinstance(document["cases"], dict):
+        raise GoldenError(f"{path.name}: cases", "expected a mapping case id -> entry", "GOLDEN.manifest")
+    for case_id, entry in document["cases"].items():
+        check_entry(case_id, entry)
+    return document
+
+
+def check_entry(case_id: str, entry) -> None:
+    """One case entry has every key with the right type, and its file name is the id's."""
+    from .cases import check_case_id
+    check_case_id(case_id)
+    if not isinstance(entry, dict):
+        raise GoldenError(case_id, "manifest entry is not a mapping", "GOLDEN.manifest")
+    for key, kind in CASE_KEYS.items():
+        if not isinstance(entry.get(key), kind):
+            raise GoldenError(f"{case_id}: {key}", f"expected {kind.__name__}, got {type(entry.get(key)).__name__}", "GOLDEN.manifest")
+    if entry["file"] != file_name(case_id):
+        raise GoldenError(f"{case_id}: file", f"expected {file_name(case_id)!r}, got {entry['file']!r}", "GOLDEN.manifest")
+    for name, tensor in entry["tensors"].items():
+        for key, kind in TENSOR_KEYS.items():
+            if not isinstance(tensor, dict) or not isinstance(tensor.get(key), kind):
+                raise GoldenError(f"{case_id}: tensors.{name}.{key}", f"expected {kind.__name__}", "GOLDEN.manifest")
