@@ -227,7 +227,7 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
     truth_outputs = dict(case["output"])
     forced = _teacher_forcing(entry, case, produced)
     if forced is not None:  # an acceptable near-tie choice: judge the output under the candidate's routing
-        truth_outputs["output"] = forced
+        truth_outputs["weights" if entry["entry_point"] == "moe_route" else "output"] = forced
         truth_outputs["expert_ids"] = np.asarray(produced["expert_ids"])
     output_steps = load_spec_file("golden.yaml")["adapter"]["entry_points"][entry["entry_point"]]["output_steps"]
     for name in [name for name in truth_outputs if name in produced]:
@@ -259,7 +259,7 @@ def _required_outputs(entry: dict) -> list[str]:
 
 def _teacher_forcing(entry: dict, case: dict, produced: Mapping):
     """For a near-tie MoE case: the truth under the candidate's routing, when its choice is an acceptable one."""
-    if entry["entry_point"] != "moe_layer" or "expert_ids" not in produced or "expert_ids" not in case["acceptable"]:
+    if "expert_ids" not in produced or "expert_ids" not in case["acceptable"]:
         return None
     candidate_ids = np.asarray(produced["expert_ids"])
     acceptable = case["acceptable"]["expert_ids"]  # [alternatives, tokens, k]
@@ -268,6 +268,9 @@ def _teacher_forcing(entry: dict, case: dict, produced: Mapping):
     ok = np.any(np.all(np.sort(acceptable, axis=-1) == np.sort(candidate_ids, axis=-1)[None], axis=-1), axis=0)
     if not ok.all():
         return None
-    from .reference_adapter import moe_layer
+    from . import reference_adapter
     weights = {name: value for name, value in case["weight"].items()}
-    return moe_layer(dict(entry["config"]), weights, case["input"]["hidden"], entry["args"]["layer"], forced_expert_ids=candidate_ids)["output"]
+    if entry["entry_point"] == "moe_route":
+        return reference_adapter.moe_route(dict(entry["config"]), weights, case["input"]["hidden"], forced_expert_ids=candidate_ids)["weights"]
+    return reference_adapter.moe_layer(dict(entry["config"]), weights, case["input"]["hidden"], entry["args"]["layer"],
+                                       forced_expert_ids=candidate_ids)["output"]

@@ -41,9 +41,9 @@ def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths
     return {"output": result.output, "rows": rows, "lse": result.lse}
 
 
-def moe_route(config, weights, hidden, trace=None):
-    """MOE.1-MOE.8 — expert ids and weights."""
-    routing = route(from_dict(config), weights, hidden, trace=trace)
+def moe_route(config, weights, hidden, forced_expert_ids=None, trace=None):
+    """MOE.1-MOE.8 — expert ids and weights (``forced_expert_ids``: teacher forcing)."""
+    routing = route(from_dict(config), weights, hidden, forced_expert_ids=forced_expert_ids, trace=trace)
     return {"expert_ids": routing.expert_ids, "weights": routing.weights}
 
 

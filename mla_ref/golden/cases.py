@@ -199,6 +199,12 @@ def _tokens_with_margins(definition: dict, config: ModelConfig, weights: dict, c
         if len(picked) < layout.get("per_requirement", 3):
             raise GoldenError(definition["id"], f"too few tokens where {requirement} (found {len(picked)})", "GOLDEN.cases")
         chosen += picked
+    near = layout.get("near_ties", 0)  # tokens whose K-th and (K+1)-th experts are within max_near_margin
+    if near:
+        close = np.flatnonzero((routing.expert_margin < layout["max_near_margin"]) & (routing.group_margin > minimum))
+        if close.size < near:
+            raise GoldenError(definition["id"], f"too few near-tie tokens (found {close.size})", "GOLDEN.cases")
+        chosen += [int(i) for i in close[:near]]
     chosen += [int(i) for i in np.flatnonzero(good) if i not in chosen][: count - len(chosen)]
     if len(chosen) < count:
         raise GoldenError(definition["id"], f"could not find {count} tokens with routing margins > {minimum}", "GOLDEN.cases")
@@ -247,6 +253,17 @@ def build_moe_layer(definition: dict, config: ModelConfig):
     return {"hidden": hidden}, weights, {"layer": layer}
 
 
+def acceptable_expert_ids(config: ModelConfig, weights: dict, hidden: np.ndarray, max_margin: float) -> np.ndarray:
+    """``[2, tokens, K]``: the reference's choice, and the choice with the K-th and (K+1)-th swapped where they nearly tie."""
+    from ..moe import route
+    routing = route(config, weights, hidden)
+    alternative = routing.expert_ids.copy()
+    runner_up = np.argsort(-routing.masked, axis=-1, kind="stable")[:, config.num_experts_per_tok]
+    near = routing.expert_margin < max_margin
+    alternative[near, -1] = runner_up[near]
+    return np.stack([routing.expert_ids, alternative])
+
+
 BUILDERS = {"latent_attention_core": build_paged_core, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
             "moe_route": build_moe_route, "moe_layer": build_moe_layer}
 
@@ -259,6 +276,8 @@ def call_reference(case: Case, trace: Trace | None) -> dict[str, np.ndarray]:
     kwargs = dict(case.args)
     if "attention" in case.definition.get("layout", {}):
         kwargs["attention"] = case.definition["layout"]["attention"]
+    if "expert_ids" in case.acceptable and trace is not None and trace.precision is not None:
+        kwargs["forced_expert_ids"] = case.acceptable["expert_ids"][0]  # emulate rounding, not a flip of a near tie
     if case.entry_point == "latent_attention_core":
         return function(**case.inputs, **kwargs, trace=trace)
     return function(case.config.to_dict(), case.weights, **case.inputs, **kwargs, trace=trace)
@@ -273,6 +292,9 @@ def build_case(definition: dict) -> Case:
     config = case_config(definition)
     inputs, weights, args = BUILDERS[definition["entry_point"]](definition, config)
     case = Case(definition["id"], definition, config, args, inputs, weights)
+    if definition["layout"].get("near_ties"):
+        gate = {name: value for name, value in weights.items() if name.startswith("mlp.gate.")}
+        case.acceptable["expert_ids"] = acceptable_expert_ids(config, gate, inputs["hidden"], definition["layout"]["max_near_margin"])
     trace = Trace()
     case.outputs = {name: np.asarray(value) for name, value in call_reference(case, trace).items()}
     covered = set(definition["steps"])
