@@ -20,9 +20,16 @@ FLOAT64_ULPS = 16  # truth regenerated on another BLAS may differ in its last bi
 
 
 def default_golden_dir() -> Path:
-    """``$MLA_REF_GOLDEN_DIR``, else ``golden/`` next to ``spec/`` in a checkout (goldens are not installed with the package)."""
+    """``$MLA_REF_GOLDEN_DIR``, else ``golden/`` next to ``spec/`` in a checkout, else ``./golden``.
+
+    Golden files are not installed with the package: an installed mla-ref finds them in the
+    checkout it runs from.
+    """
     configured = os.environ.get("MLA_REF_GOLDEN_DIR")
-    return Path(configured) if configured else spec_dir().parent / "golden"
+    if configured:
+        return Path(configured)
+    beside_spec = spec_dir().parent / "golden"
+    return beside_spec if (beside_spec / "manifest.yaml").is_file() else Path.cwd() / "golden"
 
 
 def selected(pattern: str | None) -> list[dict]:
