@@ -27,10 +27,8 @@ from ..golden.storage import read_npz
 from ..spec import load_spec_file
 from ..trace import storage_format
 from .compare import Comparison, compare_tensor
+from .protocol import call, entry_points
 from .diagnose import diagnose
-
-ENTRY_POINTS = tuple(load_spec_file("golden.yaml")["adapter"]["entry_points"])
-
 
 @dataclasses.dataclass
 class CaseResult:
@@ -177,19 +175,13 @@ def load_case(directory: Path, entry: dict) -> dict[str, dict[str, np.ndarray]]:
     return parts
 
 
-def parameters(entry_point: str) -> list[str]:
-    """The positional parameters of an entry point, from its signature in spec/golden.yaml."""
-    signature = load_spec_file("golden.yaml")["adapter"]["entry_points"][entry_point]["signature"]
-    return [name.strip() for name in signature.split("(", 1)[1].split(")", 1)[0].split(",")]
-
-
 def _call(module, entry: dict, case: dict) -> Mapping:
     """Call the adapter positionally, in the order of the protocol's signature, on copies of the inputs."""
     available = {name: np.array(value) for name, value in case["input"].items()}  # copies: an adapter may write into them
     available.update(entry["args"])
     available["config"] = dict(entry["config"])
     available["weights"] = {name: np.array(value) for name, value in case["weight"].items()}
-    return getattr(module, entry["entry_point"])(*(available[name] for name in parameters(entry["entry_point"])))
+    return call(getattr(module, entry["entry_point"]), entry["entry_point"], available)
 
 
 def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, adapter_name: str = "ADAPTER") -> CaseResult:
@@ -219,7 +211,7 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
     if not isinstance(produced, Mapping):
         result.status, result.reason = "fail", f"adapter returned {type(produced).__name__}, expected a dict of arrays"
         return result
-    outputs = _required_outputs(entry)
+    outputs = entry_points()[entry["entry_point"]]["outputs"]
     missing = [name for name in outputs if name not in produced]
     if missing:
         result.status, result.reason = "fail", f"missing outputs {missing} (returned {sorted(produced)})"
@@ -229,7 +221,7 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
     if forced is not None:  # an acceptable near-tie choice: judge the output under the candidate's routing
         truth_outputs["weights" if entry["entry_point"] == "moe_route" else "output"] = forced
         truth_outputs["expert_ids"] = np.asarray(produced["expert_ids"])
-    output_steps = load_spec_file("golden.yaml")["adapter"]["entry_points"][entry["entry_point"]]["output_steps"]
+    output_steps = entry_points()[entry["entry_point"]]["output_steps"]
     for name in [name for name in truth_outputs if name in produced]:
         fmt = storage_format(profile, output_steps[name], name)
         result.comparisons.append(compare_tensor(name, produced[name], truth_outputs[name], noise.get(f"output:{name}", 0.0), profile, fmt=fmt))
@@ -251,10 +243,6 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
         result.diagnosis = diagnose(entry, case, produced, profile, failures)
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _required_outputs(entry: dict) -> list[str]:
-    return list(load_spec_file("golden.yaml")["adapter"]["entry_points"][entry["entry_point"]]["outputs"])
 
 
 def _teacher_forcing(entry: dict, case: dict, produced: Mapping):

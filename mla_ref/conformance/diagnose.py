@@ -17,6 +17,7 @@ import numpy as np
 from ..config import from_dict
 from ..rope import half_layout_permutation, softmax_scale, yarn_get_mscale
 from .compare import Comparison, compare_tensor
+from .protocol import call
 
 
 def _ratio_names(config) -> dict[str, float]:
@@ -115,11 +116,8 @@ def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures:
         try:
             variant = from_dict({**entry["config"], **config_changes})
             args, inputs = _shifted(entry["args"], case["input"], arg_changes, width)
-            function = getattr(reference_adapter, entry["entry_point"])
-            if entry["entry_point"] == "latent_attention_core":
-                expected = function(**inputs, **args)
-            else:
-                expected = function(variant.to_dict(), dict(case["weight"]), **inputs, **args)
+            available = {**inputs, **args, "config": variant.to_dict(), "weights": dict(case["weight"])}
+            expected = call(getattr(reference_adapter, entry["entry_point"]), entry["entry_point"], available)
         except Exception:  # noqa: BLE001 - a variant that cannot run says nothing
             continue
         explained = all(
@@ -135,11 +133,8 @@ def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures:
         try:
             variant = from_dict({**entry["config"], **config_changes})
             args, inputs = _shifted(entry["args"], case["input"], arg_changes, width)
-            function = getattr(reference_adapter, entry["entry_point"])
-            if entry["entry_point"] == "latent_attention_core":
-                expected = function(**inputs, **args)
-            else:
-                expected = function(variant.to_dict(), dict(case["weight"]), **inputs, **args)
+            available = {**inputs, **args, "config": variant.to_dict(), "weights": dict(case["weight"])}
+            expected = call(getattr(reference_adapter, entry["entry_point"]), entry["entry_point"], available)
         except Exception:  # noqa: BLE001 - a variant that cannot run says nothing
             continue
         if compare_tensor(output_name, produced[output_name], expected[output_name], noise, profile).passed:

@@ -12,6 +12,8 @@ import numpy as np
 from ..cache import LatentCache
 from ..config import from_dict
 from ..mla import latent_attention_core as core, mla_forward
+from ..balance import bias_update, expert_load, sequence_balance_loss, v2_balance_losses
+from ..dispatch import dispatch_plan as plan
 from ..moe import ffn_forward, route
 
 PROFILE = "fp64"
@@ -54,3 +56,20 @@ def moe_layer(config, weights, hidden, layer, forced_expert_ids=None, trace=None
     if result.routing is not None:
         outputs["expert_ids"] = result.routing.expert_ids
     return outputs
+
+
+def moe_balance(config, scores, expert_ids, bias, trace=None):
+    """MOE.14-MOE.17 — expert load, the bias update, the V3 sequence-wise loss and the V2 losses, per sequence."""
+    cfg = from_dict(config)
+    ids = np.asarray(expert_ids)
+    load = expert_load(cfg, ids.reshape(-1, ids.shape[-1]), trace=trace)
+    sequence = sequence_balance_loss(cfg, scores, trace=trace)
+    v2 = v2_balance_losses(cfg, scores, ids, trace=trace)
+    return {"load": load, "new_bias": bias_update(cfg, bias, load, trace=trace), "sequence_loss": sequence.loss,
+            "expert_loss": v2.expert_loss, "device_loss": v2.device_loss, "comm_loss": v2.comm_loss}
+
+
+def dispatch_plan(config, expert_ids, ranks, trace=None):
+    """MOE.18 — the expert-parallel dispatch plan."""
+    result = plan(from_dict(config), expert_ids, int(ranks), trace=trace)
+    return {"entries": result.entries, "counts": result.counts, "groups_per_token": result.groups_per_token}

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import ModelConfig, load_preset
 from ..conformance import reference_adapter
+from ..conformance.protocol import call
 from ..errors import GoldenError
 from ..rope import softmax_scale
 from ..spec import load_spec_file
@@ -264,11 +265,35 @@ def acceptable_expert_ids(config: ModelConfig, weights: dict, hidden: np.ndarray
     return np.stack([routing.expert_ids, alternative])
 
 
+def build_moe_balance(definition: dict, config: ModelConfig):
+    """MOE.14-MOE.17 on routing decisions of whole sequences: load, bias update, balance losses."""
+    from ..moe import route
+    layout = definition["layout"]
+    weights = {name: value for name, value in _gate_weights(definition, config, layout["layer"]).items() if name.startswith("mlp.gate.")}
+    batch, seq = layout["batch"], layout["seq"]
+    hidden = _rng(definition, "hidden").standard_normal((batch * seq, config.hidden_size))
+    routing = route(config, weights, hidden)
+    inputs = {"scores": routing.scores.reshape(batch, seq, -1), "expert_ids": routing.expert_ids.reshape(batch, seq, -1),
+              "bias": weights["mlp.gate.e_score_correction_bias"]}
+    return inputs, {}, {}
+
+
+def build_dispatch_plan(definition: dict, config: ModelConfig):
+    """MOE.18 on the routing decisions of random tokens."""
+    from ..moe import route
+    layout = definition["layout"]
+    weights = {name: value for name, value in _gate_weights(definition, config, layout["layer"]).items() if name.startswith("mlp.gate.")}
+    hidden = _rng(definition, "hidden").standard_normal((layout["tokens"], config.hidden_size))
+    return {"expert_ids": route(config, weights, hidden).expert_ids}, {}, {"ranks": layout["ranks"]}
+
+
 BUILDERS = {"latent_attention_core": build_paged_core, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
-            "moe_route": build_moe_route, "moe_layer": build_moe_layer}
+            "moe_route": build_moe_route, "moe_layer": build_moe_layer, "moe_balance": build_moe_balance,
+            "dispatch_plan": build_dispatch_plan}
 
 
 # ------------------------------------------------------------------ running the reference
+
 
 def call_reference(case: Case, trace: Trace | None) -> dict[str, np.ndarray]:
     """Run the reference adapter's entry point on the case (in float64, or emulating the trace's profile)."""
@@ -278,9 +303,9 @@ def call_reference(case: Case, trace: Trace | None) -> dict[str, np.ndarray]:
         kwargs["attention"] = case.definition["layout"]["attention"]
     if "expert_ids" in case.acceptable and trace is not None and trace.precision is not None:
         kwargs["forced_expert_ids"] = case.acceptable["expert_ids"][0]  # emulate rounding, not a flip of a near tie
-    if case.entry_point == "latent_attention_core":
-        return function(**case.inputs, **kwargs, trace=trace)
-    return function(case.config.to_dict(), case.weights, **case.inputs, **kwargs, trace=trace)
+    available = {**case.inputs, **case.args, "config": case.config.to_dict(), "weights": case.weights}
+    extra = {name: value for name, value in kwargs.items() if name not in case.args}
+    return call(function, case.entry_point, available, **extra, trace=trace)
 
 
 def profiles_of(definition: dict) -> list[str]:
