@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     golden_commands = golden.add_subparsers(dest="golden_command", required=True)
     for name, text in (("generate", "build the cases of spec/golden.yaml and write golden/"),
                        ("verify", "rebuild every committed case and compare (exit 1 on any difference)"),
-                       ("export", "write the committed cases in another format")):
+                       ("export", "write the committed cases in another format"),
+                       ("calibrate", "measure correct precision variants against their profile's emulation (derives k)")):
         sub = golden_commands.add_parser(name, help=text)
         sub.add_argument("--dir", type=Path, default=None, help="golden folder (default: golden/ next to spec/)")
         sub.add_argument("--select", default=None, help="case id pattern (glob or substring)")
@@ -70,6 +71,10 @@ def _golden(args) -> int:
         failed = sum(row.status != "ok" for row in rows)
         print(f"{len(rows) - failed} passed, {failed} failed")
         return 1 if failed else 0
+    if args.golden_command == "calibrate":
+        from .golden.calibrate import calibrate, summary
+        print(summary(calibrate(args.select)))
+        return 0
     count = golden.export(args.dir, args.out, args.select)
     print(f"wrote {count} safetensors files to {args.out}")
     return 0

@@ -69,10 +69,11 @@ def output_names(step_id: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=None)
 def profile(name: str) -> dict:
-    """A precision profile of spec/tolerance.yaml."""
-    profiles = load_spec_file("tolerance.yaml")["profiles"]
+    """A precision profile (or a calibration variant) of spec/tolerance.yaml."""
+    spec = load_spec_file("tolerance.yaml")
+    profiles = {**{k: v for k, v in spec.get("calibration_variants", {}).items() if k != "doc"}, **spec["profiles"]}
     if name not in profiles:
-        raise InputError("precision", f"unknown profile {name!r}; expected one of {sorted(profiles)}", "TOLERANCE.2")
+        raise InputError("precision", f"unknown profile {name!r}; expected one of {sorted(spec['profiles'])}", "TOLERANCE.2")
     return profiles[name]
 
 
