@@ -11,7 +11,7 @@ from mla_ref.rope import softmax_scale
 from mla_ref.spec import evaluate_shape, load_steps
 from mla_ref.weights import generate_attention_weights
 
-FAST_BIG = ["deepseek-v2-lite", "kimi-k2"]
+FAST_BIG = ["deepseek-v2-lite"]
 
 
 def run_every_path(config, weights, batch: int, prefix: int, seq: int) -> dict:
@@ -70,11 +70,11 @@ def test_tiny_presets_record_declared_shapes(name):
 @pytest.mark.parametrize("name", FAST_BIG)
 def test_big_presets_record_declared_shapes(name):
     config = preset(name)
-    check_declared_shapes(config, run_every_path(config, generate_attention_weights(config, dtype=np.float32), batch=1, prefix=2, seq=2))
+    check_declared_shapes(config, run_every_path(config, generate_attention_weights(config), batch=1, prefix=2, seq=2))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(BIG_PRESETS) - set(FAST_BIG)))
 def test_full_size_presets_record_declared_shapes(name):
     config = preset(name)
-    check_declared_shapes(config, run_every_path(config, generate_attention_weights(config, dtype=np.float32), batch=1, prefix=2, seq=2))
+    check_declared_shapes(config, run_every_path(config, generate_attention_weights(config), batch=1, prefix=2, seq=2))
