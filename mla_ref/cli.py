@@ -18,6 +18,10 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print the derived constants of a preset or a Hugging Face config.json")
     info.add_argument("config", help=f"a preset ({', '.join(preset_names())}) or a config.json / yaml path")
 
+    explain = commands.add_parser("explain", help="print a spec step: equation, shapes for a preset, the implementing function, pitfalls")
+    explain.add_argument("step", help="a step id, e.g. MLA.13 or MOE.4")
+    explain.add_argument("--preset", default="deepseek-v3", help="config for the shapes (default deepseek-v3)")
+
     golden = commands.add_parser("golden", help="golden tensors: generate, verify, export")
     golden_commands = golden.add_subparsers(dest="golden_command", required=True)
     for name, text in (("generate", "build the cases of spec/golden.yaml and write golden/"),
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             print(info_text(load_config(args.config)))
+            return 0
+        if args.command == "explain":
+            from .explain import explain
+            print(explain(args.step, load_config(args.preset)))
             return 0
         if args.command == "golden":
             return _golden(args)

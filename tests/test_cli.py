@@ -38,3 +38,16 @@ def test_info_unknown_preset_is_a_clean_error(capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "mla_ref.cli", "info", "tiny-v2lite"], capture_output=True, text=True, check=True)
     assert "none (direct q_proj)" in result.stdout and "softmax scale in use" in result.stdout
+
+
+def test_explain_prints_equation_shapes_source_and_pitfalls(capsys):
+    assert main(["explain", "MLA.13"]) == 0
+    text = capsys.readouterr().out
+    assert "[2, 16, 128, 576]" in text and "mla_ref/mla.py:" in text and "pitfalls:" in text and "W_UK" in text
+    assert main(["explain", "MOE.4", "--preset", "tiny"]) == 0
+    assert "[32, 4]" in capsys.readouterr().out
+
+
+def test_explain_unknown_step_lists_the_nearest(capsys):
+    assert main(["explain", "MLA.31"]) == 2
+    assert "nearest: ['MLA.3'" in capsys.readouterr().err
