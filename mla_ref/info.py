@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .config import ModelConfig, cache_values_per_token
 from .moe import renormalises_topk
 from .rope import (base_inverse_frequencies, rope_amplitude, rope_frequencies, softmax_scale, yarn_correction_range,
                    yarn_get_mscale, yarn_ramp)
+from .weights import weight_shapes
 
 BYTES_PER_VALUE = {"bf16": 2, "fp32": 4}
 
@@ -50,6 +53,23 @@ def _routing_lines(config: ModelConfig) -> list[str]:
         f"  bias update speed          " + (f"{config.bias_update_speed!r} (MOE.15)" if config.has_correction_bias else "unused (no correction bias)"),
         f"  balance loss alpha         {config.aux_loss_alpha!r} (MOE.16 sequence-wise, or MOE.17 expert-level alpha1)",
     ]
+
+
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
+    """Parameters from the checkpoint shapes: main model, MTP modules, and those active for one token.
+
+    Active = everything of the main model except the routed experts, plus num_experts_per_tok
+    routed experts in every MoE layer (embedding and LM head included).
+    """
+    shapes = weight_shapes(config)
+    mtp_prefixes = tuple(f"model.layers.{layer}." for layer in range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers))
+    main = {name: shape for name, shape in shapes.items() if not name.startswith(mtp_prefixes)}
+    size = lambda shape: int(np.prod(shape))  # noqa: E731
+    routed = sum(size(shape) for name, shape in main.items() if ".mlp.experts." in name)
+    per_expert = 3 * config.moe_intermediate_size * config.hidden_size
+    total = sum(size(shape) for shape in main.values())
+    return {"main": total, "mtp": sum(size(shape) for name, shape in shapes.items() if name.startswith(mtp_prefixes)),
+            "active": total - routed + config.num_experts_per_tok * per_expert * len(config.moe_layers)}
 
 
 def info_text(config: ModelConfig) -> str:
@@ -106,4 +126,9 @@ def info_text(config: ModelConfig) -> str:
     lines.append(f"  latent equals GQA with     {values['gqa_equal_kv_heads']:.3f} kv heads of these dims "
                  f"({values['latent'] / (2 * config.v_head_dim):.3f} groups of 2 x d_h = {2 * config.v_head_dim}, V2R's comparison)")
     lines.append(f"  whole model, latent, bf16  {values['latent'] * 2 * config.num_hidden_layers} B per token ({config.num_hidden_layers} layers)")
+    counts = parameter_counts(config)
+    lines += ["", "parameters (from the checkpoint shapes)",
+              f"  main model                 {counts['main'] / 1e9:.2f} B",
+              f"  active per token           {counts['active'] / 1e9:.2f} B (all but the routed experts, plus {config.num_experts_per_tok} routed experts per MoE layer)",
+              f"  MTP modules                {counts['mtp'] / 1e9:.2f} B (embedding and head shared with the main model)"]
     return "\n".join(lines)

@@ -51,3 +51,13 @@ def test_explain_prints_equation_shapes_source_and_pitfalls(capsys):
 def test_explain_unknown_step_lists_the_nearest(capsys):
     assert main(["explain", "MLA.31"]) == 2
     assert "nearest: ['MLA.3'" in capsys.readouterr().err
+
+
+def test_parameter_counts_match_the_published_totals():
+    """V3R: 671B total, 37B activated per token; README_WEIGHTS: the MTP module has 11.5B unique parameters."""
+    from mla_ref.config import load_preset
+    from mla_ref.info import parameter_counts
+    counts = parameter_counts(load_preset("deepseek-v3"))
+    assert abs(counts["main"] / 671e9 - 1) < 0.005
+    assert abs(counts["active"] / 37e9 - 1) < 0.03
+    assert abs(counts["mtp"] / 11.5e9 - 1) < 0.02
