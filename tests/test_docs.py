@@ -1,0 +1,46 @@
+"""Every ``>>>`` example in docs/ runs and prints what the page says; generated pages match their generator."""
+
+from __future__ import annotations
+
+import doctest
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
+def test_examples_run(page):
+    import numpy as np
+    saved = np.get_printoptions()
+    try:
+        result = doctest.testfile(str(page), module_relative=False, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+                                  verbose=False, report=True)
+    finally:
+        np.set_printoptions(**saved)
+    assert result.failed == 0, f"{page}: {result.failed} of {result.attempted} examples failed (doctest output above)"
+
+
+def test_conventions_page_is_generated_from_the_spec():
+    import runpy
+    render = runpy.run_path(str(DOCS / "make_conventions.py"))["render"]
+    assert (DOCS / "conventions.md").read_text(encoding="utf-8") == render(), "docs/conventions.md is stale: run python docs/make_conventions.py"
+
+
+def test_every_figure_a_page_shows_exists_and_has_a_maker():
+    import re
+    source = (DOCS / "figures" / "make_figures.py").read_text(encoding="utf-8")
+    for page in PAGES:
+        for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text(encoding="utf-8")):
+            assert (DOCS / image).is_file(), f"{page.name}: figure {image} is missing"
+            assert Path(image).name in source, f"{page.name}: no script makes {image}"
+
+
+def test_figure_script_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    import runpy
+    namespace = runpy.run_path(str(DOCS / "figures" / "make_figures.py"))
+    namespace["main"](tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(namespace["FIGURES"])
