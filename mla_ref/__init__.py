@@ -6,8 +6,11 @@ from .config import ModelConfig, load_config, load_preset, preset_names
 from .dispatch import DispatchPlan, dispatch_plan
 from .errors import CacheError, ConfigError, GoldenError, InputError, MlaRefError, ShapeError, SpecError, WeightError
 from .mla import MLAResult, latent_attention_core, mla_forward
+from .model import GenerationResult, ModelCache, ModelResult, greedy_generate, model_forward
 from .moe import FFNResult, Routing, ffn_forward, needed_expert_weight_names, route
+from .mtp import MTPLosses, mtp_losses, mtp_module
 from .spec import spec_version
+from .speculative import DraftContext, Drafter, MTPDrafter, SpeculativeResult, speculative_generate
 from .trace import Trace
 from .weights import attention_weight_shapes, generate_attention_weights, generate_weights, weight_shapes
 
@@ -20,4 +23,6 @@ __all__ = [
     "PagedLatentCache", "ShapeError", "SpecError", "Trace", "WeightError", "attention_weight_shapes",
     "generate_attention_weights", "generate_weights", "latent_attention_core", "load_config", "load_preset",
     "mla_forward", "preset_names", "spec_version", "weight_shapes",
+    "DraftContext", "Drafter", "GenerationResult", "MTPDrafter", "MTPLosses", "ModelCache", "ModelResult",
+    "SpeculativeResult", "greedy_generate", "model_forward", "mtp_losses", "mtp_module", "speculative_generate",
 ]

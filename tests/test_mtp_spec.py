@@ -1,0 +1,55 @@
+"""spec/mtp.yaml <-> mla_ref: every MTP step names a function whose docstring cites its id and a paper equation
+on its first line, and instrumented runs (the training chain; speculative decoding) record exactly the declared
+outputs in exactly the declared symbolic shapes (config symbols plus batch, seq, depth, depths)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import TINY_PRESETS, preset
+from mla_ref import Trace
+from mla_ref.mtp import mtp_losses
+from mla_ref.spec import load_spec_file, load_steps
+from mla_ref.speculative import speculative_generate
+from mla_ref.weights import generate_weights
+from test_model_spec import check_recorded_shapes, resolve
+
+STEPS = load_steps("mtp.yaml")
+TRAINING = [step for step in STEPS if int(step["id"].split(".")[1]) <= 6]
+SPECULATIVE = [step for step in STEPS if int(step["id"].split(".")[1]) >= 7]
+
+
+def test_steps_are_numbered_in_order_and_complete():
+    assert load_spec_file("mtp.yaml")["section"] == "MTP"
+    assert [step["id"] for step in STEPS] == [f"MTP.{i}" for i in range(1, len(STEPS) + 1)]
+    assert len(TRAINING) + len(SPECULATIVE) == len(STEPS)
+    for step in STEPS:
+        assert step["paper"] and step["equation"] and step["pitfalls"], step["id"]
+
+
+@pytest.mark.parametrize("step", STEPS, ids=[step["id"] for step in STEPS])
+def test_every_step_names_a_function_citing_its_id_and_the_paper(step):
+    first_line = resolve(step["function"]).__doc__.strip().splitlines()[0]
+    assert first_line.startswith(f"{step['id']} — "), first_line
+    assert "V3R" in first_line, first_line
+
+
+def test_entry_points_exist():
+    for entry in load_spec_file("mtp.yaml")["entry_points"].values():
+        assert callable(resolve(entry["function"]))
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_instrumented_runs_record_the_declared_shapes(name):
+    depths, batch, seq = 2, 2, 5
+    config = preset(name).replace(num_nextn_predict_layers=depths)
+    weights = generate_weights(config, 0)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(batch, seq + 1))
+    symbols = {**config.symbols(), "batch": batch, "seq": seq, "depth": depths, "depths": depths}
+    trace = Trace()
+    mtp_losses(config, weights, tokens, trace=trace)
+    check_recorded_shapes(TRAINING, trace, symbols)
+    trace = Trace()
+    speculative_generate(config, weights, [[1, 2, 3], [4, 5]], 4, trace=trace)
+    check_recorded_shapes(SPECULATIVE, trace, symbols)
