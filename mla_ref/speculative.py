@@ -79,10 +79,13 @@ class MTPDrafter:
         if context.num_draft_tokens != depths:
             raise InputError("num_draft_tokens", f"this MTP drafter drafts {depths} tokens, asked {context.num_draft_tokens}", "MTP.7")
         batch = context.tokens.shape[0]
+        known = context.lengths - 1  # n: rows 0 .. n - 1 have h^0; t_0 .. t_n are known
         if self.caches is None:
             self.caches = ModelCache.empty(config, batch, num_layers=depths, kind=self.cache_kind)
             self.outputs = [np.zeros((batch, 0, config.hidden_size)) for _ in range(depths)]
-        known = context.lengths - 1  # n: rows 0 .. n - 1 have h^0; t_0 .. t_n are known
+        elif len(self.caches.lengths) != batch or (self.caches.lengths > known).any():
+            raise InputError("context", f"{batch} sequences of {known.tolist()} positions do not continue the {len(self.caches.lengths)} "
+                             f"this drafter has cached ({self.caches.lengths.tolist()} rows): use a fresh MTPDrafter", "MTP.7")
         tokens = context.tokens  # t_{n+j} = d_j is appended as each depth drafts
         previous = context.main_hidden  # h^{k-1} of rows 0 .. n - 1
         module_caches, drafts = [], []

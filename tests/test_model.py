@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import TINY_PRESETS, preset, relative_error
 from independent_model import slow_main
+from mla_ref import Trace
 from mla_ref.model import ModelCache, cross_entropy, greedy_generate, greedy_token, model_forward
 from mla_ref.weights import generate_weights
 
@@ -140,3 +141,12 @@ def test_dense_and_moe_layers_follow_first_k_dense_replace():
     tokens = np.array([[1, 2, 3]])
     changed = dict(weights, **{"model.layers.0.mlp.down_proj.weight": 2 * weights["model.layers.0.mlp.down_proj.weight"]})
     assert relative_error(model_forward(config, changed, tokens).logits, model_forward(config, weights, tokens).logits) > 1e-6
+
+
+def test_a_precision_trace_rounds_every_model_step():
+    """Trace(precision=...) rounds the MODEL steps' outputs and weights too (spec/tolerance.yaml TOLERANCE.2)."""
+    config, weights = model()
+    tokens = np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 5))
+    exact = model_forward(config, weights, tokens).logits
+    emulated = model_forward(config, weights, tokens, trace=Trace(precision="fp32")).logits
+    assert 0 < relative_error(emulated, exact) <= 1e-6

@@ -217,3 +217,13 @@ def test_the_readme_example_runs(capsys):
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "README.md", "exec"), {})
     assert "[0. 0.] 7" in capsys.readouterr().out
+
+
+def test_a_drafter_reused_for_other_sequences_is_rejected():
+    config, weights = model(1)
+    drafter = MTPDrafter(config, weights)
+    speculative_generate(config, weights, [PROMPTS[2]], 4, drafter=drafter, num_draft_tokens=1)
+    with pytest.raises(InputError, match=r"context: 1 sequences of \[1\] positions do not continue .* use a fresh MTPDrafter \(MTP.7\)"):
+        speculative_generate(config, weights, [[1]], 4, drafter=drafter, num_draft_tokens=1)
+    with pytest.raises(InputError, match=r"context: 2 sequences"):
+        speculative_generate(config, weights, PROMPTS[:2], 4, drafter=drafter, num_draft_tokens=1)
