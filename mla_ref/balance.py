@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import ConfigError, InputError, ShapeError, WeightError
-from .mla import check_tensor
+from .checks import check_tensor
 from .moe import BIAS, check_expert_ids
 from .trace import Trace, record
 

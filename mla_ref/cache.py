@@ -24,7 +24,7 @@ from .errors import CacheError, ShapeError
 
 def config_fingerprint(config: ModelConfig) -> str:
     """Identifies the fields that decide what a cache row means (widths and RoPE)."""
-    fields = ("num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    fields = ("num_attention_heads", "rms_norm_eps", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
               "rope_theta", "rope_scaling_type", "rope_factor", "original_max_position_embeddings", "beta_fast",
               "beta_slow", "mscale", "mscale_all_dim", "yarn_truncate", "yarn_activation", "max_seq_len", "rope_layout")
     text = repr([getattr(config, name) for name in fields])
@@ -78,6 +78,10 @@ class LatentCache:
         rows[batch_index, position] = new_rows[batch_index, query_index]
         return LatentCache(rows, self.lengths + query_lengths, self.fingerprint)
 
+    @property
+    def dtype(self) -> np.dtype:
+        return self.rows.dtype
+
     def key_rows(self) -> np.ndarray:
         """All cached rows ``[batch, max(lengths), width]``; rows past a sequence's length are padding."""
         return self.rows[:, : int(self.lengths.max(initial=0))]
@@ -123,6 +127,10 @@ class PagedLatentCache:
     @property
     def block_size(self) -> int:
         return self.blocks.shape[1]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.blocks.dtype
 
     def check(self, config: ModelConfig, batch: int) -> None:
         """Raise ``CacheError`` if this cache was built for another config or batch."""
@@ -195,6 +203,10 @@ class NaiveCache:
         keys[batch_index, position] = new_keys[batch_index, query_index]
         values[batch_index, position] = new_values[batch_index, query_index]
         return NaiveCache(keys, values, self.lengths + query_lengths, self.fingerprint)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.keys.dtype
 
     def keys_values(self) -> tuple[np.ndarray, np.ndarray]:
         """Cached ``[batch, max(lengths), heads, ..]`` keys and values."""

@@ -73,6 +73,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+        for name, spec in field_specs().items():  # 40 and 40.0 are one config (the cache fingerprint hashes values)
+            value = getattr(self, name)
+            if spec["type"] == "float" and value is not None and not isinstance(value, float):
+                object.__setattr__(self, name, float(value))
 
     # ------------------------------------------------------------ derived (config.yaml)
     @property
@@ -269,6 +273,11 @@ def from_hf(values: Mapping[str, Any], name: str = "hf-config") -> ModelConfig:
     return from_dict(mapped)
 
 
+# OFF ModelArgs defaults for the fields its configs/*.json leave out (inference/model.py).
+OFFICIAL_DEFAULTS = {"vocab_size": 102400, "rope_theta": 10000.0, "rope_factor": 40.0, "original_max_position_embeddings": 4096,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "max_seq_len": 16384}
+
+
 def from_official(values: Mapping[str, Any], name: str = "official-config") -> ModelConfig:
     """Read a DeepSeek-V3 official ``ModelArgs`` json (configs/config_671B.json...).
 
@@ -277,12 +286,11 @@ def from_official(values: Mapping[str, Any], name: str = "official-config") -> M
     correction bias exists in OFF only when dim == 7168 — a bug for custom configs — so
     we key it on sigmoid scoring instead and say so in spec/config.yaml.
     """
-    mapped: dict[str, Any] = {"name": name, "source": "DeepSeek-V3 official ModelArgs json"}
+    mapped: dict[str, Any] = {"name": name, "source": "DeepSeek-V3 official ModelArgs json", **OFFICIAL_DEFAULTS}
     for field, spec in field_specs().items():
         external = spec.get("official")
         if external and external in values:
             mapped[field] = values[external]
-    mapped.setdefault("mscale_all_dim", 1.0)
     mapped["mscale"] = mapped["mscale_all_dim"]
     mapped["rope_scaling_type"] = "yarn"
     mapped["yarn_activation"] = "max_seq_len"
@@ -291,7 +299,6 @@ def from_official(values: Mapping[str, Any], name: str = "official-config") -> M
     sigmoid = mapped.get("scoring_func", "softmax") == "sigmoid"
     mapped["topk_method"] = "noaux_tc" if sigmoid else ("group_limited_greedy" if mapped.get("n_group", 1) > 1 else "greedy")
     mapped["topk_norm_rule"] = "sigmoid_only"
-    mapped.setdefault("vocab_size", 102400)
     return from_dict(mapped)
 
 
@@ -324,6 +331,11 @@ def load_config(source: str | Path | Mapping[str, Any] | ModelConfig) -> ModelCo
 
 
 def _from_any_dict(values: Mapping[str, Any], name: str) -> ModelConfig:
+    """Our own field names (every key a field), a preset file (a ``config`` mapping), else HF or official json."""
+    if set(values) <= set(field_specs()):
+        return from_dict(values)
+    if isinstance(values.get("config"), Mapping) and "spec_version" in values:
+        return from_dict({"name": name, "source": str(values.get("source", "")), **values["config"]})
     if "hidden_size" in values:
         return from_hf(values, name=str(values.get("_name_or_path") or name))
     if "dim" in values:

@@ -10,7 +10,7 @@ from .config import ModelConfig
 from .errors import SpecError
 from .spec import evaluate_dim, load_spec_file, parse_shape, spec_dir
 
-RUNTIME_EXAMPLE = {"batch": 2, "seq": 16, "keys": 4096, "tokens": 32, "num_blocks": 128, "block_size": 64, "max_blocks": 64,
+RUNTIME_EXAMPLE = {"batch": 2, "seq": 16, "keys": 4096, "expanded": 4096, "tokens": 32, "num_blocks": 128, "block_size": 64, "max_blocks": 64,
                    "ranks": 8, "width": 576, "depth": 1}
 
 

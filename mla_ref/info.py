@@ -50,7 +50,7 @@ def _routing_lines(config: ModelConfig) -> list[str]:
         f"  dropped-group fill         {config.group_mask_fill} (MOE.6)" + (" (unused: no group is dropped)" if config.topk_group == config.n_group else ""),
         f"  renormalise top-k weights  {'yes' if renormalises_topk(config) else 'no'} ({norm_reason}), epsilon {config.topk_norm_epsilon!r} (MOE.8)",
         f"  routed scaling factor      {config.routed_scaling_factor!r}, always applied (MOE.8)",
-        f"  bias update speed          " + (f"{config.bias_update_speed!r} (MOE.15)" if config.has_correction_bias else "unused (no correction bias)"),
+        "  bias update speed          " + (f"{config.bias_update_speed!r} (MOE.15)" if config.has_correction_bias else "unused (no correction bias)"),
         f"  balance loss alpha         {config.aux_loss_alpha!r} (MOE.16 sequence-wise, or MOE.17 expert-level alpha1)",
     ]
 
@@ -116,8 +116,8 @@ def info_text(config: ModelConfig) -> str:
     lines += ["", "cache per token per layer (values; bytes in bf16 / fp32)"]
     values = cache_values_per_token(config)
     per_kv_head = config.qk_head_dim + config.v_head_dim
-    rows = [("latent (absorbed MLA)", values["latent"], f"kv_lora_rank + qk_rope_head_dim"),
-            ("naive MLA (per-head k, v)", values["naive"], f"heads x (qk_head_dim + v_head_dim)"),
+    rows = [("latent (absorbed MLA)", values["latent"], "kv_lora_rank + qk_rope_head_dim"),
+            ("naive MLA (per-head k, v)", values["naive"], "heads x (qk_head_dim + v_head_dim)"),
             ("MHA, same head dims", values["mha"], f"{config.num_attention_heads} kv heads x {per_kv_head}"),
             (f"GQA, {min(8, config.num_attention_heads)} kv heads", values["gqa8"], f"{min(8, config.num_attention_heads)} x {per_kv_head}")]
     for label, count, formula in rows:

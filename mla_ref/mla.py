@@ -159,6 +159,18 @@ def unabsorb_output(config: ModelConfig, out_latent: np.ndarray, weights: dict) 
     return np.einsum("bshc,hdc->bshd", out_latent, w_uv, optimize=True)  # [batch, seq, heads, v_head_dim]
 
 
+def _check_used_rows(name: str, key_rows: np.ndarray, lengths: np.ndarray, allow_nonfinite: bool, spec_id: str) -> None:
+    """Cached rows a sequence holds (``t < lengths[b]``) must be finite; unused slots may hold anything."""
+    if allow_nonfinite:
+        return
+    used = np.arange(key_rows.shape[1])[None, :] < lengths[:, None]  # [batch, keys]
+    bad = used & ~np.isfinite(key_rows).all(axis=-1)
+    if bad.any():
+        batch, position = (int(i) for i in np.argwhere(bad)[0])
+        raise InputError(name, f"row of sequence {batch} at position {position} (< its length {int(lengths[batch])}) is not finite; "
+                         "pass allow_nonfinite=True to accept NaN/Inf", spec_id)
+
+
 def _query_chunks(visible: np.ndarray, heads: int, query_chunk: int | None, trace: Trace | None):
     """(query slice, key count) pairs: keys past the last one visible to the chunk are skipped (causal saving).
 
@@ -169,8 +181,8 @@ def _query_chunks(visible: np.ndarray, heads: int, query_chunk: int | None, trac
         return [(slice(0, seq), keys)]
     if query_chunk is None:
         query_chunk = max(1, DEFAULT_LOGITS_ELEMENTS // max(1, batch * heads * keys))
-    if query_chunk < 1:
-        raise InputError("query_chunk", f"expected >= 1, got {query_chunk}", "MLA.9")
+    if isinstance(query_chunk, bool) or not isinstance(query_chunk, (int, np.integer)) or query_chunk < 1:
+        raise InputError("query_chunk", f"expected an int >= 1, got {query_chunk!r}", "MLA.9")
     chunks = []
     for start in range(0, seq, query_chunk):
         seen = np.flatnonzero(visible[:, start:start + query_chunk].any(axis=(0, 1)))
@@ -245,11 +257,12 @@ def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.nd
     validate_block_table(table, cache.shape[0], cache.shape[1], seqlens)
     if not isinstance(head_dim_v, (int, np.integer)) or not 0 < head_dim_v <= width:
         raise InputError("head_dim_v", f"expected an int in 1 .. {width}, got {head_dim_v!r}", "MLA.17")
-    if not isinstance(softmax_scale, (float, int)) or not softmax_scale > 0:
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (float, int, np.floating, np.integer)) or not softmax_scale > 0:
         raise InputError("softmax_scale", f"expected a float > 0 (the model's scale, e.g. 0.1352337788608801 for V3), got {softmax_scale!r}", "MLA.17")
     q = q if trace is None else trace.round_input(q)
     cache = cache if trace is None else trace.round_input(cache)
     key_rows = emit(trace, "MLA.19", gather_paged_rows(cache, table.astype(np.int64), seqlens))  # [batch, keys, width]
+    _check_used_rows("k_cache", key_rows, seqlens, allow_nonfinite, "MLA.17")
     keys = key_rows.shape[1]
     if causal:
         visible = causal_visibility(seqlens - s_q, np.full(batch, s_q), s_q, keys)  # MLA.8
@@ -299,9 +312,14 @@ def mla_forward(config: ModelConfig, weights: dict, hidden: np.ndarray, start_po
         q_full, k_full = emit(trace, "MLA.7", *assemble_query_key(q_nope, q_pe, k_nope, k_pe))
         cache = cache.append(k_full, value, lengths)  # MLA.18
         k_full, value = cache.keys_values()  # [batch, keys, heads, qk_head_dim], [.., v_head_dim]
+        width = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+        _check_used_rows("cache", np.concatenate([k_full, value], axis=-1).reshape(batch, k_full.shape[1], width), cache.lengths,
+                         allow_nonfinite, "MLA.18")
     else:
         cache = None if cache is None else cache.append(new_rows, lengths)  # MLA.18
         key_rows = new_rows if cache is None else cache.key_rows()  # [batch, keys, kv_lora_rank + rope]
+        if cache is not None:
+            _check_used_rows("cache", key_rows, cache.lengths, allow_nonfinite, "MLA.18")
     if cache is not None:
         emit(trace, "MLA.18", cache.lengths)
     num_keys = k_full.shape[1] if isinstance(cache, NaiveCache) else key_rows.shape[1]
@@ -332,6 +350,8 @@ def _prepare(config, weights, hidden, start_positions, cache, attention, query_l
         if not isinstance(cache, (LatentCache, PagedLatentCache, NaiveCache)):
             raise CacheError("cache", f"expected LatentCache, PagedLatentCache or NaiveCache, got {type(cache).__name__}", "MLA.18")
         cache.check(config, batch)
+        if cache.dtype != dtype:
+            raise CacheError("cache", f"expected dtype {dtype} (the compute dtype), got {cache.dtype}: build it with dtype={dtype.name}", "MLA.18")
     lengths = np.full(batch, seq, np.int64) if query_lengths is None else check_int_vector("query_lengths", query_lengths, batch, "MLA.8")
     if (lengths > seq).any():
         raise InputError("query_lengths", f"expected values <= seq = {seq}, got {lengths.tolist()}", "MLA.8")

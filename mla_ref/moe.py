@@ -31,7 +31,8 @@ _EXPERT_NAME = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """Logistic function ``1 / (1 + exp(-z))``, without overflow for large ``|z|``."""
     e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    with np.errstate(invalid="ignore"):  # NaN logits stay NaN (rejected upstream unless allowed)
+        return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def gate_logits(hidden: np.ndarray, gate_weight: np.ndarray) -> np.ndarray:
@@ -43,8 +44,9 @@ def gate_scores(config: ModelConfig, logits: np.ndarray) -> np.ndarray:
     """MOE.2 — scores: softmax over all experts (V2R section 2.2.1) or elementwise sigmoid (V3R eq. 15)."""
     if config.scoring_func == "sigmoid":
         return sigmoid(logits)
-    exponentials = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return exponentials / exponentials.sum(axis=-1, keepdims=True)  # [tokens, n_routed_experts]
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits give non-finite scores, reported by the caller
+        exponentials = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return exponentials / exponentials.sum(axis=-1, keepdims=True)  # [tokens, n_routed_experts]
 
 
 def selection_scores(scores: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -91,7 +93,8 @@ def expert_selection(config: ModelConfig, masked: np.ndarray) -> tuple[np.ndarra
         return expert_ids, np.full(masked.shape[0], np.inf, dtype=masked.dtype)
     kth = np.take_along_axis(masked, order[:, k - 1: k], axis=-1)[:, 0]
     next_best = np.take_along_axis(masked, order[:, k: k + 1], axis=-1)[:, 0]
-    return expert_ids, kth - next_best  # [tokens]; +inf when the (K+1)-th is a -inf fill
+    with np.errstate(invalid="ignore"):  # -inf - -inf: no finite K-th candidate either
+        return expert_ids, kth - next_best  # [tokens]; +inf when the (K+1)-th is a -inf fill
 
 
 def renormalises_topk(config: ModelConfig) -> bool:
@@ -330,6 +333,9 @@ def _tensor(weights: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]
     if value.shape != tuple(shape):
         raise WeightError(name, f"expected shape {list(shape)}, got {list(value.shape)}", spec_id)
     value = value.astype(dtype, copy=False)
+    if not np.isfinite(value).all():
+        index = tuple(int(i) for i in np.argwhere(~np.isfinite(value))[0])
+        raise WeightError(name, f"contains {value[index]} at index {index}; expected finite values", spec_id)
     return value if trace is None else trace.round_input(value, "weights")
 
 

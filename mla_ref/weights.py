@@ -146,8 +146,8 @@ def check_weights(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str,
                   spec_id: str, dtype=np.float64) -> dict[str, np.ndarray]:
     """Validate names, shapes and dtypes; return the tensors cast to ``dtype``.
 
-    Missing, extra (unexpected) and mis-shaped tensors, and non-float dtypes, raise
-    ``WeightError`` naming the tensor.
+    Missing, extra (unexpected) and mis-shaped tensors, non-float dtypes and NaN / inf
+    values raise ``WeightError`` naming the tensor.
     """
     if not isinstance(weights, Mapping):
         raise WeightError("weights", f"expected a mapping name -> array, got {type(weights).__name__}", spec_id)
@@ -165,6 +165,9 @@ def check_weights(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str,
         if value.shape != tuple(shape):
             raise WeightError(name, f"expected shape {list(shape)}, got {list(value.shape)}", spec_id)
         checked[name] = value.astype(dtype, copy=False)
+        if not np.isfinite(checked[name]).all():
+            index = tuple(int(i) for i in np.argwhere(~np.isfinite(checked[name]))[0])
+            raise WeightError(name, f"contains {checked[name][index]} at index {index}; expected finite values", spec_id)
     return checked
 
 

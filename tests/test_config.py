@@ -43,7 +43,7 @@ def test_hf_config_json_equals_the_preset(tmp_path):
     path.write_text(json.dumps(HF_V3))
     from_file = load_config(str(path))
     preset = load_preset("deepseek-v3")
-    differing = {f for f, v in preset.to_dict().items() if getattr(from_file, f) != v} - {"name", "source", "aux_loss_alpha"}
+    differing = {f for f, v in preset.to_dict().items() if getattr(from_file, f) != v} - {"name", "source"}
     assert differing == set()
 
 
@@ -61,11 +61,44 @@ def test_hf_config_without_mscale_all_dim_uses_hf_default():
 
 
 def test_official_json_maps_names_and_rules():
+    from mla_ref.rope import softmax_scale
     config = load_config(OFFICIAL_16B)
     assert config.q_lora_rank is None and config.hidden_size == 2048 and config.num_experts_per_tok == 6
     assert config.mscale_all_dim == 0.707 and config.mscale == 0.707
     assert config.yarn_activation == "max_seq_len" and config.topk_norm_rule == "sigmoid_only"
     assert config.yarn_active  # default max_seq_len 16384 > 4096
+    assert config.rope_factor == 40.0 and softmax_scale(config) == 0.1147213867929261  # OFF ModelArgs defaults
+
+
+def test_official_671b_json_gets_the_v3_scale():
+    """configs/config_671B.json leaves the YaRN fields to ModelArgs defaults (factor 40, mscale 1.0)."""
+    from mla_ref.rope import softmax_scale
+    official_671b = {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+                     "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+                     "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,
+                     "score_func": "sigmoid", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                     "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8"}
+    config = load_config(official_671b)
+    assert softmax_scale(config) == 0.1352337788608801 and config.has_correction_bias and config.group_rule == "top2_sum"
+
+
+def test_our_own_dict_and_preset_files_round_trip(tmp_path):
+    import yaml
+    from mla_ref.config import preset_names
+    from mla_ref.spec import spec_dir
+    for name in preset_names():
+        preset = load_preset(name)
+        assert load_config(preset.to_dict()) == preset
+        assert load_config(str(spec_dir() / "presets" / f"{name}.yaml")) == preset.replace(source=preset.source)
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(load_preset("tiny-yarn").to_dict()))
+    assert load_config(str(path)) == load_preset("tiny-yarn")
+
+
+def test_ints_in_float_fields_are_the_same_config():
+    values = dict(HF_V3, rope_scaling=dict(HF_V3["rope_scaling"], factor=40))
+    from mla_ref.cache import config_fingerprint
+    assert config_fingerprint(load_config(values)) == config_fingerprint(load_preset("deepseek-v3"))
 
 
 def test_unknown_preset():

@@ -108,8 +108,10 @@ def test_unknown_attention_form_and_dtype(tiny):
         mla_forward(config, weights, hidden, attention="flash")
     with pytest.raises(InputError, match=r"dtype: expected float64 or float32, got float16"):
         mla_forward(config, weights, hidden, dtype=np.float16)
-    with pytest.raises(InputError, match=r"query_chunk: expected >= 1, got 0"):
+    with pytest.raises(InputError, match=r"query_chunk: expected an int >= 1, got 0"):
         mla_forward(config, weights, hidden, query_chunk=0)
+    with pytest.raises(InputError, match=r"query_chunk: expected an int >= 1, got 2.5"):
+        mla_forward(config, weights, hidden, query_chunk=2.5)
 
 
 def test_cache_from_another_config(tiny):
@@ -199,3 +201,47 @@ def test_core_requires_the_model_scale_and_valid_shapes():
     bad_q[0, 0, 1, 3] = np.nan
     with pytest.raises(InputError, match=r"q: contains nan at index \(0, 0, 1, 3\)"):
         latent_attention_core(bad_q, blocks, table, lengths, 6, 0.1)
+
+
+def test_non_finite_weights_are_rejected(tiny):
+    config, weights, hidden = tiny
+    weights["kv_b_proj.weight"] = weights["kv_b_proj.weight"].copy()
+    weights["kv_b_proj.weight"][3, 4] = np.nan
+    with pytest.raises(WeightError, match=r"kv_b_proj.weight: contains nan at index \(3, 4\); expected finite values \(MLA.weights\)"):
+        mla_forward(config, weights, hidden)
+
+
+@pytest.mark.parametrize("kind", ["latent", "paged", "naive"])
+def test_non_finite_cached_rows_are_rejected_unless_allowed(tiny, kind):
+    config, weights, hidden = tiny
+    empty = {"latent": LatentCache.empty(config, 2), "paged": PagedLatentCache.empty(config, 2, 8, block_size=4),
+             "naive": NaiveCache.empty(config, 2)}[kind]
+    cache = mla_forward(config, weights, hidden, cache=empty).cache
+    if kind == "latent":
+        cache = LatentCache(cache.rows.copy(), cache.lengths, cache.fingerprint)
+        cache.rows[1, 2, 0] = np.nan
+    elif kind == "paged":
+        cache = PagedLatentCache(cache.blocks.copy(), cache.block_table, cache.lengths, cache.fingerprint)
+        cache.blocks[cache.block_table[1, 0], 2, 0, 0] = np.nan
+    else:
+        cache = NaiveCache(cache.keys.copy(), cache.values, cache.lengths, cache.fingerprint)
+        cache.keys[1, 2, 0, 0] = np.nan
+    with pytest.raises(InputError, match=r"cache: row of sequence 1 at position 2 \(< its length 4\) is not finite"):
+        mla_forward(config, weights, hidden[:, :1], cache=cache)
+    assert np.isnan(mla_forward(config, weights, hidden[:, :1], cache=cache, allow_nonfinite=True).output[1]).all()
+
+
+def test_core_rejects_nan_in_a_used_slot():
+    rng = np.random.default_rng(0)
+    blocks = rng.standard_normal((2, 4, 1, 8))
+    blocks[1, 1, 0, 5] = np.nan  # position 5 of the sequence: held, since cache_seqlens = 6
+    with pytest.raises(InputError, match=r"k_cache: row of sequence 0 at position 5 \(< its length 6\) is not finite"):
+        latent_attention_core(rng.standard_normal((1, 1, 2, 8)), blocks, np.array([[0, 1]]), np.array([6]), 6, np.float32(0.1))
+
+
+def test_cache_dtype_must_be_the_compute_dtype(tiny):
+    config, weights, hidden = tiny
+    with pytest.raises(CacheError, match=r"cache: expected dtype float32 \(the compute dtype\), got float64"):
+        mla_forward(config, weights, hidden, cache=LatentCache.empty(config, 2), dtype=np.float32)
+    single = mla_forward(config, weights, hidden, cache=LatentCache.empty(config, 2, dtype=np.float32), dtype=np.float32)
+    assert single.output.dtype == np.float32 and single.cache.dtype == np.float32

@@ -14,10 +14,10 @@ from mla_ref.weights import generate_attention_weights
 FAST_BIG = ["deepseek-v2-lite"]
 
 
-def run_every_path(config, weights, batch: int, prefix: int, seq: int) -> dict:
-    """Record every step over the paths that together cover MLA.1-MLA.19; returns {step_id: (trace, symbols)}."""
+def run_every_path(config, weights, batch: int, prefix: int, seq: int) -> list:
+    """Record every step over the paths that together cover MLA.1-MLA.19; returns [(trace, symbols)], one per path."""
     hidden = hidden_states(config, batch, prefix + seq, 0)
-    recorded = {}
+    recorded = []
 
     def run(**kwargs):
         trace = Trace()
@@ -26,8 +26,8 @@ def run_every_path(config, weights, batch: int, prefix: int, seq: int) -> dict:
             cache = mla_forward(config, weights, hidden[:, :prefix], cache=cache).cache
         mla_forward(config, weights, hidden[:, prefix:], cache=cache, trace=trace, **kwargs)
         keys = prefix + seq if cache is not None else seq
-        for step_id in trace.steps:
-            recorded.setdefault(step_id, (trace, {"batch": batch, "seq": seq, "keys": keys}))
+        expanded = seq if isinstance(cache, NaiveCache) else keys
+        recorded.append((trace, {"batch": batch, "seq": seq, "keys": keys, "expanded": expanded}))
 
     run(start_positions=np.full(batch, 3))  # naive prefill without a cache
     run(cache=NaiveCache.empty(config, batch))
@@ -42,23 +42,26 @@ def run_every_path(config, weights, batch: int, prefix: int, seq: int) -> dict:
     latent_attention_core(q, blocks, paged.block_table, lengths, config.kv_lora_rank, softmax_scale(config), causal=True, trace=trace)
     symbols = {"batch": batch, "seq": seq, "keys": prefix + seq, "num_blocks": blocks.shape[0], "block_size": 4,
                "max_blocks": paged.block_table.shape[1]}
-    for step_id in ("MLA.17", "MLA.19"):
-        recorded[step_id] = (trace, symbols)
+    recorded.append((trace, symbols))
     return recorded
 
 
-def check_declared_shapes(config, recorded: dict) -> None:
-    for step in load_steps("mla.yaml"):
-        if step["id"] == "MLA.1" and not config.q_lora_rank:
-            assert "MLA.1" not in recorded
-            continue
-        assert step["id"] in recorded, f"{step['id']} was never recorded"
-        trace, runtime = recorded[step["id"]]
+def check_declared_shapes(config, recorded: list) -> None:
+    """Every step recorded on every path has exactly its declared output shapes; every step is recorded somewhere."""
+    seen = set()
+    for trace, runtime in recorded:
         symbols = {**config.symbols(), **runtime}
-        for name, shape in step["outputs"].items():
-            assert name in trace[step["id"]], f"{step['id']} did not record {name}"
-            expected = evaluate_shape(shape, symbols)
-            assert trace[step["id"]][name].shape == expected, f"{step['id']}.{name}: {trace[step['id']][name].shape} != {shape} = {expected}"
+        for step in load_steps("mla.yaml"):
+            if step["id"] not in trace:
+                continue
+            seen.add(step["id"])
+            for name, shape in step["outputs"].items():
+                assert name in trace[step["id"]], f"{step['id']} did not record {name}"
+                expected = evaluate_shape(shape, symbols)
+                got = trace[step["id"]][name].shape
+                assert got == expected, f"{step['id']}.{name}: {got} != {shape} = {expected} (path {runtime})"
+    expected_steps = {step["id"] for step in load_steps("mla.yaml")} - (set() if config.q_lora_rank else {"MLA.1"})
+    assert seen == expected_steps, f"never recorded: {sorted(expected_steps - seen)}; unexpected: {sorted(seen - expected_steps)}"
 
 
 @pytest.mark.parametrize("name", TINY_PRESETS)

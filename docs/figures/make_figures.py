@@ -53,7 +53,7 @@ def _shape(step_id: str, name: str, symbols: dict) -> str:
 def mla_dataflow(path: Path) -> None:
     """Boxes and arrows of MLA.1-MLA.12 with the per-token shapes of DeepSeek-V3 (batch 1, seq 1, keys 4096)."""
     config = load_preset("deepseek-v3")
-    symbols = {**config.symbols(), "batch": 1, "seq": 1, "keys": 4096}
+    symbols = {**config.symbols(), "batch": 1, "seq": 1, "keys": 4096, "expanded": 4096}
     boxes = {  # key: (x, y, width, text)
         "hidden": (3.3, 6.0, 3.0, f"hidden\n{config.hidden_size}"),
         "c_q": (0.0, 4.6, 3.0, f"MLA.1 c_q = RMSNorm(x Wq_a)\n{_shape('MLA.1', 'c_q', symbols)}"),
