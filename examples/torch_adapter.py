@@ -1,0 +1,362 @@
+"""A compact PyTorch MLA / DeepSeek-MoE layer behind the adapter protocol of spec/golden.yaml.
+
+Written the way an inference engine writes it, independently of mla_ref: weights and
+activations in one dtype, attention logits, softmax, LSE and the router in fp32 (float64
+in float64 mode), interleaved-pair RoPE through complex numbers, prefill in the naive form
+(per-head keys and values), cached extension in the absorbed form against latent rows
+``[normalised latent | rotated k_pe]``, and the FlashMLA-layout kernel over a paged cache.
+
+The precision is the one setting the protocol's arguments do not carry, so it is a module
+setting: ``configure(dtype, device, tf32)``, or at import the environment variables
+``MLA_REF_TORCH_DTYPE`` (float64 | float32 | bfloat16 | float16, default float32),
+``MLA_REF_TORCH_DEVICE`` (default cpu) and ``MLA_REF_TORCH_TF32=1`` (TF32 matmuls on CUDA).
+``PROFILE`` names the matching precision profile of spec/tolerance.yaml. Every entry point
+also returns intermediates under ``<STEP>/<name>`` so the checker can name the first step
+that diverges.
+
+    mla-ref check examples/torch_adapter.py --profile fp32
+    MLA_REF_TORCH_DTYPE=bfloat16 mla-ref check examples/torch_adapter.py --profile bf16
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PROFILES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE, DEVICE, TF32, PROFILE = "float32", "cpu", False, "fp32"
+
+
+def configure(dtype: str = "float32", device: str = "cpu", tf32: bool = False) -> None:
+    """Choose the dtype and device of every later call; sets PROFILE (tf32 only for float32 on CUDA)."""
+    global DTYPE, DEVICE, TF32, PROFILE
+    if dtype not in PROFILES:
+        raise ValueError(f"MLA_REF_TORCH_DTYPE: expected one of {sorted(PROFILES)}, got {dtype!r}")
+    DTYPE, DEVICE, TF32 = dtype, device, bool(tf32 and dtype == "float32" and device.startswith("cuda"))
+    PROFILE = "tf32" if TF32 else PROFILES[dtype]
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = TF32
+        torch.backends.cudnn.allow_tf32 = TF32
+
+
+configure(os.environ.get("MLA_REF_TORCH_DTYPE", "float32"), os.environ.get("MLA_REF_TORCH_DEVICE", "cpu"),
+          os.environ.get("MLA_REF_TORCH_TF32", "0") == "1")
+
+
+def _dtype() -> torch.dtype:
+    """Storage dtype of weights and activations."""
+    return getattr(torch, DTYPE)
+
+
+def _stat() -> torch.dtype:
+    """Dtype of logits, softmax, LSE, norms' statistics and the router: fp32, float64 in float64 mode."""
+    return torch.float64 if DTYPE == "float64" else torch.float32
+
+
+def _t(array, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(array), device=DEVICE).to(_dtype() if dtype is None else dtype)
+
+
+def _ints(array) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(array), dtype=torch.int64, device=DEVICE)
+
+
+def _np(outputs: dict) -> dict:
+    """Torch tensors -> NumPy: floats as float64, integers as int64."""
+    return {name: value.detach().cpu().to(torch.float64 if value.is_floating_point() else torch.int64).numpy()
+            for name, value in outputs.items()}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """NORM.1 — ``x / sqrt(mean(x^2) + eps) * weight``, statistic and product in fp32, one rounding."""
+    xf = x.to(_stat())
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(_stat())).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- RoPE / YaRN
+
+def yarn_active(cfg: dict) -> bool:
+    """CONFIG yarn_active — YaRN always when configured, or only when max_seq_len exceeds the original context (OFF)."""
+    if cfg["rope_scaling_type"] != "yarn":
+        return False
+    return cfg["yarn_activation"] == "always" or cfg["max_seq_len"] > cfg["original_max_position_embeddings"]
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """ROPE.4 — YaRN magnitude ``0.1 * mscale * ln(factor) + 1``."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _correction_dim(cfg: dict, rotations: float) -> float:
+    """ROPE.2 — the rope dim whose wavelength fits ``rotations`` times into the original context."""
+    ratio = cfg["original_max_position_embeddings"] / (rotations * 2 * math.pi)
+    return cfg["qk_rope_head_dim"] * math.log(ratio) / (2 * math.log(cfg["rope_theta"]))
+
+
+def rope_frequencies(cfg: dict) -> torch.Tensor:
+    """ROPE.1-ROPE.3 — base frequencies, blended towards ``freq / factor`` by the YaRN ramp (float64)."""
+    dim = cfg["qk_rope_head_dim"]
+    freqs = 1.0 / cfg["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # [rope_half]
+    if yarn_active(cfg):
+        low, high = _correction_dim(cfg, cfg["beta_fast"]), _correction_dim(cfg, cfg["beta_slow"])
+        if cfg["yarn_truncate"]:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+        freqs = freqs / cfg["rope_factor"] * ramp + freqs * (1 - ramp)
+    return freqs
+
+
+def attention_scale(cfg: dict) -> float:
+    """ROPE.4 — ``qk_head_dim^-0.5``, times ``m^2`` (m from mscale_all_dim) under YaRN, on the whole logit."""
+    base = (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]) ** -0.5
+    m = yarn_mscale(cfg["rope_factor"], cfg["mscale_all_dim"]) if yarn_active(cfg) else 1.0
+    return base * m * m
+
+
+def rope_cis(cfg: dict, positions: torch.Tensor) -> torch.Tensor:
+    """ROPE.5 — ``amplitude * exp(i * position * freq)``: angles in float64, stored as complex of the stat dtype."""
+    amplitude = 1.0
+    if yarn_active(cfg):
+        amplitude = yarn_mscale(cfg["rope_factor"], cfg["mscale"]) / yarn_mscale(cfg["rope_factor"], cfg["mscale_all_dim"])
+    angles = positions.to(torch.float64)[..., None] * rope_frequencies(cfg).to(positions.device)  # [batch, seq, rope_half]
+    cis = torch.polar(torch.full_like(angles, amplitude), angles)
+    return cis.to(torch.complex128 if _stat() == torch.float64 else torch.complex64)
+
+
+def rotate(x: torch.Tensor, cis: torch.Tensor, layout: str) -> torch.Tensor:
+    """ROPE.6 — rotate pairs: interleaved ``(2j, 2j+1)`` as complex numbers, or ``half`` ``(j, j + d/2)``."""
+    xf = x.to(cis.real.dtype)
+    if layout == "half":
+        x1, x2 = xf.chunk(2, dim=-1)
+        return torch.cat([x1 * cis.real - x2 * cis.imag, x1 * cis.imag + x2 * cis.real], dim=-1).to(x.dtype)
+    pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)).contiguous())  # [..., rope_half]
+    return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- MLA
+
+def project(cfg: dict, w: dict, x: torch.Tensor, positions: torch.Tensor, steps: dict):
+    """MLA.1-MLA.5 — queries, normalised latent and rotated k_pe of the new tokens."""
+    heads, nope, rope, rank = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["kv_lora_rank"]
+    eps = cfg["rms_norm_eps"]
+    if cfg["q_lora_rank"]:
+        c_q = steps["MLA.1/c_q"] = rms_norm(F.linear(x, w["q_a_proj.weight"]), w["q_a_layernorm.weight"], eps)
+        q = F.linear(c_q, w["q_b_proj.weight"])  # [batch, seq, heads * qk_head_dim]
+    else:
+        q = F.linear(x, w["q_proj.weight"])
+    q_nope, q_pe = q.unflatten(-1, (heads, nope + rope)).split([nope, rope], dim=-1)  # [batch, seq, heads, nope | rope]
+    kv_a = F.linear(x, w["kv_a_proj_with_mqa.weight"])  # [batch, seq, kv_lora_rank + rope]
+    c_kv, k_pe = kv_a.split([rank, rope], dim=-1)
+    kv_latent = rms_norm(c_kv, w["kv_a_layernorm.weight"], eps)  # [batch, seq, kv_lora_rank]
+    steps.update({"MLA.2/q_nope": q_nope, "MLA.2/q_pe_raw": q_pe, "MLA.3/kv_latent": kv_latent, "MLA.3/k_pe_raw": k_pe})
+    cis = rope_cis(cfg, positions)  # [batch, seq, rope_half]
+    q_pe = steps["MLA.4/q_pe"] = rotate(q_pe, cis[:, :, None], cfg["rope_layout"])  # per head
+    k_pe = steps["MLA.4/k_pe"] = rotate(k_pe, cis, cfg["rope_layout"])  # one per token, shared by the heads
+    rows = steps["MLA.5/rows"] = torch.cat([kv_latent, k_pe], dim=-1)  # [batch, seq, kv_lora_rank + rope]
+    return q_nope, q_pe, kv_latent, k_pe, rows
+
+
+def causal_visible(key_offsets: torch.Tensor, query_lengths: torch.Tensor, seq: int, keys: int) -> torch.Tensor:
+    """MLA.8 — bottom-right causal mask ``j <= offset + i`` for real (unpadded) queries: ``[batch, seq, keys]``."""
+    i = torch.arange(seq, device=key_offsets.device)[None, :, None]
+    j = torch.arange(keys, device=key_offsets.device)[None, None, :]
+    return (i < query_lengths[:, None, None]) & (j <= key_offsets[:, None, None] + i)
+
+
+def masked_softmax(logits: torch.Tensor, visible: torch.Tensor):
+    """MLA.10 — softmax over visible keys and its natural-log LSE; a row with no visible key: p = 0, lse = -inf."""
+    scores = logits.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [batch, heads, seq]
+    probs = torch.softmax(scores, dim=-1).masked_fill(~visible, 0.0)  # empty rows: NaN -> 0
+    return probs, lse
+
+
+def latent_attention(q_latent: torch.Tensor, key_rows: torch.Tensor, visible: torch.Tensor, scale: float, head_dim_v: int, steps: dict):
+    """MLA.14 -> MLA.10 -> MLA.15 — MQA of per-head latent queries against shared latent rows."""
+    key_rows = key_rows.masked_fill(~visible.any(1)[..., None], 0.0)  # keys no query sees are never used (may be NaN)
+    logits = scale * torch.einsum("bshc,btc->bhst", q_latent.to(_stat()), key_rows.to(_stat()))  # [batch, heads, seq, keys]
+    probs, lse = masked_softmax(logits, visible[:, None])
+    out_latent = torch.einsum("bhst,btc->bshc", probs.to(key_rows.dtype), key_rows[..., :head_dim_v])  # [batch, seq, heads, v]
+    steps.update({"MLA.14/logits": logits, "MLA.10/probs": probs, "MLA.10/lse": lse, "MLA.15/out_latent": out_latent})
+    return out_latent, lse
+
+
+def output_projection(attn: torch.Tensor, w: dict) -> torch.Tensor:
+    """MLA.12 — concatenate the heads head-major, then ``o_proj``: ``[batch, seq, hidden_size]``."""
+    return F.linear(attn.flatten(2), w["o_proj.weight"])
+
+
+def mla_prefill(config, weights, hidden, start_positions):
+    """MLA.1-MLA.12 without a cache, naive form: per-head k_nope and values from the latent (V2R eq. 9-19)."""
+    cfg, w, x = config, {name: _t(value) for name, value in weights.items()}, _t(hidden)
+    heads, nope, v_dim = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    batch, seq, _ = x.shape
+    positions = _ints(start_positions)[:, None] + torch.arange(seq, device=DEVICE)  # [batch, seq]
+    steps = {}
+    q_nope, q_pe, kv_latent, k_pe, _ = project(cfg, w, x, positions, steps)
+    kv = F.linear(kv_latent, w["kv_b_proj.weight"]).unflatten(-1, (heads, nope + v_dim))  # [batch, seq, heads, nope + v]
+    k_nope, value = kv.split([nope, v_dim], dim=-1)
+    q = torch.cat([q_nope, q_pe], dim=-1)  # [batch, seq, heads, qk_head_dim]
+    k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, heads, -1)], dim=-1)
+    visible = causal_visible(torch.zeros(batch, dtype=torch.int64, device=DEVICE), torch.full((batch,), seq, device=DEVICE), seq, seq)
+    logits = attention_scale(cfg) * torch.einsum("bshd,bthd->bhst", q.to(_stat()), k.to(_stat()))  # [batch, heads, seq, keys]
+    probs, lse = masked_softmax(logits, visible[:, None])
+    attn = torch.einsum("bhst,bthd->bshd", probs.to(value.dtype), value)  # [batch, seq, heads, v_head_dim]
+    output = output_projection(attn, w)
+    steps.update({"MLA.6/k_nope": k_nope, "MLA.6/value": value, "MLA.7/q_full": q, "MLA.7/k_full": k, "MLA.8/visible": visible,
+                  "MLA.9/logits": logits, "MLA.10/probs": probs, "MLA.10/lse": lse, "MLA.11/attn": attn, "MLA.12/output": output})
+    return _np({"output": output, "lse": lse, **steps})
+
+
+def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths):
+    """MLA layer after cached latent rows, absorbed form (V2R section 2.1.2): chunked prefill, decode or verification."""
+    cfg, w, x = config, {name: _t(value) for name, value in weights.items()}, _t(hidden)
+    heads, nope, v_dim, rank = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    seq = x.shape[1]
+    cached, new = _ints(cache_lengths), _ints(query_lengths)
+    positions = cached[:, None] + torch.arange(seq, device=DEVICE)  # [batch, seq] absolute positions
+    steps = {}
+    q_nope, q_pe, _, _, rows = project(cfg, w, x, positions, steps)
+    real = torch.arange(seq, device=DEVICE)[None] < new[:, None]  # [batch, seq]: right padding is not cached
+    rows = rows.masked_fill(~real[..., None], 0.0)
+    keys = int((cached + new).max())
+    key_rows = _t(cache_rows)[:, :keys]  # [batch, keys, kv_lora_rank + rope]
+    key_rows = F.pad(key_rows, (0, 0, 0, keys - key_rows.shape[1]))
+    b, i = torch.nonzero(real, as_tuple=True)
+    key_rows[b, cached[b] + i] = rows[b, i]  # MLA.18: append after each sequence's prefix
+    visible = steps["MLA.8/visible"] = causal_visible(cached, new, seq, keys)
+    w_uk, w_uv = w["kv_b_proj.weight"].unflatten(0, (heads, nope + v_dim)).split([nope, v_dim], dim=1)  # [heads, nope | v, rank]
+    q_absorbed = steps["MLA.13/q_absorbed"] = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [batch, seq, heads, kv_lora_rank]
+    q_latent = torch.cat([q_absorbed, q_pe], dim=-1)
+    out_latent, lse = latent_attention(q_latent, key_rows, visible, attention_scale(cfg), rank, steps)
+    attn = steps["MLA.16/attn"] = torch.einsum("bshc,hdc->bshd", out_latent, w_uv)  # [batch, seq, heads, v_head_dim]
+    output = output_projection(attn, w)
+    return _np({"output": output, "rows": rows, "lse": lse, "MLA.12/output": output, **steps})
+
+
+def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+    """MLA.17 — FlashMLA ``flash_mla_with_kvcache``: paged gather (MLA.19), then latent attention with the given scale."""
+    q, cache, table, seqlens = _t(q), _t(k_cache), _ints(block_table), _ints(cache_seqlens)
+    batch, s_q = q.shape[:2]
+    block_size = cache.shape[1]
+    t = torch.arange(int(seqlens.max()), device=DEVICE)  # [keys]
+    held = t[None] < seqlens[:, None]  # [batch, keys]
+    blocks = table[:, t // block_size].clamp(min=0)  # [batch, keys]
+    key_rows = cache[blocks, t % block_size, 0].masked_fill(~held[..., None], 0.0)  # [batch, keys, width]; NaN slots dropped
+    if causal:
+        visible = causal_visible(seqlens - s_q, torch.full((batch,), s_q, device=DEVICE), s_q, t.numel())
+    else:
+        visible = held[:, None].expand(-1, s_q, -1)
+    steps = {"MLA.19/key_rows": key_rows, "MLA.8/visible": visible}
+    scale = float(softmax_scale)
+    out, lse = latent_attention(q, key_rows, visible, scale, int(head_dim_v), steps)
+    return _np({"out": out, "lse": lse, "MLA.17/out": out, "MLA.17/lse": lse, **steps})
+
+
+# ---------------------------------------------------------------------------- MoE
+
+def moe_route(config, weights, hidden):
+    """MOE.1-MOE.8 — group-limited top-k with a selection-only bias; ties go to the lower index."""
+    return _np(_route(config, weights, _t(hidden).flatten(0, -2)))
+
+
+def _route(cfg: dict, weights: dict, x: torch.Tensor) -> dict:
+    """MOE.1-MOE.8 on ``x [tokens, hidden_size]``: expert ids, weights and every intermediate."""
+    logits = F.linear(x.to(_stat()), _t(weights["mlp.gate.weight"]).to(_stat()))  # [tokens, experts], fp32 router
+    scores = logits.sigmoid() if cfg["scoring_func"] == "sigmoid" else logits.softmax(dim=-1)
+    bias = weights.get("mlp.gate.e_score_correction_bias")
+    selection = scores + _t(bias, _stat()) if bias is not None else scores  # MOE.3: the bias only selects
+    groups = selection.unflatten(-1, (cfg["n_group"], -1))  # [tokens, n_group, experts_per_group]
+    group_rule = cfg["group_score_rule"] or ("top2_sum" if cfg["topk_method"] == "noaux_tc" else "max")
+    if group_rule == "top2_sum":
+        group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # [tokens, n_group]
+    else:
+        group_scores = groups.amax(dim=-1)
+    group_order = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices
+    kept = group_order[:, : cfg["topk_group"]]  # [tokens, topk_group]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+    fill = 0.0 if cfg["group_mask_fill"] == "zero" else float("-inf")
+    masked = groups.masked_fill(~keep[..., None], fill).flatten(1)  # [tokens, experts]
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices  # ties: lower expert index first
+    expert_ids = order[:, : cfg["num_experts_per_tok"]]  # [tokens, K]
+    routing = scores.gather(1, expert_ids)  # unbiased scores of the chosen experts
+    renormalise = cfg["norm_topk_prob"] if cfg["topk_norm_rule"] == "norm_topk_prob" else cfg["scoring_func"] == "sigmoid"
+    if renormalise:
+        routing = routing / (routing.sum(-1, keepdim=True) + cfg["topk_norm_epsilon"])
+    routing = routing * cfg["routed_scaling_factor"]
+    return {"expert_ids": expert_ids, "weights": routing, "MOE.1/logits": logits, "MOE.2/scores": scores, "MOE.3/selection": selection,
+            "MOE.4/group_scores": group_scores, "MOE.6/masked": masked, "MOE.7/expert_ids": expert_ids,
+            "MOE.8/weights": routing}
+
+
+def swiglu(x: torch.Tensor, weights: dict, prefix: str) -> torch.Tensor:
+    """MOE.9 / MOE.11 / MOE.13 — ``down(silu(gate(x)) * up(x))``."""
+    gate, up, down = (_t(weights[f"{prefix}{name}_proj.weight"]) for name in ("gate", "up", "down"))
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def moe_layer(config, weights, hidden, layer):
+    """MOE.1-MOE.13 — routed experts weighted and summed in fp32 (expert order), plus the shared experts unweighted."""
+    cfg, x = config, _t(hidden)
+    shape, x = x.shape, x.flatten(0, -2)  # [tokens, hidden_size]
+    is_moe = layer >= cfg["first_k_dense_replace"] and layer % cfg["moe_layer_freq"] == 0
+    if not is_moe:
+        output = swiglu(x, weights, "mlp.")  # MOE.13
+        return _np({"output": output.reshape(shape), "MOE.13/output": output})
+    steps = _route(cfg, weights, x)
+    expert_ids, routing = steps.pop("expert_ids"), steps.pop("weights")
+    routed = torch.zeros(x.shape, dtype=_stat(), device=DEVICE)
+    for expert in expert_ids.unique().tolist():  # MOE.9-MOE.10, in increasing expert id
+        token, slot = torch.nonzero(expert_ids == expert, as_tuple=True)  # the (token, slot) pairs routed to it
+        out = swiglu(x[token], weights, f"mlp.experts.{expert}.")
+        routed.index_add_(0, token, out.to(_stat()) * routing[token, slot, None])
+    routed = steps["MOE.10/routed"] = routed.to(x.dtype)
+    shared = swiglu(x, weights, "mlp.shared_experts.") if cfg["n_shared_experts"] else torch.zeros_like(x)  # MOE.11
+    output = routed + shared  # MOE.12
+    steps.update({"MOE.11/shared": shared} if cfg["n_shared_experts"] else {})
+    return _np({"output": output.reshape(shape), "expert_ids": expert_ids, "MOE.12/output": output, **steps})
+
+
+# ---------------------------------------------------------------------------- training rules and dispatch
+
+def moe_balance(config, scores, expert_ids, bias):
+    """MOE.14-MOE.17 — expert load, the bias update (V3R 2.1.2), the V3 sequence-wise loss (eqs. 17-20), the V2 losses (V2R 2.2.3)."""
+    cfg, s, ids = config, _t(scores, _stat()), _ints(expert_ids)  # [batch, seq, experts], [batch, seq, K]
+    experts, k, seq = cfg["n_routed_experts"], cfg["num_experts_per_tok"], s.shape[1]
+    devices, device_limit, alpha = cfg["n_group"], cfg["topk_group"], cfg["aux_loss_alpha"]
+    load = torch.bincount(ids.flatten(), minlength=experts)  # MOE.14: assignments per expert
+    new_bias = _t(bias, _stat()) + cfg["bias_update_speed"] * torch.sign(load.sum() - experts * load).to(_stat())  # MOE.15: overloaded go down
+
+    def frequency(chosen: torch.Tensor) -> torch.Tensor:  # f_i = N_r / (K_r T) * times expert i is chosen: [batch, experts]
+        return experts / (k * seq) * F.one_hot(chosen, experts).sum((1, 2)).to(_stat())
+
+    top = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]  # eq. 18: top-K of the unbiased scores
+    f_seq, p_seq = frequency(top), (s / s.sum(-1, keepdim=True)).mean(1)  # P_i from s' normalised over all experts
+    sequence_loss = alpha * (f_seq * p_seq).sum(-1)  # MOE.16: [batch]
+    f, p = frequency(ids), s.mean(1)  # MOE.17 on the routing decisions and the raw affinities
+    f_device, p_device = f.unflatten(-1, (devices, -1)).mean(-1), p.unflatten(-1, (devices, -1)).sum(-1)  # [batch, devices]
+    reached = F.one_hot(ids // (experts // devices), devices).amax(2)  # [batch, seq, devices]: token sent to device
+    f_comm = devices / (device_limit * seq) * reached.sum(1).to(_stat())
+    losses = {"expert_loss": alpha * (f * p).sum(-1), "device_loss": 0.05 * (f_device * p_device).sum(-1),
+              "comm_loss": 0.02 * (f_comm * p_device).sum(-1)}
+    return _np({"load": load, "new_bias": new_bias, "sequence_loss": sequence_loss, **losses, "MOE.14/load": load,
+                "MOE.15/new_bias": new_bias, "MOE.16/loss": sequence_loss, "MOE.16/f": f_seq, "MOE.16/p": p_seq,
+                **{f"MOE.17/{name}": value for name, value in losses.items()}})
+
+
+def dispatch_plan(config, expert_ids, ranks):
+    """MOE.18 — (token, slot, expert) sorted by expert, then token, then slot; assignments per rank; groups per token."""
+    ids = _ints(expert_ids)  # [tokens, K]
+    k, experts, groups = ids.shape[1], config["n_routed_experts"], config["n_group"]
+    flat = ids.flatten()  # index token * K + slot: already in token, then slot order
+    order = torch.sort(flat, stable=True).indices  # by expert, keeping token / slot order among equals
+    entries = torch.stack([order // k, order % k, flat[order]], dim=-1)  # [tokens * K, 3]
+    counts = torch.bincount(flat // (experts // int(ranks)), minlength=int(ranks))  # [ranks]
+    groups_per_token = F.one_hot(ids // (experts // groups), groups).amax(1).sum(-1)  # distinct groups reached: [tokens]
+    return _np({"entries": entries, "counts": counts, "groups_per_token": groups_per_token,
+                "MOE.18/entries": entries, "MOE.18/counts": counts, "MOE.18/groups_per_token": groups_per_token})
