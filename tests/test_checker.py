@@ -117,3 +117,25 @@ def test_cli_check_report_and_exit_codes(tmp_path, capsys):
     assert main(["check", str(bad), "--select", "moe.route"]) == 1
     assert "adapter raised ValueError: nope" in capsys.readouterr().out
     assert main(["check", "ref", "--profile", "bf8"]) == 2
+
+
+def test_every_profile_emulation_passes_its_own_rule():
+    """The reference's own emulation of a profile is a correct implementation of it: it must pass (Triton adapter finding)."""
+    from mla_ref.conformance.compare import compare_tensor
+    from mla_ref.golden.generate import default_golden_dir
+    from mla_ref.golden.manifest import read_manifest
+    from mla_ref.golden.storage import read_npz
+    from mla_ref.conformance.protocol import entry_points
+    from mla_ref.trace import storage_format
+    directory = default_golden_dir()
+    for case_id, entry in read_manifest(directory / "manifest.yaml")["cases"].items():
+        tensors = read_npz(directory / entry["file"])
+        steps = entry_points()[entry["entry_point"]]["output_steps"]
+        for profile, recorded in entry["profiles"].items():
+            for key, noise in recorded["noise"].items():
+                if not key.startswith("output:"):
+                    continue
+                name = key.split(":", 1)[1]
+                verdict = compare_tensor(name, tensors[f"emulated:{profile}:{name}"], tensors[key], noise, profile,
+                                         fmt=storage_format(profile, steps[name], name), noise_max=recorded["noise_max"][key])
+                assert verdict.passed, f"{case_id} {profile} {name}: {verdict.reason}"

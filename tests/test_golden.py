@@ -85,7 +85,7 @@ def test_case_ids_cannot_escape_the_folder(bad):
 
 def test_every_computational_step_has_a_golden_case():
     covered = {step for definition in case_definitions() for step in definition["steps"]}
-    for file in ("mla.yaml", "moe.yaml"):
+    for file in ("mla.yaml", "moe.yaml", "model.yaml", "mtp.yaml"):
         for step in load_steps(file):
             if step["id"] in UNCOVERED:
                 continue

@@ -198,6 +198,7 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
         result.status, result.reason = "fail", f"golden case unreadable: {error}"
         return result
     noise = entry["profiles"].get(profile, {}).get("noise")
+    noise_max = entry["profiles"].get(profile, {}).get("noise_max", {})
     if noise is None:
         result.status, result.reason = "skip", f"case has no {profile} profile"
         return result
@@ -224,13 +225,14 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
     output_steps = entry_points()[entry["entry_point"]]["output_steps"]
     for name in [name for name in truth_outputs if name in produced]:
         fmt = storage_format(profile, output_steps[name], name)
-        result.comparisons.append(compare_tensor(name, produced[name], truth_outputs[name], noise.get(f"output:{name}", 0.0), profile, fmt=fmt))
+        result.comparisons.append(compare_tensor(name, produced[name], truth_outputs[name], noise.get(f"output:{name}", 0.0), profile,
+                                                 fmt=fmt, noise_max=noise_max.get(f"output:{name}", 0.0)))
     step_results = []
     for key, truth in case["step"].items():
         if key in produced:
             step, tensor = key.split("/")
             comparison = compare_tensor(key, produced[key], truth, noise.get(f"step:{step}:{tensor}", 0.0), profile,
-                                        fmt=storage_format(profile, step, tensor))
+                                        fmt=storage_format(profile, step, tensor), noise_max=noise_max.get(f"step:{step}:{tensor}", 0.0))
             result.comparisons.append(comparison)
             step_results.append((step, comparison))
     failures = [c for c in result.comparisons if not c.passed]

@@ -14,7 +14,10 @@ from ..config import from_dict
 from ..mla import latent_attention_core as core, mla_forward
 from ..balance import bias_update, expert_load, sequence_balance_loss, v2_balance_losses
 from ..dispatch import dispatch_plan as plan
+from ..model import greedy_generate, model_forward
 from ..moe import ffn_forward, route
+from ..mtp import mtp_losses
+from ..speculative import speculative_generate
 
 PROFILE = "fp64"
 
@@ -73,3 +76,35 @@ def dispatch_plan(config, expert_ids, ranks, trace=None):
     """MOE.18 — the expert-parallel dispatch plan."""
     result = plan(from_dict(config), expert_ids, int(ranks), trace=trace)
     return {"entries": result.entries, "counts": result.counts, "groups_per_token": result.groups_per_token}
+
+
+def _prompts(prompt_tokens, prompt_lengths) -> list[list[int]]:
+    return [list(map(int, row[:length])) for row, length in zip(np.asarray(prompt_tokens), np.asarray(prompt_lengths))]
+
+
+def model_logits(config, weights, tokens, query_lengths, trace=None):
+    """MODEL.1-MODEL.5 — logits of every position of a (right-padded) batch."""
+    return {"logits": model_forward(from_dict(config), weights, tokens, query_lengths=query_lengths, trace=trace).logits}
+
+
+def greedy_decode(config, weights, prompt_tokens, prompt_lengths, steps, trace=None):
+    """MODEL.6 — prefill the prompts, then ``steps`` cached greedy tokens and the logits each was chosen from."""
+    result = greedy_generate(from_dict(config), weights, _prompts(prompt_tokens, prompt_lengths), int(steps), trace=trace)
+    return {"tokens": result.tokens, "logits": result.logits}
+
+
+def mtp_forward(config, weights, tokens, mtp_lambda, trace=None):
+    """MTP.1-MTP.6 and MODEL.7 — main and per-depth logits and losses; depth k's rows past seq - k are 0."""
+    result = mtp_losses(from_dict(config), weights, tokens, mtp_lambda=float(mtp_lambda), trace=trace)
+    depths, (batch, seq, vocab) = len(result.depth_logits), result.main_logits.shape
+    depth_logits = np.zeros((depths, batch, seq, vocab))
+    for index, logits in enumerate(result.depth_logits):
+        depth_logits[index, :, : logits.shape[1]] = logits
+    return {"main_logits": result.main_logits, "depth_logits": depth_logits, "main_loss": np.asarray(result.main_loss),
+            "depth_losses": result.depth_losses, "mtp_loss": np.asarray(result.mtp_loss)}
+
+
+def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps, trace=None):
+    """MTP.7-MTP.11 — greedy speculative decoding with the MTP drafter: the tokens and acceptance counts per depth."""
+    result = speculative_generate(from_dict(config), weights, _prompts(prompt_tokens, prompt_lengths), int(steps), trace=trace)
+    return {"tokens": result.tokens, "accepted_per_depth": result.accepted_per_depth, "proposed_per_depth": result.proposed_per_depth}

@@ -40,6 +40,7 @@ class Case:
     steps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # "MLA.2/q_nope" -> array
     emulated: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     noise: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # profile -> tensor -> L2 noise
+    noise_max: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # profile -> tensor -> largest |emulated - truth|
     acceptable: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
@@ -287,9 +288,95 @@ def build_dispatch_plan(definition: dict, config: ModelConfig):
     return {"expert_ids": route(config, weights, hidden).expert_ids}, {}, {"ranks": layout["ranks"]}
 
 
+class MarginTrace(Trace):
+    """A trace that keeps every routing margin of a run, layer after layer (MOE.5 group and MOE.7 expert margins)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.margins: list[np.ndarray] = []
+
+    def record(self, step_id: str, **arrays: np.ndarray) -> None:
+        super().record(step_id, **arrays)
+        for name in ("group_margin", "expert_margin"):
+            if name in arrays:
+                self.margins.append(np.asarray(arrays[name]))
+
+
+def _token_with_margins(definition: dict, config: ModelConfig, weights: dict, prefix: np.ndarray, candidates: np.ndarray) -> int:
+    """The first candidate token after ``prefix`` whose routing at every MoE layer keeps ``min_margin`` (tried 16 at a time)."""
+    from ..model import model_forward
+    for start in range(0, len(candidates), 16):
+        batch = candidates[start: start + 16]
+        trial = np.concatenate([np.repeat(prefix[None, :], len(batch), axis=0), batch[:, None]], axis=1)
+        trace = MarginTrace()
+        model_forward(config, weights, trial, trace=trace)
+        if not trace.margins:
+            return int(batch[0])
+        last = np.min([margin.reshape(len(batch), -1)[:, -1] for margin in trace.margins], axis=0)
+        good = np.flatnonzero(last > definition["layout"]["min_margin"])
+        if good.size:
+            return int(batch[good[0]])
+    raise GoldenError(definition["id"], f"no token keeps the routing margins at position {len(prefix)}", "GOLDEN.cases")
+
+
+def build_model_logits(definition: dict, config: ModelConfig):
+    """Model level: token sequences built position by position so that every MoE routing at every layer has a margin."""
+    layout = definition["layout"]
+    weights = generate_weights(config, seed=definition.get("seed", 0))
+    rng = _rng(definition, "tokens")
+    lengths = np.array(layout["lengths"], dtype=np.int64)
+    tokens = np.zeros((len(lengths), int(lengths.max())), dtype=np.int64)
+    for b, length in enumerate(lengths):
+        for position in range(int(length)):
+            tokens[b, position] = _token_with_margins(definition, config, weights, tokens[b, :position], rng.permutation(config.vocab_size))
+    return {"tokens": tokens, "query_lengths": lengths}, weights, {}
+
+
+def _stable_prompts(definition: dict, config: ModelConfig, weights: dict, entry_point: str, args: dict):
+    """Prompts whose discrete outcome (tokens, acceptance) is the same in float64 and in every profile's emulation."""
+    layout = definition["layout"]
+    rng = _rng(definition, "prompts")
+    lengths = np.array(layout["prompt_lengths"], dtype=np.int64)
+    chosen = []
+    for _ in range(layout.get("attempts", 40)):
+        prompt = rng.integers(0, config.vocab_size, int(lengths.max()))
+        inputs = {"prompt_tokens": prompt[None, :], "prompt_lengths": lengths[len(chosen): len(chosen) + 1]}
+        probe = Case(definition["id"], definition, config, args, inputs, weights)
+        truth = call_reference(probe, None)
+        outcomes = [call_reference(probe, Trace(profile, keep=False)) for profile in profiles_of(definition) if profile != "fp64"]
+        if all(np.array_equal(truth[name], outcome[name]) for outcome in outcomes for name in truth if truth[name].dtype.kind in "iu"):
+            chosen.append(prompt)
+            if len(chosen) == len(lengths):
+                return {"prompt_tokens": np.array(chosen), "prompt_lengths": lengths}
+    raise GoldenError(definition["id"], "no prompt with the same discrete outcome under every profile", "GOLDEN.cases")
+
+
+def build_greedy_decode(definition: dict, config: ModelConfig):
+    """Model level: cached greedy steps from ragged prompts whose greedy tokens no precision profile changes."""
+    weights = generate_weights(config, seed=definition.get("seed", 0))
+    args = {"steps": definition["layout"]["steps"]}
+    return _stable_prompts(definition, config, weights, "greedy_decode", args), weights, args
+
+
+def build_mtp_forward(definition: dict, config: ModelConfig):
+    """Model level: the main model and the MTP chain on random token sequences (MTP.1-MTP.6)."""
+    layout = definition["layout"]
+    weights = generate_weights(config, seed=definition.get("seed", 0))
+    tokens = _rng(definition, "tokens").integers(0, config.vocab_size, (layout["batch"], layout["seq"] + 1))
+    return {"tokens": tokens}, weights, {"mtp_lambda": layout.get("mtp_lambda", 0.3)}
+
+
+def build_speculative_decode(definition: dict, config: ModelConfig):
+    """Model level: speculative decoding with the MTP drafter from prompts whose outcome no profile changes."""
+    weights = generate_weights(config, seed=definition.get("seed", 0))
+    args = {"steps": definition["layout"]["steps"]}
+    return _stable_prompts(definition, config, weights, "speculative_decode", args), weights, args
+
+
 BUILDERS = {"latent_attention_core": build_paged_core, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
             "moe_route": build_moe_route, "moe_layer": build_moe_layer, "moe_balance": build_moe_balance,
-            "dispatch_plan": build_dispatch_plan}
+            "dispatch_plan": build_dispatch_plan, "model_logits": build_model_logits, "greedy_decode": build_greedy_decode,
+            "mtp_forward": build_mtp_forward, "speculative_decode": build_speculative_decode}
 
 
 # ------------------------------------------------------------------ running the reference
@@ -328,13 +415,19 @@ def build_case(definition: dict) -> Case:
         emulation = Trace(profile)
         emulated = call_reference(case, emulation)
         case.emulated[profile] = {name: np.asarray(value) for name, value in emulated.items() if np.asarray(value).dtype.kind == "f"}
-        noise = {f"output:{name}": _l2(value, case.outputs[name]) for name, value in case.emulated[profile].items()}
+        pairs = {f"output:{name}": (value, case.outputs[name]) for name, value in case.emulated[profile].items()}
         for key, truth in case.steps.items():
             step, name = key.split("/")
             if step in emulation.steps and name in emulation[step] and truth.dtype.kind == "f":
-                noise[f"step:{step}:{name}"] = _l2(emulation[step][name], truth)
-        case.noise[profile] = noise
+                pairs[f"step:{step}:{name}"] = (emulation[step][name], truth)
+        case.noise[profile] = {name: _l2(*pair) for name, pair in pairs.items()}
+        case.noise_max[profile] = {name: _largest(*pair) for name, pair in pairs.items()}
     return case
+
+
+def _largest(emulated: np.ndarray, truth: np.ndarray) -> float:
+    finite = np.isfinite(truth) & np.isfinite(emulated)
+    return float(np.max(np.abs(np.where(finite, emulated, 0.0) - np.where(finite, truth, 0.0)), initial=0.0))
 
 
 def _l2(emulated: np.ndarray, truth: np.ndarray) -> float:

@@ -32,7 +32,7 @@ def case_entry(case: Case) -> dict:
         "steps": list(definition["steps"]),
         "args": {name: (value.item() if isinstance(value, np.generic) else value) for name, value in case.args.items()},
         "config": case.config.to_dict(),
-        "profiles": {profile: {"noise": noise} for profile, noise in case.noise.items()},
+        "profiles": {profile: {"noise": noise, "noise_max": case.noise_max[profile]} for profile, noise in case.noise.items()},
         "tensors": {name: {"dtype": value.dtype.str, "shape": list(value.shape), "sha256": tensor_digest(value)}
                     for name, value in case.tensors().items()},
         "purpose": str(definition.get("purpose", "")),

@@ -36,12 +36,17 @@ def _plain_array(name: str, value) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype.kind not in "fiub" or array.dtype.byteorder == ">":
         raise GoldenError(name, f"expected a numeric or bool array in native byte order, got dtype {array.dtype}", "GOLDEN.storage")
-    return np.ascontiguousarray(array)
+    return _c_order(array)
+
+
+def _c_order(array: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)."""
+    return array if array.flags.c_contiguous else np.array(array, order="C")
 
 
 def tensor_digest(array: np.ndarray) -> str:
     """sha256 over dtype, shape and the C-order bytes of a tensor."""
-    array = np.ascontiguousarray(array)
+    array = _c_order(np.asarray(array))
     digest = hashlib.sha256(f"{array.dtype.str}|{','.join(map(str, array.shape))}|".encode())
     digest.update(array.tobytes())
     return digest.hexdigest()
