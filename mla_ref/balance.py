@@ -15,15 +15,13 @@ from .config import ModelConfig
 from .errors import ConfigError, InputError, ShapeError, WeightError
 from .checks import check_tensor
 from .moe import BIAS, check_expert_ids
-from .trace import Trace, record
+from .trace import Trace, emit
 
 
 def expert_load(config: ModelConfig, expert_ids, *, trace: Trace | None = None) -> np.ndarray:
     """MOE.14 — assignments per expert over a batch of routing decisions (V3R section 2.1.2); int64 ``[n_routed_experts]``."""
     ids = check_expert_ids(config, expert_ids, ("tokens",), "MOE.14")  # [tokens, num_experts_per_tok]
-    load = np.bincount(ids.reshape(-1), minlength=config.n_routed_experts)  # [n_routed_experts]
-    record(trace, "MOE.14", load=load)
-    return load
+    return emit(trace, "MOE.14", np.bincount(ids.reshape(-1), minlength=config.n_routed_experts))  # [n_routed_experts]
 
 
 def bias_update(config: ModelConfig, bias, load, *, speed: float | None = None, trace: Trace | None = None) -> np.ndarray:
@@ -47,9 +45,7 @@ def bias_update(config: ModelConfig, bias, load, *, speed: float | None = None, 
     gamma = config.bias_update_speed if speed is None else speed
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0 or not np.isfinite(gamma):
         raise InputError("speed", f"expected a finite float >= 0, got {gamma!r}", "MOE.15")
-    new_bias = b + gamma * np.sign(counts.sum() - experts * counts)  # [n_routed_experts]
-    record(trace, "MOE.15", new_bias=new_bias)
-    return new_bias
+    return emit(trace, "MOE.15", b + gamma * np.sign(counts.sum() - experts * counts))  # [n_routed_experts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +82,7 @@ def sequence_balance_loss(config: ModelConfig, scores, expert_ids=None, *, indic
     f = _selection_frequency(config, chosen)  # [batch, n_routed_experts]
     p = (s / s.sum(axis=-1, keepdims=True)).mean(axis=1)  # s' averaged over the sequence: [batch, n_routed_experts]
     loss = alpha * (f * p).sum(axis=-1)  # [batch]
-    record(trace, "MOE.16", loss=loss, f=f, p=p)
-    return SequenceBalance(loss, f, p)
+    return SequenceBalance(*emit(trace, "MOE.16", loss, f, p))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +131,7 @@ def v2_balance_losses(config: ModelConfig, scores, expert_ids, *, devices: int |
     expert_loss = alphas[0] * (f * p).sum(axis=-1)  # [batch]
     device_loss = alphas[1] * (f_device * p_device).sum(axis=-1)
     comm_loss = alphas[2] * (f_comm * p_device).sum(axis=-1)
-    record(trace, "MOE.17", expert_loss=expert_loss, device_loss=device_loss, comm_loss=comm_loss)
+    expert_loss, device_loss, comm_loss = emit(trace, "MOE.17", expert_loss, device_loss, comm_loss)
     return V2Balance(expert_loss, device_loss, comm_loss, f, p)
 
 

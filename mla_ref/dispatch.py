@@ -13,7 +13,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import InputError
 from .moe import assignment_order, check_expert_ids
-from .trace import Trace, record
+from .trace import Trace, emit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,5 +65,5 @@ def dispatch_plan(config: ModelConfig, expert_ids, ranks: int, *, enforce_node_l
         token = int(over[0])
         raise InputError("expert_ids", f"token {token} reaches {int(groups_per_token[token])} groups {sorted(set(groups[token].tolist()))}, "
                          f"expected <= topk_group = {config.topk_group} (node-limited routing, groups = nodes)", "MOE.18")
-    record(trace, "MOE.18", entries=entries, counts=counts, groups_per_token=groups_per_token)
+    entries, counts, groups_per_token = emit(trace, "MOE.18", entries, counts, groups_per_token)
     return DispatchPlan(int(ranks), experts_per_rank, entries, counts, offsets, groups_per_token)

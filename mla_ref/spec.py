@@ -1,6 +1,6 @@
 """Load and check the YAML spec (``spec/``), and evaluate its symbolic shapes.
 
-YAML is read with ``yaml.safe_load`` only. A malformed file is reported with the file
+YAML is read with the safe loader only (``yaml.CSafeLoader`` where libyaml is present, else ``yaml.SafeLoader``: the same safe subset). A malformed file is reported with the file
 and the key; a shape such as ``[batch, seq, num_attention_heads, qk_nope_head_dim]`` or
 ``[num_attention_heads * qk_head_dim, q_lora_rank]`` is evaluated by a tiny arithmetic
 interpreter (names, integers, ``+ - * //`` and parentheses), never by ``eval``.
@@ -19,6 +19,9 @@ import yaml
 from .errors import SpecError
 
 
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def spec_dir() -> Path:
     """The spec folder: inside the installed package, else next to it in a checkout."""
     here = Path(__file__).resolve().parent
@@ -35,7 +38,7 @@ def read_yaml(path: Path) -> Any:
     except OSError as exc:
         raise SpecError(str(path), f"cannot be read: {exc}", "SPEC") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=SAFE_LOADER)  # the C build of the safe loader where libyaml exists
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
