@@ -129,6 +129,7 @@ def test_nan_rows_stay_in_their_row_when_allowed():
     assert np.isnan(poisoned[1]).all()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the overflow is the point
 def test_nan_scores_from_overflowing_logits():
     config = small_config(n_routed_experts=8, num_experts_per_tok=2, scoring_func="softmax")
     gate = np.ones((8, 6))  # every logit overflows to +inf: inf - inf in the softmax
