@@ -5,9 +5,9 @@ past the allowed one and past what the unpatched adapter shows there: an L2 erro
 allowed (``used > 1``, TOLERANCE.3) or an exact mismatch (ids, inf / NaN positions, a shape,
 a crash). Mutants marked ``fp32_only`` lie below bf16 noise and are required at fp32 only.
 Where the checker itself rejects the correct adapter, the case is waived with the reason
-(KNOWN_CHECKER_ISSUES): the waiver fails the run as soon as the case passes. ``test_separation_table`` prints, per mutant, how far past the
-allowed error it lands (the separation margin). Needs PyTorch; slow (about a hundred checker
-runs): ``pytest -m torch``.
+(KNOWN_CHECKER_ISSUES): the waiver fails the run as soon as the case passes.
+``test_separation_table`` prints, per mutant, how far past the allowed error it lands (the
+separation margin). Needs PyTorch; slow (about a hundred checker runs): ``pytest -m torch``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ KNOWN_CHECKER_ISSUES = {  # waivers: the case must fail (a waived case that pass
 
 @pytest.fixture(scope="module", autouse=True)
 def _manifest_parsed_once():
-    """check() parses golden/manifest.yaml on every call (about 3 s): parse it once for this module."""
+    """check() parses golden/manifest.yaml on every call: parse it once for this module's hundred-odd runs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: thread start-up costs more than it saves
     with pytest.MonkeyPatch.context() as patch:

@@ -1,6 +1,6 @@
 """examples/torch_adapter.py in float64 equals the reference, and every mutant of tests/mutants/ changes its behaviour.
 
-Skipped without PyTorch; CI runs these in their own step (``pytest -m torch``).
+Skipped without PyTorch; CI runs them in the step that installs it (``pytest -m slow``; locally ``pytest -m torch``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from mla_ref.trace import Trace  # noqa: E402
 from mla_ref.weights import attention_weights_for_half_layout, generate_attention_weights, generate_weights, subtree  # noqa: E402
 from mutants import mutate  # noqa: E402
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.slow]  # slow: the CI step that installs torch runs `pytest -m slow`
 
 RTOL = 1e-10
 MLA_PRESETS = ["tiny", "tiny-yarn", "tiny-v2lite", "tiny-v2", "tiny-mscale-mismatch"]
