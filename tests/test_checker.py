@@ -139,3 +139,15 @@ def test_every_profile_emulation_passes_its_own_rule():
                 verdict = compare_tensor(name, tensors[f"emulated:{profile}:{name}"], tensors[key], noise, profile,
                                          fmt=storage_format(profile, steps[name], name), noise_max=recorded["noise_max"][key])
                 assert verdict.passed, f"{case_id} {profile} {name}: {verdict.reason}"
+
+
+def test_expert_order_within_the_top_k_does_not_matter():
+    def route(config, weights, hidden):
+        result = ref.moe_route(config, weights, hidden)
+        return {"expert_ids": result["expert_ids"][:, ::-1], "weights": result["weights"][:, ::-1]}
+    assert run(adapter(moe_route=route), "moe.route.v3/").cases[0].status == "pass"
+
+    def wrong(config, weights, hidden):
+        result = ref.moe_route(config, weights, hidden)
+        return {"expert_ids": result["expert_ids"][:, ::-1], "weights": result["weights"]}  # weights not moved with the ids
+    assert run(adapter(moe_route=wrong), "moe.route.v3/").cases[0].status == "fail"

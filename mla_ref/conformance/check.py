@@ -218,6 +218,7 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
         result.status, result.reason = "fail", f"missing outputs {missing} (returned {sorted(produced)})"
         return result
     truth_outputs = dict(case["output"])
+    produced = _align_expert_order(produced, truth_outputs, case["step"])
     forced = _teacher_forcing(entry, case, produced)
     if forced is not None:  # an acceptable near-tie choice: judge the output under the candidate's routing
         truth_outputs["weights" if entry["entry_point"] == "moe_route" else "output"] = forced
@@ -241,10 +242,35 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
         result.reason = "; ".join(f"{c.name}: {c.reason}" for c in failures[:3])
         order = entry["steps"]
         diverged = [step for step, c in step_results if not c.passed]
-        result.first_divergent_step = min(diverged, key=order.index) if diverged else None
+        if not diverged:  # no intermediate returned, or none failing: blame the step that yields the failing output
+            diverged = [output_steps[c.name] for c in failures if c.name in output_steps]
+        ranked = [step for step in diverged if step in order]
+        result.first_divergent_step = min(ranked, key=order.index) if ranked else (diverged[0] if diverged else None)
         result.diagnosis = diagnose(entry, case, produced, profile, failures)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _align_expert_order(produced: Mapping, outputs: Mapping, steps: Mapping) -> dict:
+    """Experts chosen as the truth chose them but listed in another order (near ties inside the top-k reorder
+    under low precision) are reordered, with the weights aligned to them: the set and the weights are what count."""
+    produced = dict(produced)
+    for ids_name, weights_name in (("expert_ids", "weights"), ("MOE.7/expert_ids", "MOE.8/weights")):
+        truth = outputs.get(ids_name, steps.get(ids_name))
+        if truth is None or ids_name not in produced:
+            continue
+        candidate = np.asarray(produced[ids_name])
+        if candidate.shape != truth.shape or candidate.dtype.kind not in "iu" or np.array_equal(candidate, truth):
+            continue
+        if not np.array_equal(np.sort(candidate, axis=-1), np.sort(truth, axis=-1)):
+            continue
+        order = np.argsort(candidate, axis=-1, kind="stable")
+        target = np.argsort(np.argsort(truth, axis=-1, kind="stable"), axis=-1, kind="stable")
+        permutation = np.take_along_axis(order, target, axis=-1)  # candidate position of each truth slot
+        produced[ids_name] = np.take_along_axis(candidate, permutation, axis=-1)
+        if weights_name in produced and np.shape(produced[weights_name]) == truth.shape:
+            produced[weights_name] = np.take_along_axis(np.asarray(produced[weights_name]), permutation, axis=-1)
+    return produced
 
 
 def _teacher_forcing(entry: dict, case: dict, produced: Mapping):

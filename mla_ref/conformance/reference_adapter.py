@@ -65,8 +65,8 @@ def moe_balance(config, scores, expert_ids, bias, trace=None):
     """MOE.14-MOE.17 — expert load, the bias update, the V3 sequence-wise loss and the V2 losses, per sequence."""
     cfg = from_dict(config)
     ids = np.asarray(expert_ids)
-    if trace is not None:  # an implementation holds the scores and the bias in its own precision
-        scores, bias = trace.round_input(np.asarray(scores, dtype=np.float64)), trace.round_input(np.asarray(bias, dtype=np.float64))
+    if trace is not None:  # an implementation holds the scores in its own precision; the bias stays fp32 or better
+        scores = trace.round_input(np.asarray(scores, dtype=np.float64))
     load = expert_load(cfg, ids.reshape(-1, ids.shape[-1]), trace=trace)
     sequence = sequence_balance_loss(cfg, scores, trace=trace)
     v2 = v2_balance_losses(cfg, scores, ids, trace=trace)
