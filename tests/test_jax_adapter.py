@@ -1,0 +1,164 @@
+"""examples/jax_mla.py through the conformance checker: accepted in float32, bfloat16 and float64; broken variants rejected.
+
+Slow (XLA compiles every golden case once per dtype: ~25 s of CPU per profile) and skipped without JAX;
+run with ``pytest -m jax``. The adapter reads its dtype from MLA_REF_JAX_DTYPE at import, so each dtype
+is a separate copy of the module, loaded from the source text under its own name (float64 last: it turns
+on jax_enable_x64 for the whole process).
+
+mla-ref's checker has a known flaw that rejects correct bf16 routers (KNOWN_FLAWS); the acceptance test
+excuses a failing comparison only when it is exactly that flaw, and warns for every excuse so the run
+shows it. Everything else must pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+
+from mla_ref.conformance.check import check, load_case  # noqa: E402
+from mla_ref.conformance.protocol import call  # noqa: E402
+from mla_ref.golden.generate import default_golden_dir  # noqa: E402
+from mla_ref.golden.manifest import read_manifest  # noqa: E402
+
+pytestmark = pytest.mark.jax
+
+SOURCE = Path(__file__).resolve().parents[1] / "examples" / "jax_mla.py"
+
+KNOWN_FLAWS = {
+    "kept-group-order": (
+        "MOE.5/kept_groups is compared in order, but the golden cases guarantee a margin only between kept and dropped "
+        "groups: two kept groups within bf16 noise of each other may swap while the kept set is the truth's"),
+}
+
+
+def load_adapter(dtype: str, name: str, replace: tuple[str, str] | None = None) -> types.ModuleType:
+    """examples/jax_mla.py imported under ``name`` with MLA_REF_JAX_DTYPE = ``dtype``; ``replace`` edits one line of it."""
+    text = SOURCE.read_text()
+    if replace is not None:
+        old, new = replace
+        assert text.count(old) == 1, f"mutation target not found exactly once: {old!r}"
+        text = text.replace(old, new)
+    module = types.ModuleType(name)
+    module.__file__ = str(SOURCE)
+    sys.modules[name] = module
+    previous = os.environ.get("MLA_REF_JAX_DTYPE")
+    os.environ["MLA_REF_JAX_DTYPE"] = dtype
+    try:
+        exec(compile(text, f"{SOURCE} [{name}]", "exec"), module.__dict__)
+    finally:
+        if previous is None:
+            os.environ.pop("MLA_REF_JAX_DTYPE")
+        else:
+            os.environ["MLA_REF_JAX_DTYPE"] = previous
+    return module
+
+
+def _produced(module, entry: dict, case: dict) -> dict:
+    available = {**case["input"], **entry["args"], "config": dict(entry["config"]), "weights": dict(case["weight"])}
+    return call(getattr(module, entry["entry_point"]), entry["entry_point"], available)
+
+
+def known_flaw(comparison, case: dict, produced: dict) -> str | None:
+    """The KNOWN_FLAWS key that explains this failing comparison, or None (a real failure)."""
+    if comparison.name == "MOE.5/kept_groups":
+        same_sets = np.array_equal(np.sort(np.asarray(produced[comparison.name]), axis=-1), np.sort(case["step"][comparison.name], axis=-1))
+        return "kept-group-order" if same_sets else None
+    return None
+
+
+def assert_accepted(module, profile: str, select: str | None = None) -> None:
+    """Every case passes, or fails only on comparisons that are exactly a known mla-ref flaw."""
+    report = check(module, profile, select=select)
+    directory = default_golden_dir()
+    manifest = read_manifest(directory / "manifest.yaml")
+    real = []
+    for result in report.cases:
+        if result.status == "skip" and not hasattr(module, result.entry_point):
+            continue  # an entry point added to the protocol after this adapter was written
+        assert result.status in ("pass", "fail"), f"{result.case_id}: {result.status} ({result.reason})"
+        if result.status == "pass":
+            continue
+        entry = manifest["cases"][result.case_id]
+        case = load_case(directory, entry)
+        produced = _produced(module, entry, case)
+        for comparison in (c for c in result.comparisons if not c.passed):
+            flaw = known_flaw(comparison, case, produced)
+            if flaw is None:
+                real.append(f"{result.case_id} {comparison.name}: {comparison.reason}")
+            else:
+                warnings.warn(f"known mla-ref flaw excused ({profile}, {result.case_id}, {comparison.name}): {KNOWN_FLAWS[flaw]}")
+        if not result.comparisons:
+            real.append(f"{result.case_id}: {result.reason}")
+    assert not real, f"{report.summary()}\n" + "\n".join(real) + "\n" + report.table()
+    assert report.count("pass") > 0
+
+
+FP64_CASES = ["mla.core.verify/tiny/sq4-seed0", "mla.prefill.yarn/tiny-mscale-mismatch/seed0", "mla.chunked/tiny-yarn/seed0",
+              "moe.route.ties/tiny/seed0", "moe.layer/tiny/seed0", "moe.balance/tiny/seed0", "mtp.forward/tiny-dense/seed0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, profile", [("float32", "fp32"), ("bfloat16", "bf16")])
+def test_checker_accepts_the_jax_adapter(dtype, profile):
+    assert_accepted(load_adapter(dtype, f"jax_mla_{dtype}"), profile)
+
+
+MUTANTS = {
+    "rope-half-split": (
+        ("        first, second = wide[..., 0::2], wide[..., 1::2]\n", "        first, second = wide[..., :half], wide[..., half:]\n"),
+        "mla.prefill/tiny/seed0", "MLA.4", "RoPE pairs in the other layout"),
+    "bias-in-weights": (
+        ("    weights = jnp.take_along_axis(scores, expert_ids, axis=1)\n", "    weights = jnp.take_along_axis(selection, expert_ids, axis=1)\n"),
+        "moe.route.v3/tiny/seed0", "MOE.8", None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+def test_checker_rejects_a_broken_variant(mutant):
+    replace, case_id, step, hint = MUTANTS[mutant]
+    report = check(load_adapter("float32", f"jax_mla_mutant_{mutant.replace('-', '_')}", replace), "fp32", select=case_id)
+    (result,) = report.cases
+    assert result.status == "fail", report.table()
+    assert result.first_divergent_step == step, report.table()
+    assert any(c.name in ("output", "weights") and not c.passed for c in result.comparisons), report.table()
+    if hint:
+        assert any(hint in line for line in result.diagnosis), report.table()
+
+
+def test_bad_input_names_the_entry_point_and_tensor():
+    adapter = load_adapter("float32", "jax_mla_bad_input")
+    q = np.zeros((1, 1, 2, 48))
+    cache = np.zeros((2, 4, 1, 48))
+    with pytest.raises(ValueError, match=r"latent_attention_core: block_table: entries must lie in \[-1, 2\)"):
+        adapter.latent_attention_core(q, cache, np.array([[5]]), np.array([3]), 32, 0.1, False)
+    with pytest.raises(ValueError, match="latent_attention_core: block_table: sequence 0 holds 3 positions"):
+        adapter.latent_attention_core(q, cache, np.array([[-1]]), np.array([3]), 32, 0.1, False)
+    with pytest.raises(ValueError, match=r"latent_attention_core: k_cache: expected shape \[\*, \*, 1, 48\]"):
+        adapter.latent_attention_core(q, np.zeros((2, 4, 1, 40)), np.array([[0]]), np.array([3]), 32, 0.1, False)
+    entry = read_manifest(default_golden_dir() / "manifest.yaml")["cases"]["mla.prefill/tiny/seed0"]
+    with pytest.raises(ValueError, match=r"mla_prefill: hidden: expected shape \[\*, \*, 64\], got \(2, 5, 65\)"):
+        adapter.mla_prefill(entry["config"], {}, np.zeros((2, 5, 65)), np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="mla_prefill: weight kv_a_proj_with_mqa.weight missing"):
+        adapter.mla_prefill(entry["config"], {}, np.zeros((2, 5, 64)), np.zeros(2, np.int64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", FP64_CASES)
+def test_checker_accepts_the_jax_adapter_in_float64(case_id):
+    """One case per kind (XLA compiles each once more in float64); the last test of the file: it turns on jax_enable_x64."""
+    assert_accepted(_float64_adapter(), "fp64", select=case_id)
+
+
+@functools.lru_cache(maxsize=None)
+def _float64_adapter() -> types.ModuleType:
+    return load_adapter("float64", "jax_mla_float64")
