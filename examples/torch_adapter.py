@@ -194,10 +194,17 @@ def output_projection(attn: torch.Tensor, w: dict) -> torch.Tensor:
 def mla_prefill(config, weights, hidden, start_positions):
     """MLA.1-MLA.12 without a cache, naive form: per-head k_nope and values from the latent (V2R eq. 9-19)."""
     cfg, w, x = config, {name: _t(value) for name, value in weights.items()}, _t(hidden)
-    heads, nope, v_dim = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
     batch, seq, _ = x.shape
     positions = _ints(start_positions)[:, None] + torch.arange(seq, device=DEVICE)  # [batch, seq]
     steps = {}
+    output, lse = mla_naive(cfg, w, x, positions, steps)
+    return _np({"output": output, "lse": lse, **steps})
+
+
+def mla_naive(cfg: dict, w: dict, x: torch.Tensor, positions: torch.Tensor, steps: dict):
+    """MLA.1-MLA.12 on ``x [batch, seq, hidden_size]`` at ``positions``, causal among the given tokens: output and LSE."""
+    heads, nope, v_dim = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    batch, seq, _ = x.shape
     q_nope, q_pe, kv_latent, k_pe, _ = project(cfg, w, x, positions, steps)
     kv = F.linear(kv_latent, w["kv_b_proj.weight"]).unflatten(-1, (heads, nope + v_dim))  # [batch, seq, heads, nope + v]
     k_nope, value = kv.split([nope, v_dim], dim=-1)
@@ -210,7 +217,7 @@ def mla_prefill(config, weights, hidden, start_positions):
     output = output_projection(attn, w)
     steps.update({"MLA.6/k_nope": k_nope, "MLA.6/value": value, "MLA.7/q_full": q, "MLA.7/k_full": k, "MLA.8/visible": visible,
                   "MLA.9/logits": logits, "MLA.10/probs": probs, "MLA.10/lse": lse, "MLA.11/attn": attn, "MLA.12/output": output})
-    return _np({"output": output, "lse": lse, **steps})
+    return output, lse
 
 
 def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths):
@@ -302,14 +309,20 @@ def swiglu(x: torch.Tensor, weights: dict, prefix: str) -> torch.Tensor:
 
 def moe_layer(config, weights, hidden, layer):
     """MOE.1-MOE.13 — routed experts weighted and summed in fp32 (expert order), plus the shared experts unweighted."""
-    cfg, x = config, _t(hidden)
-    shape, x = x.shape, x.flatten(0, -2)  # [tokens, hidden_size]
+    x = _t(hidden)
+    steps = {}
+    output = ffn(config, weights, x.flatten(0, -2), layer, steps)  # [tokens, hidden_size]
+    return _np({"output": output.reshape(x.shape), **steps})
+
+
+def ffn(cfg: dict, weights: dict, x: torch.Tensor, layer: int, steps: dict) -> torch.Tensor:
+    """MOE.1-MOE.13 on ``x [tokens, hidden_size]``: the dense MLP or the MoE layer of ``layer``; adds expert_ids for MoE."""
     is_moe = layer >= cfg["first_k_dense_replace"] and layer % cfg["moe_layer_freq"] == 0
     if not is_moe:
-        output = swiglu(x, weights, "mlp.")  # MOE.13
-        return _np({"output": output.reshape(shape), "MOE.13/output": output})
-    steps = _route(cfg, weights, x)
-    expert_ids, routing = steps.pop("expert_ids"), steps.pop("weights")
+        output = steps["MOE.13/output"] = swiglu(x, weights, "mlp.")  # MOE.13
+        return output
+    steps.update(_route(cfg, weights, x))
+    expert_ids, routing = steps["expert_ids"], steps.pop("weights")
     routed = torch.zeros(x.shape, dtype=_stat(), device=DEVICE)
     for expert in expert_ids.unique().tolist():  # MOE.9-MOE.10, in increasing expert id
         token, slot = torch.nonzero(expert_ids == expert, as_tuple=True)  # the (token, slot) pairs routed to it
@@ -319,7 +332,8 @@ def moe_layer(config, weights, hidden, layer):
     shared = swiglu(x, weights, "mlp.shared_experts.") if cfg["n_shared_experts"] else torch.zeros_like(x)  # MOE.11
     output = routed + shared  # MOE.12
     steps.update({"MOE.11/shared": shared} if cfg["n_shared_experts"] else {})
-    return _np({"output": output.reshape(shape), "expert_ids": expert_ids, "MOE.12/output": output, **steps})
+    steps["MOE.12/output"] = output
+    return output
 
 
 # ---------------------------------------------------------------------------- training rules and dispatch
@@ -360,3 +374,177 @@ def dispatch_plan(config, expert_ids, ranks):
     groups_per_token = F.one_hot(ids // (experts // groups), groups).amax(1).sum(-1)  # distinct groups reached: [tokens]
     return _np({"entries": entries, "counts": counts, "groups_per_token": groups_per_token,
                 "MOE.18/entries": entries, "MOE.18/counts": counts, "MOE.18/groups_per_token": groups_per_token})
+
+
+# ---------------------------------------------------------------------------- decoder stack (MODEL) and MTP
+
+def _layer_weights(weights: dict, layer: int) -> dict:
+    """The tensors of ``model.layers.{layer}.`` under their relative names (NumPy, as the MoE code reads them)."""
+    prefix = f"model.layers.{layer}."
+    return {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
+
+
+def embed(weights: dict, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """MODEL.1 — ``Emb[tokens]``, no scaling; padding rows (i >= lengths[b]) are 0."""
+    real = torch.arange(tokens.shape[1], device=DEVICE)[None] < lengths[:, None]  # [batch, seq]
+    return _t(weights["model.embed_tokens.weight"])[torch.where(real, tokens, 0)] * real[..., None]
+
+
+def decoder_block(cfg: dict, weights: dict, layer: int, x: torch.Tensor, positions: torch.Tensor, real: torch.Tensor, steps: dict):
+    """MODEL.2 -> MODEL.3 — pre-norm ``x + MLA(norm x)``, then ``x + FFN(norm x)`` (dense or MoE by layer); padded rows stay 0."""
+    w = _layer_weights(weights, layer)
+    attn_w = {name[len("self_attn."):]: _t(value) for name, value in w.items() if name.startswith("self_attn.")}
+    eps, mask = cfg["rms_norm_eps"], real[..., None]
+    attn, _ = mla_naive(cfg, attn_w, rms_norm(x, _t(w["input_layernorm.weight"]), eps), positions, {})
+    x = steps["MODEL.2/hidden"] = (x + attn) * mask  # MODEL.2
+    normed = rms_norm(x, _t(w["post_attention_layernorm.weight"]), eps)
+    x = steps["MODEL.3/hidden"] = (x + ffn(cfg, w, normed.flatten(0, 1), layer, {}).reshape(x.shape)) * mask  # MODEL.3
+    return x
+
+
+def forward(cfg: dict, weights: dict, tokens: torch.Tensor, lengths: torch.Tensor, steps: dict):
+    """MODEL.1-MODEL.5 without a cache on right-padded ``tokens [batch, seq]``: logits, pre- and post-norm hidden states."""
+    seq = tokens.shape[1]
+    real = torch.arange(seq, device=DEVICE)[None] < lengths[:, None]  # [batch, seq]
+    positions = torch.arange(seq, device=DEVICE).expand(tokens.shape[0], -1)
+    x = steps["MODEL.1/hidden"] = embed(weights, tokens, lengths)
+    for layer in range(cfg["num_hidden_layers"]):
+        x = decoder_block(cfg, weights, layer, x, positions, real, steps)
+    post = steps["MODEL.4/post_norm_hidden"] = rms_norm(x, _t(weights["model.norm.weight"]), cfg["rms_norm_eps"])  # MODEL.4
+    logits = steps["MODEL.5/logits"] = F.linear(post, _t(weights["lm_head.weight"]))  # MODEL.5: untied head
+    return logits, x, post
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, normaliser: int) -> torch.Tensor:
+    """MODEL.7 — ``-(1 / (batch * normaliser)) sum log softmax(logits)[targets]``, in the statistics dtype."""
+    log_probs = torch.log_softmax(logits.to(_stat()), dim=-1)  # [batch, rows, vocab]
+    return -log_probs.gather(-1, targets[..., None]).sum() / (logits.shape[0] * normaliser)
+
+
+def model_logits(config, weights, tokens, query_lengths):
+    """MODEL.1-MODEL.5 — logits of every position of a right-padded batch (padded rows 0)."""
+    steps = {}
+    logits, _, _ = forward(config, weights, _ints(tokens), _ints(query_lengths), steps)
+    return _np({"logits": logits, **steps})
+
+
+def _last(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[b, index[b]]`` for every b, keeping a length-1 sequence axis."""
+    return tensor[torch.arange(tensor.shape[0], device=DEVICE), index][:, None]
+
+
+def greedy_decode(config, weights, prompt_tokens, prompt_lengths, steps):
+    """MODEL.6 — greedy tokens (argmax, ties to the lowest id); uncached: the whole sequence is recomputed each step."""
+    lengths, prompts = _ints(prompt_lengths), _ints(prompt_tokens)
+    batch, steps = prompts.shape[0], int(steps)
+    sequence = F.pad(prompts, (0, steps))  # [batch, longest prompt + steps], right-padded
+    rows = torch.arange(batch, device=DEVICE)
+    tokens, chosen, trace = [], [], {}
+    for step in range(steps):
+        trace = {}
+        logits, _, _ = forward(config, weights, sequence, lengths + step, trace)
+        last = lengths + step - 1  # the last known position of each sequence
+        step_logits = logits[rows, last]  # [batch, vocab]
+        token = step_logits.to(_stat()).argmax(-1)  # MODEL.6: the first maximum
+        sequence[rows, lengths + step] = token
+        tokens.append(token)
+        chosen.append(step_logits)
+    trace = {name: _last(value, last) for name, value in trace.items()}  # the last step's new position, as a decode step sees it
+    return _np({"tokens": torch.stack(tokens, 1), "logits": torch.stack(chosen, 1), "MODEL.6/next_token": tokens[-1], **trace})
+
+
+def mtp_module(cfg: dict, weights: dict, depth: int, previous: torch.Tensor, next_tokens: torch.Tensor, rows: torch.Tensor,
+               steps: dict):
+    """MTP.2-MTP.4 — module ``depth`` on rows ``previous [batch, rows, hidden]`` with ``Emb(t_{i+k})``: h^k and logits."""
+    layer = cfg["num_hidden_layers"] + depth - 1
+    w, eps = _layer_weights(weights, layer), cfg["rms_norm_eps"]
+    embedded = rms_norm(embed(weights, next_tokens, rows), _t(w["enorm.weight"]), eps)
+    hidden = rms_norm(previous, _t(w["hnorm.weight"]), eps)
+    halves = [embedded, hidden] if cfg["mtp_concat_order"] == "embedding_first" else [hidden, embedded]
+    combined = steps["MTP.2/combined"] = F.linear(torch.cat(halves, dim=-1), _t(w["eh_proj.weight"]))  # MTP.2
+    start = 0 if cfg["mtp_rope_position"] == "hidden" else depth  # row i at position i (hidden) or i + k (token)
+    positions = start + torch.arange(combined.shape[1], device=DEVICE).expand(combined.shape[0], -1)
+    real = torch.arange(combined.shape[1], device=DEVICE)[None] < rows[:, None]
+    block = steps["MTP.3/block_output"] = decoder_block(cfg, weights, layer, combined, positions, real, {})  # MTP.3
+    h = steps["MTP.4/hidden"] = rms_norm(block, _t(w["shared_head.norm.weight"]), eps)  # MTP.4: h^k, the next depth's input
+    logits = steps["MTP.4/logits"] = F.linear(h, _t(weights["lm_head.weight"]))  # the shared head
+    return h, logits
+
+
+def mtp_forward(config, weights, tokens, mtp_lambda):
+    """MTP.1-MTP.6 and MODEL.7 — the main model on tokens[:, :seq], the chain of D modules, per-depth logits and losses."""
+    cfg, tokens = config, _ints(tokens)
+    batch, seq, depths = tokens.shape[0], tokens.shape[1] - 1, cfg["num_nextn_predict_layers"]
+    steps = {}
+    main_logits, pre_norm, post_norm = forward(cfg, weights, tokens[:, :seq], torch.full((batch,), seq, device=DEVICE), steps)
+    main_loss = steps["MODEL.7/loss"] = cross_entropy(main_logits, tokens[:, 1:], seq)  # MODEL.7
+    h = steps["MTP.1/h0"] = post_norm if cfg["mtp_hidden_source"] == "post_norm" else pre_norm  # MTP.1
+    depth_logits = torch.zeros((depths,) + main_logits.shape, dtype=main_logits.dtype, device=DEVICE)
+    depth_losses = []
+    for depth in range(1, depths + 1):
+        rows = seq - depth  # row i: h^{k-1}_i and Emb(t_{i+k}), predicting t_{i+k+1}
+        h, logits = mtp_module(cfg, weights, depth, h[:, :rows], tokens[:, depth: depth + rows], torch.full((batch,), rows, device=DEVICE), steps)
+        depth_logits[depth - 1, :, :rows] = logits
+        depth_losses.append(cross_entropy(logits, tokens[:, depth + 1:], seq))  # MTP.5: normalised by seq
+    depth_losses = torch.stack(depth_losses)
+    steps["MTP.5/loss"] = depth_losses[-1]
+    mtp_loss = steps["MTP.6/loss"] = float(mtp_lambda) * depth_losses.sum() / depths  # MTP.6
+    return _np({"main_logits": main_logits, "depth_logits": depth_logits, "main_loss": main_loss, "depth_losses": depth_losses,
+                "mtp_loss": mtp_loss, **steps})
+
+
+def draft(cfg: dict, weights: dict, history: torch.Tensor, known: torch.Tensor, depths: int) -> torch.Tensor:
+    """MTP.7 — chain modules 1 .. D over rows 0 .. n - 1 of t_0 .. t_n (n + 1 = known); d_k = greedy token of row n - 1."""
+    batch, n = history.shape[0], known - 1
+    rows, index = torch.arange(batch, device=DEVICE), torch.arange(int(n.max()), device=DEVICE)
+    _, pre_norm, post_norm = forward(cfg, weights, history[:, : int(n.max())], n, {})  # h^0 of positions 0 .. n - 1
+    h = post_norm if cfg["mtp_hidden_source"] == "post_norm" else pre_norm  # MTP.1
+    sequence = F.pad(history, (0, depths))  # t_{n+j} = d_j is written as each depth drafts
+    drafts = []
+    for depth in range(1, depths + 1):
+        h, logits = mtp_module(cfg, weights, depth, h, sequence[:, index + depth], n, {})
+        drafts.append(logits[rows, n - 1].to(_stat()).argmax(-1))  # MODEL.6 on row n - 1
+        sequence[rows, n + depth] = drafts[-1]
+    return torch.stack(drafts, dim=1)  # [batch, depths]
+
+
+def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps):
+    """MTP.7-MTP.11 — greedy speculative decoding, MTP drafts verified in one main forward of D + 1 tokens, uncached.
+
+    The main model's cache is kept as the token sequence it holds (``cached``, ``cache_lengths``); a
+    verification recomputes it plus ``[t_n, d_1 .. d_D]``, and the rollback keeps a + 1 of the D + 1.
+    """
+    cfg, prompts, lengths = config, _ints(prompt_tokens), _ints(prompt_lengths)
+    batch, steps, depths = prompts.shape[0], int(steps), cfg["num_nextn_predict_layers"]
+    rows, width = torch.arange(batch, device=DEVICE), prompts.shape[1] + (steps + 1) * (depths + 1)  # room for any cache
+    logits, _, _ = forward(cfg, weights, prompts, lengths, {})  # prefill
+    history = F.pad(prompts, (0, width - prompts.shape[1]))  # [batch, width]: the known tokens t_0 .. t_n
+    history[rows, lengths] = logits[rows, lengths - 1].to(_stat()).argmax(-1)  # t_n
+    known, cached, cache_lengths = lengths + 1, history.clone(), lengths.clone()  # the cache holds the prompts
+    emitted = torch.ones(batch, dtype=torch.int64, device=DEVICE)
+    accepted_per_depth = torch.zeros(depths, dtype=torch.int64, device=DEVICE)
+    proposed_per_depth = torch.zeros(depths, dtype=torch.int64, device=DEVICE)
+    trace = {}
+    while (active := emitted < steps).any():
+        drafts = draft(cfg, weights, history, known, depths)  # MTP.7: [batch, depths]
+        candidates = torch.cat([history[rows, known - 1][:, None], drafts], dim=1)  # [t_n, d_1 .. d_D]
+        offsets = cache_lengths[:, None] + torch.arange(depths + 1, device=DEVICE)  # positions of the candidates
+        sequence = cached.clone()
+        sequence[rows[:, None], offsets] = candidates
+        logits, _, _ = forward(cfg, weights, sequence, cache_lengths + depths + 1, {})  # MTP.8: one forward of D + 1 new tokens
+        verified = logits[rows[:, None], offsets] * active[:, None, None]  # [batch, D + 1, vocab]; inactive: 0 (query length 0)
+        greedy = verified.to(_stat()).argmax(-1)  # MODEL.6 per candidate
+        accepted = torch.where(active, torch.cumprod(drafts == greedy[:, :-1], dim=1).sum(1), 0)  # MTP.9: longest agreeing prefix
+        keep = torch.where(active, accepted + 1, 0)  # MTP.10: the cache forgets the D - a rejected candidates
+        take = torch.arange(depths + 1, device=DEVICE)[None] < keep[:, None]
+        b, j = torch.nonzero(take, as_tuple=True)
+        cached[b, cache_lengths[b] + j] = candidates[b, j]
+        history[b, known[b] + j] = greedy[b, j]  # the step emits g_0 .. g_a
+        cache_lengths, known, emitted = cache_lengths + keep, known + torch.where(active, accepted + 1, 0), emitted + torch.where(active, accepted + 1, 0)
+        reached = active[:, None] & (accepted[:, None] >= torch.arange(1, depths + 1, device=DEVICE)[None])  # MTP.11
+        accepted_per_depth, proposed_per_depth = accepted_per_depth + reached.sum(0), proposed_per_depth + active.sum()
+        trace = {"MTP.7/drafts": drafts, "MTP.8/logits": verified, "MTP.8/greedy": greedy, "MTP.9/accepted": accepted,
+                 "MTP.10/lengths": cache_lengths}
+    tokens = history[rows[:, None], lengths[:, None] + torch.arange(steps, device=DEVICE)]
+    return _np({"tokens": tokens, "accepted_per_depth": accepted_per_depth, "proposed_per_depth": proposed_per_depth,
+                "MTP.11/accepted_per_depth": accepted_per_depth, "MTP.11/proposed_per_depth": proposed_per_depth, **trace})
