@@ -127,16 +127,3 @@ def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures:
         if explained:
             messages.append(f"matches the reference with this bug: {description}")
     return messages
-    noise = entry["profiles"].get(profile, {}).get("noise", {}).get(f"output:{output_name}", 0.0)
-    width = int(np.shape(case["input"]["q"])[-1]) if "q" in case["input"] else 0
-    for description, config_changes, arg_changes in _variants(entry, config):
-        try:
-            variant = from_dict({**entry["config"], **config_changes})
-            args, inputs = _shifted(entry["args"], case["input"], arg_changes, width)
-            available = {**inputs, **args, "config": variant.to_dict(), "weights": dict(case["weight"])}
-            expected = call(getattr(reference_adapter, entry["entry_point"]), entry["entry_point"], available)
-        except Exception:  # noqa: BLE001 - a variant that cannot run says nothing
-            continue
-        if compare_tensor(output_name, produced[output_name], expected[output_name], noise, profile).passed:
-            messages.append(f"matches the reference with this bug: {description}")
-    return messages
