@@ -9,6 +9,12 @@
 Caches are immutable values: ``append`` returns a new cache, so an old one is a
 snapshot (rolling back is keeping the old object, or :meth:`truncate`). Every cache has
 ``lengths [batch]``: how many positions of each sequence it holds (positions 0 .. length-1).
+
+Appending does not copy what is cached: caches made by ``empty`` or ``append`` share their
+buffer with spare room, and an append writes in place when no other cache sharing the buffer
+has written past its lengths (a decode chain); otherwise (appending to an older snapshot or
+a truncated cache, or to a cache built directly from arrays) it copies first. An old cache
+only reads positions below its own lengths, which in-place appends never touch.
 """
 
 from __future__ import annotations
@@ -40,6 +46,37 @@ def _lengths(lengths, batch: int, name: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
+class _Written:
+    """Per sequence, one past the last position any cache sharing a buffer has written (copy-on-write bookkeeping)."""
+
+    def __init__(self, lengths: np.ndarray) -> None:
+        self.upto = lengths.copy()
+
+    def can_extend(self, lengths: np.ndarray, query_lengths: np.ndarray) -> bool:
+        """Whether writing after ``lengths`` overwrites nothing another cache may read."""
+        return bool(((query_lengths == 0) | (lengths >= self.upto)).all())
+
+    def extend(self, lengths: np.ndarray) -> "_Written":
+        np.maximum(self.upto, lengths, out=self.upto)
+        return self
+
+
+def _shared(cache, written: "_Written | None"):
+    """``cache`` with its buffer's bookkeeping attached (None: the buffer may be someone else's; append copies)."""
+    object.__setattr__(cache, "_written", written)
+    return cache
+
+
+def _in_place(cache, query_lengths: np.ndarray) -> bool:
+    """Whether ``cache.append`` may write into the buffer it shares (else it copies first)."""
+    return cache._written is not None and cache._written.can_extend(cache.lengths, query_lengths)
+
+
+def _capacity(grown: int, capacity: int) -> int:
+    """The capacity of a copied buffer: the same if ``grown`` fits, else grown by half, so a decode chain copies O(log) times."""
+    return capacity if grown <= capacity else max(grown, capacity + capacity // 2, 16)
+
+
 def _append_index(lengths: np.ndarray, query_lengths: np.ndarray, seq: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(batch index, position, query index) of every new token that is not padding."""
     queries = np.arange(seq)[None, :]  # [1, seq]
@@ -55,11 +92,14 @@ class LatentCache:
     rows: np.ndarray
     lengths: np.ndarray
     fingerprint: str | None = None
+    _written: _Written | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, dtype=np.float64) -> "LatentCache":
-        """A cache holding no token for ``batch`` sequences."""
-        return cls(np.zeros((batch, 0, config.latent_cache_width), dtype), np.zeros(batch, np.int64), config_fingerprint(config))
+    def empty(cls, config: ModelConfig, batch: int, dtype=np.float64, capacity: int = 0) -> "LatentCache":
+        """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
+        lengths = np.zeros(batch, np.int64)
+        cache = cls(np.zeros((batch, capacity, config.latent_cache_width), dtype), lengths, config_fingerprint(config))
+        return _shared(cache, _Written(lengths))
 
     def check(self, config: ModelConfig, batch: int) -> None:
         """Raise ``CacheError`` if this cache was built for another config or batch."""
@@ -68,15 +108,16 @@ class LatentCache:
     def append(self, new_rows: np.ndarray, query_lengths: np.ndarray) -> "LatentCache":
         """MLA.18 — write ``new_rows [batch, seq, width]`` after each sequence's last position."""
         batch, seq, width = new_rows.shape
-        grown = int((self.lengths + query_lengths).max(initial=0))
-        rows = self.rows
-        if grown > rows.shape[1]:
-            rows = np.concatenate([rows, np.zeros((batch, grown - rows.shape[1], width), rows.dtype)], axis=1)
-        else:
-            rows = rows.copy()
+        lengths = self.lengths + query_lengths
+        grown = int(lengths.max(initial=0))
+        rows, written = self.rows, self._written
+        if grown > rows.shape[1] or not _in_place(self, query_lengths):
+            rows = np.zeros((batch, _capacity(grown, rows.shape[1]), width), rows.dtype)
+            rows[:, : self.rows.shape[1]] = self.rows
+            written = _Written(self.lengths)
         batch_index, position, query_index = _append_index(self.lengths, query_lengths, seq)
         rows[batch_index, position] = new_rows[batch_index, query_index]
-        return LatentCache(rows, self.lengths + query_lengths, self.fingerprint)
+        return _shared(LatentCache(rows, lengths, self.fingerprint), written.extend(lengths))
 
     @property
     def dtype(self) -> np.dtype:
@@ -89,7 +130,7 @@ class LatentCache:
     def truncate(self, lengths) -> "LatentCache":
         """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
         lengths = _shrink(self.lengths, lengths)
-        return LatentCache(self.rows, lengths, self.fingerprint)
+        return _shared(LatentCache(self.rows, lengths, self.fingerprint), self._written)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +146,7 @@ class PagedLatentCache:
     block_table: np.ndarray
     lengths: np.ndarray
     fingerprint: str | None = None
+    _written: _Written | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate_block_table(self.block_table, self.blocks.shape[0], self.blocks.shape[1], self.lengths)
@@ -122,7 +164,8 @@ class PagedLatentCache:
             order = np.random.default_rng(shuffle_seed).permutation(num_blocks)
         table = order[: batch * per_sequence].reshape(batch, per_sequence)
         blocks = np.zeros((num_blocks, block_size, 1, config.latent_cache_width), dtype)
-        return cls(blocks, table, np.zeros(batch, np.int64), config_fingerprint(config))
+        lengths = np.zeros(batch, np.int64)
+        return _shared(cls(blocks, table, lengths, config_fingerprint(config)), _Written(lengths))
 
     @property
     def block_size(self) -> int:
@@ -152,9 +195,12 @@ class PagedLatentCache:
         """MLA.18 — write rows into the blocks the table assigns to their positions."""
         batch_index, position, query_index = _append_index(self.lengths, query_lengths, new_rows.shape[1])
         block, slot = self._slots(batch_index, position)
-        blocks = self.blocks.copy()
+        lengths = self.lengths + query_lengths
+        blocks, written = self.blocks, self._written
+        if not _in_place(self, query_lengths):
+            blocks, written = self.blocks.copy(), _Written(self.lengths)
         blocks[block, slot, 0] = new_rows[batch_index, query_index]
-        return PagedLatentCache(blocks, self.block_table, self.lengths + query_lengths, self.fingerprint)
+        return _shared(PagedLatentCache(blocks, self.block_table, lengths, self.fingerprint), written.extend(lengths))
 
     def key_rows(self) -> np.ndarray:
         """MLA.19 — gather ``[batch, max(lengths), width]``; slots past a length read as 0."""
@@ -162,7 +208,7 @@ class PagedLatentCache:
 
     def truncate(self, lengths) -> "PagedLatentCache":
         """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
-        return PagedLatentCache(self.blocks, self.block_table, _shrink(self.lengths, lengths), self.fingerprint)
+        return _shared(PagedLatentCache(self.blocks, self.block_table, _shrink(self.lengths, lengths), self.fingerprint), self._written)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +219,15 @@ class NaiveCache:
     values: np.ndarray
     lengths: np.ndarray
     fingerprint: str | None = None
+    _written: _Written | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, dtype=np.float64) -> "NaiveCache":
-        heads = config.num_attention_heads
-        return cls(np.zeros((batch, 0, heads, config.qk_head_dim), dtype), np.zeros((batch, 0, heads, config.v_head_dim), dtype),
-                   np.zeros(batch, np.int64), config_fingerprint(config))
+    def empty(cls, config: ModelConfig, batch: int, dtype=np.float64, capacity: int = 0) -> "NaiveCache":
+        """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
+        heads, lengths = config.num_attention_heads, np.zeros(batch, np.int64)
+        cache = cls(np.zeros((batch, capacity, heads, config.qk_head_dim), dtype), np.zeros((batch, capacity, heads, config.v_head_dim), dtype),
+                    lengths, config_fingerprint(config))
+        return _shared(cache, _Written(lengths))
 
     def check(self, config: ModelConfig, batch: int) -> None:
         """Raise ``CacheError`` if this cache was built for another config or batch."""
@@ -191,18 +240,19 @@ class NaiveCache:
     def append(self, new_keys: np.ndarray, new_values: np.ndarray, query_lengths: np.ndarray) -> "NaiveCache":
         """MLA.18 — write per-head keys and values after each sequence's last position."""
         batch, seq = new_keys.shape[:2]
-        grown = int((self.lengths + query_lengths).max(initial=0))
-        keys, values = self.keys, self.values
-        if grown > keys.shape[1]:
-            pad = grown - keys.shape[1]
-            keys = np.concatenate([keys, np.zeros((batch, pad) + keys.shape[2:], keys.dtype)], axis=1)
-            values = np.concatenate([values, np.zeros((batch, pad) + values.shape[2:], values.dtype)], axis=1)
-        else:
-            keys, values = keys.copy(), values.copy()
+        lengths = self.lengths + query_lengths
+        grown = int(lengths.max(initial=0))
+        keys, values, written = self.keys, self.values, self._written
+        if grown > keys.shape[1] or not _in_place(self, query_lengths):
+            capacity = _capacity(grown, keys.shape[1])
+            keys = np.zeros((batch, capacity) + self.keys.shape[2:], self.keys.dtype)
+            values = np.zeros((batch, capacity) + self.values.shape[2:], self.values.dtype)
+            keys[:, : self.keys.shape[1]], values[:, : self.values.shape[1]] = self.keys, self.values
+            written = _Written(self.lengths)
         batch_index, position, query_index = _append_index(self.lengths, query_lengths, seq)
         keys[batch_index, position] = new_keys[batch_index, query_index]
         values[batch_index, position] = new_values[batch_index, query_index]
-        return NaiveCache(keys, values, self.lengths + query_lengths, self.fingerprint)
+        return _shared(NaiveCache(keys, values, lengths, self.fingerprint), written.extend(lengths))
 
     @property
     def dtype(self) -> np.dtype:
@@ -215,7 +265,7 @@ class NaiveCache:
 
     def truncate(self, lengths) -> "NaiveCache":
         """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
-        return NaiveCache(self.keys, self.values, _shrink(self.lengths, lengths), self.fingerprint)
+        return _shared(NaiveCache(self.keys, self.values, _shrink(self.lengths, lengths), self.fingerprint), self._written)
 
 
 def _shrink(current: np.ndarray, lengths) -> np.ndarray:

@@ -21,8 +21,13 @@ from .rope import apply_rope, rope_angles, softmax_scale
 from .trace import Trace, emit
 from .weights import attention_weight_shapes, check_weights
 
-# Bound on the elements of one [batch, heads, query_chunk, keys] logits block (MLA.9/MLA.14).
-DEFAULT_LOGITS_ELEMENTS = 1 << 24
+# Bound on the elements of one [batch, head group, query_chunk, keys] logits block (MLA.9/MLA.14):
+# 16 MiB in float32, small enough to stay in the CPU's cache through the softmax.
+DEFAULT_LOGITS_ELEMENTS = 1 << 22
+# Fewest queries per block by default: BLAS is slow on short products, so heads are split first.
+DEFAULT_QUERY_CHUNK = 256
+# Bound on the k_full elements of one group of heads in the naive form from latent rows (MLA.6-MLA.11).
+DEFAULT_EXPANDED_ELEMENTS = 1 << 22
 
 
 def query_latent(hidden: np.ndarray, weights: dict, eps: float) -> np.ndarray:
@@ -99,12 +104,15 @@ def causal_visibility(key_offsets: np.ndarray, query_lengths: np.ndarray, num_qu
 
 def attention_logits(q_full: np.ndarray, k_heads: np.ndarray, scale: float) -> np.ndarray:
     """MLA.9 — ``scale * <q_full[i, h], k_full[j, h]>`` with k head-major ``[batch, heads, keys, qk_head_dim]`` (V2R eq. 18; V3R eq. 10)."""
-    return scale * (q_full.transpose(0, 2, 1, 3) @ k_heads.swapaxes(-1, -2))  # [batch, heads, seq, keys]
+    logits = q_full.transpose(0, 2, 1, 3) @ k_heads.swapaxes(-1, -2)  # [batch, heads, seq, keys]
+    logits *= scale
+    return logits
 
 
 def masked_softmax(logits: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MLA.10 — softmax over visible keys and its natural-log LSE; a row with no visible key gives p = 0, lse = -inf."""
-    probs = np.where(visible, logits, -np.inf)  # [batch, heads, seq, keys], rewritten in place below
+    probs = logits.copy()  # [batch, heads, seq, keys], rewritten in place below
+    np.copyto(probs, -np.inf, where=~visible)
     row_max = probs.max(axis=-1, keepdims=True, initial=-np.inf)
     row_max[~np.isfinite(row_max)] = 0.0
     np.subtract(probs, row_max, out=probs)
@@ -130,7 +138,7 @@ def output_projection(attn: np.ndarray, weights: dict) -> np.ndarray:
 
 def _kv_b_heads(config: ModelConfig, weights: dict) -> tuple[np.ndarray, np.ndarray]:
     """W_UK ``[heads, qk_nope_head_dim, kv_lora_rank]`` and W_UV ``[heads, v_head_dim, kv_lora_rank]``: per-head slices of kv_b_proj."""
-    per_head = weights["kv_b_proj.weight"].reshape(config.num_attention_heads, config.qk_nope_head_dim + config.v_head_dim, config.kv_lora_rank)
+    per_head = weights["kv_b_proj.weight"].reshape(-1, config.qk_nope_head_dim + config.v_head_dim, config.kv_lora_rank)
     return per_head[:, : config.qk_nope_head_dim], per_head[:, config.qk_nope_head_dim:]
 
 
@@ -159,35 +167,45 @@ def unabsorb_output(config: ModelConfig, out_latent: np.ndarray, weights: dict) 
     return np.einsum("bshc,hdc->bshd", out_latent, w_uv, optimize=True)  # [batch, seq, heads, v_head_dim]
 
 
-def _check_used_rows(name: str, key_rows: np.ndarray, lengths: np.ndarray, allow_nonfinite: bool, spec_id: str) -> None:
-    """Cached rows a sequence holds (``t < lengths[b]``) must be finite; unused slots may hold anything."""
+def _check_used_rows(name: str, rows: np.ndarray, lengths: np.ndarray, allow_nonfinite: bool, spec_id: str) -> None:
+    """Cached rows ``[batch, keys, ...]`` a sequence holds (``t < lengths[b]``) must be finite; unused slots may hold anything."""
     if allow_nonfinite:
         return
-    used = np.arange(key_rows.shape[1])[None, :] < lengths[:, None]  # [batch, keys]
-    bad = used & ~np.isfinite(key_rows).all(axis=-1)
+    used = np.arange(rows.shape[1])[None, :] < lengths[:, None]  # [batch, keys]
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = used & ~np.isfinite(rows.sum(axis=tuple(range(2, rows.ndim))))  # a finite row sum proves the row finite
+    bad = suspect & ~np.isfinite(rows).all(axis=tuple(range(2, rows.ndim))) if suspect.any() else suspect
     if bad.any():
         batch, position = (int(i) for i in np.argwhere(bad)[0])
         raise InputError(name, f"row of sequence {batch} at position {position} (< its length {int(lengths[batch])}) is not finite; "
                          "pass allow_nonfinite=True to accept NaN/Inf", spec_id)
 
 
-def _query_chunks(visible: np.ndarray, heads: int, query_chunk: int | None, trace: Trace | None):
-    """(query slice, key count) pairs: keys past the last one visible to the chunk are skipped (causal saving).
+def _attention_blocks(visible: np.ndarray, heads: int, query_chunk: int | None, trace: Trace | None, split_heads: bool):
+    """(head slice, query slice, key count) blocks covering ``[heads, seq]``: plumbing that bounds memory.
 
-    With a trace there is one chunk over all keys, so every step is recorded whole.
+    Keys past the last one visible to a query chunk are skipped (causal saving). A logits
+    block ``[batch, head group, query chunk, keys]`` holds about DEFAULT_LOGITS_ELEMENTS values
+    (it then stays in the CPU's cache). With ``split_heads`` (per-head products, MLA.9) a
+    default query chunk has at least DEFAULT_QUERY_CHUNK queries, since BLAS is slow on short
+    products, and heads are grouped to fit; without (one MQA product for all heads, MLA.14)
+    only queries are chunked. An explicit ``query_chunk`` is used as given. With a trace there
+    is one block, so every step is recorded whole.
     """
     batch, seq, keys = visible.shape
     if trace is not None or seq == 0:
-        return [(slice(0, seq), keys)]
+        return [(slice(0, heads), slice(0, seq), keys)]
     if query_chunk is None:
-        query_chunk = max(1, DEFAULT_LOGITS_ELEMENTS // max(1, batch * heads * keys))
+        query_chunk = max(DEFAULT_QUERY_CHUNK if split_heads else 1, DEFAULT_LOGITS_ELEMENTS // max(1, batch * heads * keys))
     if isinstance(query_chunk, bool) or not isinstance(query_chunk, (int, np.integer)) or query_chunk < 1:
         raise InputError("query_chunk", f"expected an int >= 1, got {query_chunk!r}", "MLA.9")
-    chunks = []
+    head_group = max(1, DEFAULT_LOGITS_ELEMENTS // max(1, batch * query_chunk * keys)) if split_heads else heads
+    blocks = []
     for start in range(0, seq, query_chunk):
         seen = np.flatnonzero(visible[:, start:start + query_chunk].any(axis=(0, 1)))
-        chunks.append((slice(start, start + query_chunk), int(seen[-1]) + 1 if seen.size else 0))
-    return chunks
+        used = int(seen[-1]) + 1 if seen.size else 0
+        blocks += [(slice(h, h + head_group), slice(start, start + query_chunk), used) for h in range(0, heads, head_group)]
+    return blocks
 
 
 def _head_major(per_token: np.ndarray, key_used: np.ndarray) -> np.ndarray:
@@ -205,30 +223,57 @@ def _head_major(per_token: np.ndarray, key_used: np.ndarray) -> np.ndarray:
 
 def naive_attention(q_full: np.ndarray, k_full: np.ndarray, value: np.ndarray, visible: np.ndarray, scale: float,
                     query_chunk: int | None = None, trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """MLA.9 -> MLA.10 -> MLA.11 over query chunks; returns ``o [batch, seq, heads, v]``, ``lse [batch, heads, seq]``."""
+    """MLA.9 -> MLA.10 -> MLA.11 over blocks of heads and queries; returns ``o [batch, seq, heads, v]``, ``lse [batch, heads, seq]``."""
     key_used = visible.any(axis=1)[:, None, :, None]  # [batch, 1, keys, 1]: unused slots may hold NaN
     k_heads = _head_major(k_full, key_used)  # [batch, heads, keys, qk_head_dim]
     value_heads = _head_major(value, key_used)  # [batch, heads, keys, v_head_dim]
-    outputs, lses = [], []
-    for chunk, used in _query_chunks(visible, q_full.shape[2], query_chunk, trace):
-        logits = emit(trace, "MLA.9", attention_logits(q_full[:, chunk], k_heads[:, :, :used], scale))
-        probs, lse = emit(trace, "MLA.10", *masked_softmax(logits, visible[:, None, chunk, :used]))
-        outputs.append(emit(trace, "MLA.11", attention_values(probs, value_heads[:, :, :used])))
-        lses.append(lse)
-    return np.concatenate(outputs, axis=1), np.concatenate(lses, axis=2)
+    batch, seq, heads, _ = q_full.shape
+    out = np.empty((batch, seq, heads, value.shape[-1]), q_full.dtype)  # [batch, seq, heads, v_head_dim]
+    lse = np.empty((batch, heads, seq), q_full.dtype)
+    for group, chunk, used in _attention_blocks(visible, heads, query_chunk, trace, split_heads=True):
+        logits = emit(trace, "MLA.9", attention_logits(q_full[:, chunk, group], k_heads[:, group, :used], scale))
+        probs, lse[:, group, chunk] = emit(trace, "MLA.10", *masked_softmax(logits, visible[:, None, chunk, :used]))
+        out[:, chunk, group] = emit(trace, "MLA.11", attention_values(probs, value_heads[:, group, :used]))
+    return out, lse
+
+
+def naive_attention_from_latent(config: ModelConfig, weights: dict, q_nope: np.ndarray, q_pe: np.ndarray, key_rows: np.ndarray,
+                                visible: np.ndarray, scale: float, query_chunk: int | None = None,
+                                trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.6 -> MLA.7 -> MLA.9-11 from latent rows ``[batch, keys, kv_lora_rank + rope]``, one group of heads at a time.
+
+    Heads are independent from MLA.6 to MLA.11, so the per-head keys and values (the largest
+    buffers of a long prefill) exist for one group at a time: about DEFAULT_EXPANDED_ELEMENTS
+    values of k_full per group (the kv_b_proj rows of a group are its heads' rows). With a
+    trace there is one group, so every step is recorded whole.
+    """
+    batch, seq, heads, _ = q_nope.shape
+    rank, keys = config.kv_lora_rank, key_rows.shape[1]
+    group = heads if trace is not None else max(1, DEFAULT_EXPANDED_ELEMENTS // max(1, batch * keys * config.qk_head_dim))
+    kv_b_rows = weights["kv_b_proj.weight"].reshape(heads, -1, rank)  # [heads, qk_nope_head_dim + v_head_dim, kv_lora_rank]
+    attn = np.empty((batch, seq, heads, config.v_head_dim), q_nope.dtype)  # [batch, seq, heads, v_head_dim]
+    lse = np.empty((batch, heads, seq), q_nope.dtype)
+    for start in range(0, heads, group):
+        h = slice(start, start + group)
+        group_weights = {"kv_b_proj.weight": kv_b_rows[h].reshape(-1, rank)}
+        k_nope, value = emit(trace, "MLA.6", *expand_latent(config, key_rows[..., :rank], group_weights))
+        q_full, k_full = emit(trace, "MLA.7", *assemble_query_key(q_nope[:, :, h], q_pe[:, :, h], k_nope, key_rows[..., rank:]))
+        attn[:, :, h], lse[:, h] = naive_attention(q_full, k_full, value, visible, scale, query_chunk, trace)  # MLA.9-11
+    return attn, lse
 
 
 def latent_attention(q_latent: np.ndarray, key_rows: np.ndarray, visible: np.ndarray, scale: float, head_dim_v: int,
                      query_chunk: int | None = None, trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """MLA.14 -> MLA.10 -> MLA.15 over query chunks; returns ``o_latent [batch, seq, heads, head_dim_v]``, ``lse``."""
+    """MLA.14 -> MLA.10 -> MLA.15 over blocks of queries; returns ``o_latent [batch, seq, heads, head_dim_v]``, ``lse``."""
     key_rows = np.where(visible.any(axis=1)[..., None], key_rows, 0.0)  # [batch, keys, width]: unused slots may hold NaN
-    outputs, lses = [], []
-    for chunk, used in _query_chunks(visible, q_latent.shape[2], query_chunk, trace):
+    batch, seq, heads, _ = q_latent.shape
+    out = np.empty((batch, seq, heads, head_dim_v), q_latent.dtype)  # [batch, seq, heads, head_dim_v]
+    lse = np.empty((batch, heads, seq), q_latent.dtype)
+    for _, chunk, used in _attention_blocks(visible, heads, query_chunk, trace, split_heads=False):
         logits = emit(trace, "MLA.14", latent_logits(q_latent[:, chunk], key_rows[:, :used], scale))
-        probs, lse = emit(trace, "MLA.10", *masked_softmax(logits, visible[:, None, chunk, :used]))
-        outputs.append(emit(trace, "MLA.15", latent_values(probs, key_rows[:, :used], head_dim_v)))
-        lses.append(lse)
-    return np.concatenate(outputs, axis=1), np.concatenate(lses, axis=2)
+        probs, lse[:, :, chunk] = emit(trace, "MLA.10", *masked_softmax(logits, visible[:, None, chunk, :used]))
+        out[:, chunk] = emit(trace, "MLA.15", latent_values(probs, key_rows[:, :used], head_dim_v))
+    return out, lse
 
 
 def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.ndarray, cache_seqlens: np.ndarray,
@@ -312,9 +357,8 @@ def mla_forward(config: ModelConfig, weights: dict, hidden: np.ndarray, start_po
         q_full, k_full = emit(trace, "MLA.7", *assemble_query_key(q_nope, q_pe, k_nope, k_pe))
         cache = cache.append(k_full, value, lengths)  # MLA.18
         k_full, value = cache.keys_values()  # [batch, keys, heads, qk_head_dim], [.., v_head_dim]
-        width = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
-        _check_used_rows("cache", np.concatenate([k_full, value], axis=-1).reshape(batch, k_full.shape[1], width), cache.lengths,
-                         allow_nonfinite, "MLA.18")
+        for rows in (k_full, value):
+            _check_used_rows("cache", rows, cache.lengths, allow_nonfinite, "MLA.18")
     else:
         cache = None if cache is None else cache.append(new_rows, lengths)  # MLA.18
         key_rows = new_rows if cache is None else cache.key_rows()  # [batch, keys, kv_lora_rank + rope]
@@ -328,11 +372,10 @@ def mla_forward(config: ModelConfig, weights: dict, hidden: np.ndarray, start_po
         q_absorbed, q_latent = emit(trace, "MLA.13", *absorb_query(config, q_nope, q_pe, w))  # [.., kv_lora_rank (+ rope)]
         out_latent, lse = latent_attention(q_latent, key_rows, visible, scale, config.kv_lora_rank, query_chunk, trace)
         attn = emit(trace, "MLA.16", unabsorb_output(config, out_latent, w))  # [batch, seq, heads, v_head_dim]
-    else:
-        if not isinstance(cache, NaiveCache):
-            k_nope, value = emit(trace, "MLA.6", *expand_latent(config, key_rows[..., : config.kv_lora_rank], w))
-            q_full, k_full = emit(trace, "MLA.7", *assemble_query_key(q_nope, q_pe, k_nope, key_rows[..., config.kv_lora_rank:]))
+    elif isinstance(cache, NaiveCache):
         attn, lse = naive_attention(q_full, k_full, value, visible, scale, query_chunk, trace)  # MLA.9-11
+    else:
+        attn, lse = naive_attention_from_latent(config, w, q_nope, q_pe, key_rows, visible, scale, query_chunk, trace)  # MLA.6-7, MLA.9-11
     output = emit(trace, "MLA.12", output_projection(attn, w))  # [batch, seq, hidden_size]
     return MLAResult(output, cache, lse)
 

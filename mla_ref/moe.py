@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InputError, ShapeError, WeightError
-from .checks import check_tensor, compute_dtype
+from .checks import all_finite, check_tensor, checked_weight, compute_dtype, first_nonfinite
 from .spec import evaluate_shape, load_spec_file
 from .trace import Trace, emit
 
@@ -332,10 +332,7 @@ def _tensor(weights: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]
         raise WeightError(name, f"expected a real floating dtype, got {value.dtype}", spec_id)
     if value.shape != tuple(shape):
         raise WeightError(name, f"expected shape {list(shape)}, got {list(value.shape)}", spec_id)
-    value = value.astype(dtype, copy=False)
-    if not np.isfinite(value).all():
-        index = tuple(int(i) for i in np.argwhere(~np.isfinite(value))[0])
-        raise WeightError(name, f"contains {value[index]} at index {index}; expected finite values", spec_id)
+    value = checked_weight(name, value, dtype, spec_id)
     return value if trace is None else trace.round_input(value, "weights")
 
 
@@ -352,8 +349,8 @@ def _router_tensors(config: ModelConfig, weights: Mapping[str, np.ndarray], dtyp
     elif BIAS in weights:
         raise WeightError(BIAS, f"unexpected: the config has no correction bias (topk_method = {config.topk_method!r}, not 'noaux_tc')", "MOE.3")
     for name, value, spec_id in ((GATE, gate, "MOE.1"), (BIAS, bias, "MOE.3")):
-        if value is not None and not np.isfinite(value).all():
-            index = tuple(int(i) for i in np.argwhere(~np.isfinite(value))[0])
+        if value is not None and not all_finite(value):
+            index = first_nonfinite(value)
             raise WeightError(name, f"contains {value[index]} at index {index}; expected finite values", spec_id)
     return gate, bias
 

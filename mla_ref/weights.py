@@ -11,6 +11,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from .checks import checked_weight
 from .config import ModelConfig
 from .errors import WeightError
 from .rope import half_layout_permutation
@@ -99,7 +100,7 @@ def generate_tensor(seed: int, name: str, shape: tuple[int, ...], rule: str, dty
     """One tensor by its init rule (spec/weights.yaml ``generator.init``)."""
     z = np.random.Generator(np.random.PCG64(tensor_seed(seed, name, shape))).standard_normal(shape)
     if rule == "linear":
-        values = z / np.sqrt(shape[-1])
+        values = np.divide(z, np.sqrt(shape[-1]), out=z)
     elif rule == "norm":
         values = 1.0 + 0.1 * z
     elif rule == "embedding":
@@ -164,10 +165,7 @@ def check_weights(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str,
             raise WeightError(name, f"expected a real floating dtype, got {value.dtype}", spec_id)
         if value.shape != tuple(shape):
             raise WeightError(name, f"expected shape {list(shape)}, got {list(value.shape)}", spec_id)
-        checked[name] = value.astype(dtype, copy=False)
-        if not np.isfinite(checked[name]).all():
-            index = tuple(int(i) for i in np.argwhere(~np.isfinite(checked[name]))[0])
-            raise WeightError(name, f"contains {checked[name][index]} at index {index}; expected finite values", spec_id)
+        checked[name] = checked_weight(name, value, dtype, spec_id)
     return checked
 
 
