@@ -10,6 +10,7 @@ flattened token axis; the other shape names are config fields.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Mapping
 
@@ -312,14 +313,20 @@ def _spec_shapes(config: ModelConfig, group: str, experts: bool = False) -> dict
 
     ``experts``: only the ``{expert}`` templates (unformatted); otherwise everything else.
     """
+    return dict(_spec_table(config, group, experts))
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_table(config: ModelConfig, group: str, experts: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape) pairs of :func:`_spec_shapes`, evaluated once per config (every layer call reads them)."""
     symbols = config.symbols()
-    shapes = {}
+    table = []
     for entry in load_spec_file("weights.yaml")["tensors"][group]:
         when = entry.get("when")
         if ("{expert}" in entry["name"]) != experts or (when is not None and not getattr(config, when)):
             continue
-        shapes[entry["name"]] = evaluate_shape(entry["shape"], symbols)
-    return shapes
+        table.append((entry["name"], evaluate_shape(entry["shape"], symbols)))
+    return tuple(table)
 
 
 def _tensor(weights: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], spec_id: str, dtype,

@@ -6,6 +6,7 @@ The table of tensors lives in spec/weights.yaml. A tensor's values depend only o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Iterable, Mapping
 
@@ -30,18 +31,23 @@ def _condition(config: ModelConfig, when: str | None) -> bool:
 
 def _group_shapes(config: ModelConfig, group: str, prefix: str = "") -> dict[str, tuple[int, ...]]:
     """Names (with ``prefix``) and shapes of one group of spec/weights.yaml ``tensors``."""
+    return {prefix + name: shape for name, shape in _group_table(config, group)}
+
+
+@functools.lru_cache(maxsize=256)
+def _group_table(config: ModelConfig, group: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape) of one group for ``config``, evaluated once per config (every layer call reads it)."""
     symbols = config.symbols()
-    shapes = {}
+    table = []
     for entry in load_spec_file("weights.yaml")["tensors"][group]:
         if not _condition(config, entry.get("when")):
             continue
         shape = evaluate_shape(entry["shape"], symbols)
         if "{expert}" in entry["name"]:
-            for expert in range(config.n_routed_experts):
-                shapes[prefix + entry["name"].format(expert=expert)] = shape
+            table += [(entry["name"].format(expert=expert), shape) for expert in range(config.n_routed_experts)]
         else:
-            shapes[prefix + entry["name"]] = shape
-    return shapes
+            table.append((entry["name"], shape))
+    return tuple(table)
 
 
 def attention_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
