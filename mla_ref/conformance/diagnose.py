@@ -52,7 +52,7 @@ def signature(name: str, candidate, truth: np.ndarray, config) -> list[str]:
     if truth.ndim and truth.shape[-1] == rope and rope >= 4:
         permutation = half_layout_permutation(rope)
         for label, permuted in (("half-layout order", truth[..., permutation]), ("interleaved order", truth[..., np.argsort(permutation)])):
-            if np.allclose(candidate, permuted, rtol=1e-2, atol=1e-2 * float(np.abs(truth).max(initial=0))):
+            if np.allclose(candidate, permuted, rtol=1e-2, atol=1e-2 * float(np.abs(truth[np.isfinite(truth)]).max(initial=0))):
                 messages.append(f"{name} equals the truth with its rope dims in {label}: RoPE layout (interleaved vs half) mix-up")
                 break
     return messages
