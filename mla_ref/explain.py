@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 
 from .config import ModelConfig
 from .errors import SpecError
-from .spec import evaluate_dim, load_spec_file, parse_shape, spec_dir
+from .spec import evaluate_dim, load_spec_file, parse_shape, resolve_function, spec_dir
 
 RUNTIME_EXAMPLE = {"batch": 2, "seq": 16, "keys": 4096, "expanded": 4096, "tokens": 32, "num_blocks": 128, "block_size": 64, "max_blocks": 64,
                    "ranks": 8, "width": 576, "depth": 1}
@@ -23,18 +22,6 @@ def all_steps() -> dict[str, dict]:
             steps[step["id"]] = dict(step, file=path.name)
     return steps
 
-
-def _resolve(dotted: str):
-    parts = dotted.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:split]))
-        except ModuleNotFoundError:
-            continue
-        for attribute in parts[split:]:
-            obj = getattr(obj, attribute)
-        return obj
-    raise ImportError(dotted)
 
 
 def _shape_text(shape: str, symbols: dict) -> str:
@@ -61,7 +48,7 @@ def explain(step_id: str, config: ModelConfig) -> str:
     for side in ("inputs", "outputs"):
         for name, shape in step[side].items():
             lines.append(f"  {side[:-1]:6s} {name:18s} {shape}  =  {_shape_text(shape, symbols)}")
-    function = _resolve(step["function"])
+    function = resolve_function(step["function"])
     target = inspect.unwrap(function.fget if isinstance(function, property) else function)
     try:
         source_file = inspect.getsourcefile(target)

@@ -105,6 +105,24 @@ def step_by_id(step_id: str) -> dict:
     raise SpecError(step_id, f"no such step in spec/{section}.yaml", "SPEC")
 
 
+def resolve_function(dotted: str):
+    """The object a spec's ``function:`` names (``mla_ref.mla.absorb_query``, ``mla_ref.config.ModelConfig.qk_head_dim``)."""
+    import importlib
+    parts = dotted.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                obj = getattr(obj, attribute)
+        except AttributeError:
+            raise SpecError(dotted, f"{attribute!r} does not exist", "SPEC") from None
+        return obj
+    raise SpecError(dotted, "no importable module in this name", "SPEC")
+
+
 _ALLOWED_BINOPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
                    ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b}
 

@@ -4,7 +4,6 @@ declared symbolic shapes (config symbols plus the runtime batch and seq)."""
 
 from __future__ import annotations
 
-import importlib
 
 import numpy as np
 import pytest
@@ -13,24 +12,11 @@ from conftest import TINY_PRESETS, preset
 from mla_ref import Trace
 from mla_ref.model import greedy_generate, model_forward
 from mla_ref.mtp import mtp_losses
-from mla_ref.spec import evaluate_shape, load_spec_file, load_steps
+from mla_ref.spec import evaluate_shape, load_spec_file, load_steps, resolve_function
 from mla_ref.weights import generate_weights
 
 STEPS = load_steps("model.yaml")
 
-
-def resolve(dotted: str):
-    """``package.module.attribute[.attribute]`` -> the object."""
-    parts = dotted.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:split]))
-        except ModuleNotFoundError:
-            continue
-        for attribute in parts[split:]:
-            obj = getattr(obj, attribute)
-        return obj
-    raise ImportError(dotted)
 
 
 def check_recorded_shapes(steps, trace, symbols):
@@ -52,14 +38,14 @@ def test_steps_are_numbered_in_order_and_complete():
 
 @pytest.mark.parametrize("step", STEPS, ids=[step["id"] for step in STEPS])
 def test_every_step_names_a_function_citing_its_id_and_the_paper(step):
-    first_line = resolve(step["function"]).__doc__.strip().splitlines()[0]
+    first_line = resolve_function(step["function"]).__doc__.strip().splitlines()[0]
     assert first_line.startswith(f"{step['id']} — "), first_line
     assert "V3R" in first_line, first_line
 
 
 def test_entry_points_exist():
     for entry in load_spec_file("model.yaml")["entry_points"].values():
-        assert callable(resolve(entry["function"]))
+        assert callable(resolve_function(entry["function"]))
 
 
 @pytest.mark.parametrize("name", TINY_PRESETS)

@@ -10,10 +10,10 @@ import pytest
 from conftest import TINY_PRESETS, preset
 from mla_ref import Trace
 from mla_ref.mtp import mtp_losses
-from mla_ref.spec import load_spec_file, load_steps
+from mla_ref.spec import load_spec_file, load_steps, resolve_function
 from mla_ref.speculative import speculative_generate
 from mla_ref.weights import generate_weights
-from test_model_spec import check_recorded_shapes, resolve
+from test_model_spec import check_recorded_shapes
 
 STEPS = load_steps("mtp.yaml")
 TRAINING = [step for step in STEPS if int(step["id"].split(".")[1]) <= 6]
@@ -30,14 +30,14 @@ def test_steps_are_numbered_in_order_and_complete():
 
 @pytest.mark.parametrize("step", STEPS, ids=[step["id"] for step in STEPS])
 def test_every_step_names_a_function_citing_its_id_and_the_paper(step):
-    first_line = resolve(step["function"]).__doc__.strip().splitlines()[0]
+    first_line = resolve_function(step["function"]).__doc__.strip().splitlines()[0]
     assert first_line.startswith(f"{step['id']} — "), first_line
     assert "V3R" in first_line, first_line
 
 
 def test_entry_points_exist():
     for entry in load_spec_file("mtp.yaml")["entry_points"].values():
-        assert callable(resolve(entry["function"]))
+        assert callable(resolve_function(entry["function"]))
 
 
 @pytest.mark.parametrize("name", TINY_PRESETS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import textwrap
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from mla_ref import spec as spec_module
 from mla_ref.config import ModelConfig, field_specs
 from mla_ref.errors import SpecError
-from mla_ref.spec import evaluate_dim, evaluate_shape, load_spec_file, load_steps, read_yaml, spec_version
+from mla_ref.spec import evaluate_dim, evaluate_shape, load_spec_file, load_steps, read_yaml, resolve_function, spec_version
 
 SECTION_FILES = sorted(path.name for path in spec_module.spec_dir().glob("*.yaml") if "steps" in (read_yaml(path) or {}))
 
@@ -22,19 +21,6 @@ def test_the_index_lists_every_spec_file():
     assert present <= listed, f"spec/spec.yaml files: does not list {sorted(present - listed)}"
     assert len(SECTION_FILES) >= 4
 
-
-def resolve(dotted: str):
-    """Import ``package.module.attr[.attr]`` and return the object."""
-    parts = dotted.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:split]))
-        except ModuleNotFoundError:
-            continue
-        for attr in parts[split:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(dotted)
 
 
 def test_every_file_has_the_index_version():
@@ -57,7 +43,7 @@ def test_steps_are_ordered_and_complete(file):
 @pytest.mark.parametrize("file", SECTION_FILES)
 def test_step_functions_exist_and_cite_their_id(file):
     for step in load_steps(file):
-        function = resolve(step["function"])
+        function = resolve_function(step["function"])
         assert callable(function), step["id"]
         doc = function.__doc__ or ""
         first_line = doc.strip().splitlines()[0] if doc.strip() else ""
@@ -70,7 +56,7 @@ def test_config_fields_match_the_dataclass():
 
 def test_derived_quantities_name_existing_code():
     for name, derived in load_spec_file("config.yaml")["derived"].items():
-        assert resolve(derived["function"]) is not None, name
+        assert resolve_function(derived["function"]) is not None, name
 
 
 def test_every_field_documents_its_external_names():
