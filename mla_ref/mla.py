@@ -22,8 +22,8 @@ from .trace import Trace, emit
 from .weights import attention_weight_shapes, check_weights
 
 # Bound on the elements of one [batch, head group, query_chunk, keys] logits block (MLA.9/MLA.14):
-# 16 MiB in float32, small enough to stay in the CPU's cache through the softmax.
-DEFAULT_LOGITS_ELEMENTS = 1 << 22
+# 8 MiB in float32, small enough to stay in the CPU's cache through the softmax.
+DEFAULT_LOGITS_ELEMENTS = 1 << 21
 # Fewest queries per block by default: BLAS is slow on short products, so heads are split first.
 DEFAULT_QUERY_CHUNK = 256
 # Bound on the k_full elements of one group of heads in the naive form from latent rows (MLA.6-MLA.11).
