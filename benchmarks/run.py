@@ -82,16 +82,54 @@ QUICK = Plan((512,), (1024, 4096), (1, 64), 2048, reps=1, decode_steps=2, run_te
 
 # ---------------------------------------------------------------------------- measuring
 
+def _cpu_seconds() -> float:
+    """CPU seconds all processes of the machine have used (/proc/stat), 0 where unknown."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    jiffies = [int(value) for value in fields]
+    busy = sum(jiffies) - jiffies[3] - (jiffies[4] if len(jiffies) > 4 else 0)  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait: float = 90.0, window: float = 1.0, busy_cores: float = 0.25) -> float:
+    """Wait (at most ``max_wait`` s) until other processes use under ``busy_cores`` cores; returns the seconds waited.
+
+    Two BLAS threads share two cores with whatever else runs: a busy neighbour stalls every
+    threaded BLAS call, so each timed call starts in a quiet window.
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait:
+        used = _cpu_seconds()
+        time.sleep(window)
+        if _cpu_seconds() - used < busy_cores * window:
+            break
+    return time.perf_counter() - start
+
+
+OTHERS: list[float] = []  # others' CPU (cores) during each best timing, for the report
+
+
 def timed(fn, reps: int, warmup: int = 1) -> tuple[float, object]:
-    """Best wall time of ``reps`` calls after ``warmup`` untimed ones (first touches of fresh memory are slow)."""
+    """Best wall time of ``reps`` calls after ``warmup`` untimed ones (first touches of fresh memory are slow).
+
+    Each timed call starts in a quiet window; the CPU other processes used meanwhile is kept
+    for the best call (in cores), so a contended figure shows in the report.
+    """
     result = None
     for _ in range(warmup):
         result = fn()
-    best = float("inf")
+    best, others = float("inf"), 0.0
     for _ in range(reps):
-        start = time.perf_counter()
+        wait_for_quiet()
+        start, machine, own = time.perf_counter(), _cpu_seconds(), time.process_time()
         result = fn()
-        best = min(best, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if seconds < best:
+            best = seconds
+            others = max(0.0, (_cpu_seconds() - machine) - (time.process_time() - own)) / seconds
+    OTHERS.append(others)
     return best, result
 
 
@@ -207,8 +245,9 @@ def bench_prefill(config, weights, plan: Plan, torch_mla) -> list[dict]:
         rate, shape = matmul_rate(tokens)
         reps = 1 if tokens >= 8192 else plan.reps
         seconds, result = timed(lambda: mla_forward(config, weights, hidden, dtype=np.float32).output, reps)
+        busy = OTHERS[-1]
         projections, attention = prefill_flops(config, tokens)
-        row = {"tokens": tokens, "seconds": seconds, "gflop": (projections + attention) / 1e9,
+        row = {"tokens": tokens, "seconds": seconds, "others": busy, "gflop": (projections + attention) / 1e9,
                "gflops": (projections + attention) / seconds / 1e9, "matmul_gflops": rate, "matmul_shape": shape}
         row["fraction"] = row["gflops"] / rate
         if torch_mla is not None:
@@ -272,6 +311,7 @@ def bench_decode(config, weights, plan: Plan, torch_mla) -> list[dict]:
             measured = _cache_bytes(cache, length)
             times = []
             for step in range(steps + 1):  # the first step is a warm-up
+                wait_for_quiet(max_wait=30)
                 start = time.perf_counter()
                 cache = mla_forward(config, weights, tokens[step], cache=cache, dtype=np.float32).cache
                 times.append(time.perf_counter() - start)
@@ -292,6 +332,7 @@ def _torch_decode(config, weights, torch_mla, latent_rows, tokens, steps) -> dic
     buffer = torch_mla.latent_rows(latent_rows, length + steps + 2)
     times = []
     for step in range(steps + 1):
+        wait_for_quiet(max_wait=30)
         start = time.perf_counter()
         out = torch_mla.decode(tokens[step], buffer, length + step)
         times.append(time.perf_counter() - start)
@@ -363,11 +404,12 @@ def bench_moe(config, plan: Plan, pool_size: int = 8) -> list[dict]:
         weights = PooledExperts(base, pool, needed)
         rate, shape = matmul_rate(2048)
         seconds, _ = timed(lambda: ffn_forward(config, weights, hidden, layer, dtype=np.float32).output, plan.reps)
+        busy = OTHERS[-1]
         k, inner = config.num_experts_per_tok, config.moe_intermediate_size
         flops = (2.0 * tokens * config.hidden_size * config.n_routed_experts + 6.0 * config.hidden_size * inner * tokens * k
                  + 6.0 * config.hidden_size * config.shared_expert_width * tokens)
         row = {"tokens": tokens, "experts": len(needed), "distinct": len(set(needed) & set(pool_ids)) == len(needed),
-               "expert_gib": len(needed) * expert_bytes / GIB, "seconds": seconds, "gflop": flops / 1e9,
+               "expert_gib": len(needed) * expert_bytes / GIB, "seconds": seconds, "others": busy, "gflop": flops / 1e9,
                "gflops": flops / seconds / 1e9, "matmul_gflops": rate, "matmul_shape": shape}
         row["fraction"] = row["gflops"] / rate
         log(f"MoE {tokens} tokens ({len(needed)} experts): {seconds:.3f} s, {row['gflops']:.1f} GFLOP/s = {row['fraction']:.0%} of {rate:.1f}")
@@ -403,6 +445,7 @@ def bench_commands(run_tests: bool) -> list[dict]:
         if run_tests:
             commands.append(("default test suite (python -m pytest -q)", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]))
         for label, command in commands:
+            wait_for_quiet()
             start = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
             seconds = time.perf_counter() - start
@@ -430,19 +473,21 @@ def report(info: dict, prefill: list[dict], decode: list[dict], moe: list[dict],
              f"- threads: {info['threads']} for numpy's BLAS and for torch; load average (1/5/15 min) at start {info['load_start']}, "
              f"at end {info['load_end']}",
              ]
+    lines.append("- every timed call starts once other processes use under a quarter of a core (or after 90 s); "
+                 "\"others' CPU\" is the cores they used during the best call (BLAS threads stall when a neighbour is busy)")
     if info["removed_env"]:
         lines.append(f"- removed for this run only: {info['removed_env']} (the timed commands of the last table keep them)")
     lines += ["", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
     lines += _target_rows(prefill, decode, moe, peak, commands)
 
     lines += ["", "## MLA prefill (deepseek-v3 attention, one layer, float32, batch 1, naive form)", "", PREFILL_FORMULA + ".", "",
-              "| T | time | GFLOP | GFLOP/s | matmul GFLOP/s (same run, shape) | fraction | torch time | numpy / torch | rel. diff vs torch |",
-              "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+              "| T | time | GFLOP | GFLOP/s | matmul GFLOP/s (same run, shape) | fraction | torch time | numpy / torch | rel. diff vs torch | others' CPU |",
+              "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for row in prefill:
         torch_cells = (f"{_fmt_seconds(row['torch_seconds'])} | {row['torch_ratio']:.2f} | {row['torch_error']:.1e}"
                        if "torch_seconds" in row else "skipped | | ")
         lines.append(f"| {row['tokens']} | {_fmt_seconds(row['seconds'])} | {row['gflop']:.0f} | {row['gflops']:.1f} | "
-                     f"{row['matmul_gflops']:.1f} ({row['matmul_shape']}) | {row['fraction']:.0%} | {torch_cells} |")
+                     f"{row['matmul_gflops']:.1f} ({row['matmul_shape']}) | {row['fraction']:.0%} | {torch_cells} | {row['others']:.2f} |")
 
     lines += ["", "## Decode per token against the cached length L (deepseek-v3, float32, batch 1)", "",
               "Time: median of the timed steps (one untimed warm-up step), mla_forward with one new token; cache bytes "
@@ -463,11 +508,11 @@ def report(info: dict, prefill: list[dict], decode: list[dict], moe: list[dict],
             for fit in fits) + "."]
 
     lines += ["", "## MoE layer (deepseek-v3, first MoE layer, float32)", "", MOE_FORMULA + ".", "",
-              "| tokens | experts used | time | GFLOP | GFLOP/s | matmul GFLOP/s (same run, shape) | fraction |",
-              "|---:|---:|---:|---:|---:|---|---:|"]
+              "| tokens | experts used | time | GFLOP | GFLOP/s | matmul GFLOP/s (same run, shape) | fraction | others' CPU |",
+              "|---:|---:|---:|---:|---:|---|---:|---:|"]
     for row in moe:
         lines.append(f"| {row['tokens']} | {row['experts']} ({row['expert_gib']:.1f} GiB) | {_fmt_seconds(row['seconds'])} | "
-                     f"{row['gflop']:.1f} | {row['gflops']:.1f} | {row['matmul_gflops']:.1f} ({row['matmul_shape']}) | {row['fraction']:.0%} |")
+                     f"{row['gflop']:.1f} | {row['gflops']:.1f} | {row['matmul_gflops']:.1f} ({row['matmul_shape']}) | {row['fraction']:.0%} | {row['others']:.2f} |")
     lines += ["", "Experts: the gate, bias and shared expert are generated; routed experts are served from a pool of "
               "8 generated experts (expert e reads pool[e mod 8]) because the ~250 experts that 64 or 1024 tokens reach "
               "would need ~44 GiB in float32; every expert's 168 MiB still streams from memory, as distinct experts would."]

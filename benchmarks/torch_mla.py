@@ -27,6 +27,7 @@ class TorchMLA:
         per_head = self.w["kv_b_proj.weight"].view(heads, nope + v_dim, config.kv_lora_rank)
         self.w_uk, self.w_uv = per_head[:, :nope], per_head[:, nope:]  # [heads, nope, rank], [heads, v, rank]
         self.scale = softmax_scale(config)
+        self.query_chunk = 256
 
     def _rms(self, x: torch.Tensor, weight: str) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps) * self.w[weight]
@@ -58,7 +59,15 @@ class TorchMLA:
         k_nope, value = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [batch, heads, seq, qk_head_dim]
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, c.num_attention_heads, -1)], dim=-1).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(q, k, value.transpose(1, 2), is_causal=True, scale=self.scale)
+        v = value.transpose(1, 2)  # [batch, heads, keys, v_head_dim]
+        attn = torch.empty((batch, c.num_attention_heads, seq, c.v_head_dim), dtype=torch.float32)
+        # qk_head_dim != v_head_dim: CPU SDPA takes its unfused path, which holds [heads, seq, seq]
+        # probabilities (32 GiB at T = 8192), so queries go in chunks, keys up to the chunk's last
+        for start in range(0, seq, self.query_chunk):
+            stop = min(seq, start + self.query_chunk)
+            mask = torch.arange(stop)[None, :] <= torch.arange(start, stop)[:, None]  # [chunk, keys] causal
+            attn[:, :, start:stop] = F.scaled_dot_product_attention(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop],
+                                                                    attn_mask=mask, scale=self.scale)
         return F.linear(attn.transpose(1, 2).flatten(2), self.w["o_proj.weight"]).numpy()
 
     def latent_rows(self, rows: np.ndarray, capacity: int) -> torch.Tensor:
