@@ -70,6 +70,8 @@ class ModelConfig:
     mtp_concat_order: str
     mtp_hidden_source: str
     mtp_rope_position: str
+    mtp_depths: int | None
+    mtp_module_reuse: str
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -112,6 +114,15 @@ class ModelConfig:
     def shared_expert_width(self) -> int:
         """Inner width of the shared-experts MLP."""
         return self.n_shared_experts * self.moe_intermediate_size
+
+    @property
+    def mtp_num_depths(self) -> int:
+        """D: ``mtp_depths``, or num_nextn_predict_layers when null."""
+        return self.num_nextn_predict_layers if self.mtp_depths is None else self.mtp_depths
+
+    def mtp_module_of_depth(self, depth: int) -> int:
+        """The MTP module (1-based) serving depth k: k, or ((k - 1) mod num_nextn_predict_layers) + 1 with reuse (MTP.3)."""
+        return depth if self.mtp_module_reuse == "none" else (depth - 1) % self.num_nextn_predict_layers + 1
 
     def is_moe_layer(self, layer: int) -> bool:
         """Layer ``layer`` uses MoE iff ``layer >= first_k_dense_replace`` and ``layer % moe_layer_freq == 0``."""
@@ -209,6 +220,13 @@ def _validate(config: ModelConfig) -> None:
     if c.rope_scaling_type == "yarn" and c.original_max_position_embeddings > c.max_position_embeddings:
         raise ConfigError("original_max_position_embeddings",
                           f"expected <= max_position_embeddings = {c.max_position_embeddings}, got {c.original_max_position_embeddings}", "CONFIG.R6")
+    if c.mtp_depths is not None and c.mtp_module_reuse == "none" and c.mtp_depths > c.num_nextn_predict_layers:
+        raise ConfigError("mtp_depths", f"expected <= num_nextn_predict_layers = {c.num_nextn_predict_layers} with mtp_module_reuse "
+                          f"'none' (set modulo or recurrent to reuse modules), got {c.mtp_depths}", "CONFIG.R7")
+    modules, reuse = c.num_nextn_predict_layers, c.mtp_module_reuse
+    if (reuse == "modulo" and modules < 1) or (reuse == "recurrent" and modules != 1):
+        expected = ">= 1" if reuse == "modulo" else "== 1 (the recurrent scheme is specified for one module)"
+        raise ConfigError("num_nextn_predict_layers", f"expected {expected} with mtp_module_reuse {reuse!r}, got {modules}", "CONFIG.R8")
 
 
 def from_dict(values: Mapping[str, Any]) -> ModelConfig:

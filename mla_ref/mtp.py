@@ -22,6 +22,11 @@ from .trace import Trace, emit
 from .weights import subtree
 
 
+def mtp_layer(config: ModelConfig, depth: int) -> int:
+    """The layer id of the module serving depth k: num_hidden_layers + m(k) - 1 (MTP.3, config mtp_module_reuse)."""
+    return config.num_hidden_layers + config.mtp_module_of_depth(depth) - 1
+
+
 def main_hidden_for_mtp(config: ModelConfig, main: ModelResult) -> np.ndarray:
     """MTP.1 — ``h^0``: the main model's last hidden state after (post_norm) or before (pre_norm) model.norm (V3R eq. 21)."""
     return main.post_norm_hidden if config.mtp_hidden_source == "post_norm" else main.pre_norm_hidden
@@ -40,8 +45,11 @@ def combine_embedding_and_hidden(config: ModelConfig, module_weights: Mapping, e
 
 def mtp_block(config: ModelConfig, weights: Mapping, depth: int, combined: np.ndarray, cache, query_lengths: np.ndarray,
               start_positions, trace: Trace | None = None):
-    """MTP.3 — ``TRM_k``: the decoder block of layer num_hidden_layers + k - 1, causal over the module's rows (V3R eq. 22)."""
-    layer = config.num_hidden_layers + depth - 1
+    """MTP.3 — ``TRM_k``: the decoder block of module m(k)'s layer num_hidden_layers + m(k) - 1, causal over the rows (V3R eq. 22).
+
+    m(k) = k, or ((k - 1) mod num_nextn_predict_layers) + 1 when mtp_module_reuse reuses modules.
+    """
+    layer = mtp_layer(config, depth)
     return decoder_block(config, weights, layer, combined, cache, query_lengths, start_positions, trace=trace)
 
 
@@ -74,7 +82,7 @@ def mtp_module(config: ModelConfig, weights: Mapping, depth: int, previous_hidde
     vocab_size]`` and the module's new cache.
     """
     lengths = np.full(next_tokens.shape[0], next_tokens.shape[1], np.int64) if query_lengths is None else query_lengths
-    module_weights = subtree(weights, f"model.layers.{config.num_hidden_layers + depth - 1}.")
+    module_weights = subtree(weights, f"model.layers.{mtp_layer(config, depth)}.")
     embedded = embed_tokens(model_tensor(weights, "model.embed_tokens.weight", trace), next_tokens, lengths)  # MODEL.1: Emb(t_{i+k})
     combined = emit(trace, "MTP.2", combine_embedding_and_hidden(config, module_weights, embedded, previous_hidden, trace))
     block_output, cache = mtp_block(config, weights, depth, combined, cache, lengths, start_positions, trace)  # MTP.3
@@ -102,7 +110,7 @@ def mtp_losses(config: ModelConfig, weights: Mapping, tokens, *, depths: int | N
     """The main model and the MTP chain on ``tokens [batch, seq + 1]``: per-depth logits and losses (V3R eqs. 21-25).
 
     The main model reads ``tokens[:, :seq]``; depth k has the seq - k rows that have a target.
-    ``depths`` defaults to num_nextn_predict_layers; ``mtp_lambda`` is V3R's lambda (0.3 for the
+    ``depths`` defaults to config.mtp_num_depths (depth k runs module m(k), MTP.3); ``mtp_lambda`` is V3R's lambda (0.3 for the
     first 10T training tokens, then 0.1). A trace records MODEL.1-MODEL.5, MODEL.7, MTP.1, the last
     depth's MTP.2-MTP.5, and MTP.6.
     """
@@ -114,7 +122,7 @@ def mtp_losses(config: ModelConfig, weights: Mapping, tokens, *, depths: int | N
     if seq <= depths:
         raise InputError("tokens", f"depth {depths} needs seq > {depths} input positions (tokens [batch, seq + 1]), "
                          f"got seq = {seq}: depth {max(seq, 0) + 1} would have no row", "MTP.2")
-    check_model_weights(config, weights, range(config.num_hidden_layers, config.num_hidden_layers + depths), mtp=True)
+    check_model_weights(config, weights, mtp_module_layers(config, depths), mtp=True)
     main = model_forward(config, weights, tokens[:, :seq], trace=trace)  # MODEL.1-MODEL.5
     main_loss = float(emit(trace, "MODEL.7", np.asarray(cross_entropy(main.logits, tokens[:, 1:], seq))))
     hidden = emit(trace, "MTP.1", main_hidden_for_mtp(config, main))  # h^0 [batch, seq, hidden_size]
@@ -132,11 +140,21 @@ def mtp_losses(config: ModelConfig, weights: Mapping, tokens, *, depths: int | N
     return MTPLosses(main_loss, depth_losses, mtp_loss, main_loss + mtp_loss, main.logits, tuple(depth_logits), tuple(depth_hidden))
 
 
-def check_depths(config: ModelConfig, depths) -> int:
-    """The MTP depth D to use: default num_nextn_predict_layers; 1 .. num_nextn_predict_layers, else ConfigError."""
-    available = config.num_nextn_predict_layers
-    depths = available if depths is None else depths
-    if isinstance(depths, bool) or not isinstance(depths, (int, np.integer)) or not 1 <= depths <= available:
-        raise ConfigError("num_nextn_predict_layers", f"expected a depth in 1 .. {available} (the MTP modules of the config), "
-                          f"got {depths!r}", "MTP.3")
+def check_depths(config: ModelConfig, depths, drafting: bool = False) -> int:
+    """The MTP depth D to use: default ``config.mtp_num_depths``; a ConfigError past the modules the reuse scheme allows.
+
+    Without reuse D <= num_nextn_predict_layers; modulo reuse allows any D; recurrent reuse
+    allows any D for drafting (MTP.7) and the one module for the training chain.
+    """
+    depths = config.mtp_num_depths if depths is None else depths
+    modules, reuse = config.num_nextn_predict_layers, config.mtp_module_reuse
+    unbounded = reuse == "modulo" or (reuse == "recurrent" and drafting)
+    if isinstance(depths, bool) or not isinstance(depths, (int, np.integer)) or depths < 1 or (not unbounded and depths > modules):
+        allowed = ">= 1" if unbounded else f"in 1 .. {modules} (the MTP modules of the config, mtp_module_reuse {reuse!r})"
+        raise ConfigError("mtp_depths" if unbounded else "num_nextn_predict_layers", f"expected a depth {allowed}, got {depths!r}", "MTP.3")
     return int(depths)
+
+
+def mtp_module_layers(config: ModelConfig, depths: int) -> list[int]:
+    """The layer ids of the modules that depths 1 .. D use (each once), for the weight check."""
+    return sorted({mtp_layer(config, depth) for depth in range(1, depths + 1)})

@@ -16,7 +16,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import CacheError, ConfigError, InputError, ShapeError
 from .model import ModelCache, ModelResult, check_model_weights, greedy_token, model_forward, pad_prompts
-from .mtp import check_depths, main_hidden_for_mtp, mtp_module
+from .mtp import check_depths, main_hidden_for_mtp, mtp_module, mtp_module_layers
 from .trace import Trace, emit
 
 
@@ -54,24 +54,28 @@ def put_rows(array: np.ndarray, starts: np.ndarray, rows: np.ndarray, counts: np
 
 
 class MTPDrafter:
-    """The MTP modules 1 .. D as a drafter; each module caches the rows whose embedded token is known.
+    """The MTP modules as a drafter of D tokens; each depth caches the rows whose embedded token is known.
+
+    Depth k runs module m(k) (config mtp_module_reuse, MTP.3) with its own rows and cache; with
+    recurrent reuse only depth 1 has rows of its own, and draft steps 2 .. D each add one
+    temporary row to that cache (MTP.7).
 
     It keeps state across calls (the module caches and the outputs h^k the next depth reads):
     use a fresh drafter for each generation. ``cache_kind``: ``latent`` or ``naive``.
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping, num_draft_tokens: int | None = None, cache_kind: str = "latent"):
-        self.num_draft_tokens = check_depths(config, num_draft_tokens)
+        self.num_draft_tokens = check_depths(config, num_draft_tokens, drafting=True)
         if config.mtp_rope_position != "hidden":
             raise ConfigError("mtp_rope_position", f"cached MTP drafting supports 'hidden' only (mla_forward places new rows at the "
                               f"cache length), got {config.mtp_rope_position!r}; both agree in exact arithmetic (spec/mtp.yaml)", "MTP.7")
         if cache_kind not in ("latent", "naive"):
             raise CacheError("cache_kind", f"expected 'latent' or 'naive', got {cache_kind!r}", "MTP.7")
-        first = config.num_hidden_layers
-        check_model_weights(config, weights, range(first, first + self.num_draft_tokens), mtp=True)
+        check_model_weights(config, weights, mtp_module_layers(config, self.num_draft_tokens), mtp=True)
         self.config, self.weights, self.cache_kind = config, weights, cache_kind
         self.caches: ModelCache | None = None  # one cache per module, created at the first call
         self.outputs: list[np.ndarray] = []  # h^k [batch, rows, hidden_size], valid up to module k's cache length
+        self.draft_logits: np.ndarray | None = None  # [batch, D, vocab_size]: what the last call's drafts were chosen from
 
     def __call__(self, context: DraftContext) -> np.ndarray:
         """MTP.7 — chain modules 1 .. D at the last known position n - 1; ``d_k`` = greedy token of depth k (V3R section 5.4.3)."""
@@ -80,16 +84,17 @@ class MTPDrafter:
             raise InputError("num_draft_tokens", f"this MTP drafter drafts {depths} tokens, asked {context.num_draft_tokens}", "MTP.7")
         batch = context.tokens.shape[0]
         known = context.lengths - 1  # n: rows 0 .. n - 1 have h^0; t_0 .. t_n are known
+        chained = 1 if config.mtp_module_reuse == "recurrent" else depths  # depths with rows and a cache of their own
         if self.caches is None:
-            self.caches = ModelCache.empty(config, batch, num_layers=depths, kind=self.cache_kind)
-            self.outputs = [np.zeros((batch, 0, config.hidden_size)) for _ in range(depths)]
+            self.caches = ModelCache.empty(config, batch, num_layers=chained, kind=self.cache_kind)
+            self.outputs = [np.zeros((batch, 0, config.hidden_size)) for _ in range(chained)]
         elif len(self.caches.lengths) != batch or (self.caches.lengths > known).any():
             raise InputError("context", f"{batch} sequences of {known.tolist()} positions do not continue the {len(self.caches.lengths)} "
                              f"this drafter has cached ({self.caches.lengths.tolist()} rows): use a fresh MTPDrafter", "MTP.7")
         tokens = context.tokens  # t_{n+j} = d_j is appended as each depth drafts
         previous = context.main_hidden  # h^{k-1} of rows 0 .. n - 1
-        module_caches, drafts = [], []
-        for depth in range(1, depths + 1):
+        module_caches, draft_logits = [], []
+        for depth in range(1, chained + 1):
             cache = self.caches.layers[depth - 1]
             cached = cache.lengths  # [batch]: rows 0 .. cached - 1 are in the module's cache
             new_rows = known - cached  # [batch]: rows cached .. n - 1 run now
@@ -97,12 +102,32 @@ class MTPDrafter:
             hidden, logits, cache = mtp_module(config, self.weights, depth, take_rows(previous, cached, width),
                                                take_rows(tokens, cached + depth, width), cache=cache,
                                                query_lengths=new_rows)  # MTP.2-MTP.4: [batch, width, ..]
-            drafts.append(greedy_token(logits[np.arange(batch), np.maximum(new_rows - 1, 0)]))  # MODEL.6 on row n - 1
+            last_row = np.maximum(new_rows - 1, 0)  # row n - 1 in this call's rows
+            draft_logits.append(logits[np.arange(batch), last_row])  # [batch, vocab_size]: d_k = MODEL.6 of row n - 1
             module_caches.append(cache.truncate(np.clip(known - depth + 1, cached, known)))  # keep rows i <= n - k
             previous = self.outputs[depth - 1] = put_rows(self.outputs[depth - 1], cached, hidden, new_rows)  # h^k, rows 0 .. n - 1
-            tokens = put_rows(tokens, known + depth, drafts[-1][:, None], np.ones(batch, np.int64))  # t_{n+k} = d_k
+            tokens = put_rows(tokens, known + depth, greedy_token(draft_logits[-1])[:, None], np.ones(batch, np.int64))  # t_{n+k} = d_k
+        if chained < depths:
+            draft_logits += self._recurrent_logits(hidden[np.arange(batch), last_row][:, None], greedy_token(draft_logits[-1]),
+                                                   module_caches[0], depths - 1)
         self.caches = ModelCache(tuple(module_caches))
-        return np.stack(drafts, axis=1)  # [batch, depths]
+        self.draft_logits = np.stack(draft_logits, axis=1)  # [batch, depths, vocab_size]
+        return greedy_token(self.draft_logits)  # MODEL.6: [batch, depths]
+
+    def _recurrent_logits(self, hidden: np.ndarray, draft: np.ndarray, cache, steps: int) -> list[np.ndarray]:
+        """MTP.7, recurrent reuse — the logits of d_2 .. d_D, one row of module 1 each.
+
+        Each row follows module 1's cache (rows 0 .. n - 1, then the earlier steps' rows) and
+        combines the previous row's h (after shared_head.norm) with Emb(d_{k-1}); the drafter
+        keeps none of these rows.
+        """
+        batch, draft_logits = len(draft), []
+        for _ in range(steps):
+            hidden, logits, cache = mtp_module(self.config, self.weights, 1, hidden, draft[:, None], cache=cache,
+                                               query_lengths=np.ones(batch, np.int64))  # MTP.2-MTP.4 at the cache length
+            draft_logits.append(logits[:, 0])  # [batch, vocab_size]
+            draft = greedy_token(logits[:, 0])  # MODEL.6: d_k
+        return draft_logits
 
 
 def verify_drafts(config: ModelConfig, weights: Mapping, last_tokens: np.ndarray, drafts: np.ndarray, cache: ModelCache,
@@ -157,8 +182,8 @@ def speculative_generate(config: ModelConfig, weights: Mapping, prompts: Sequenc
                          trace: Trace | None = None) -> SpeculativeResult:
     """Greedy speculative decoding of ragged ``prompts``: exactly the tokens of greedy decoding (spec/mtp.yaml conventions.speculative).
 
-    ``drafter`` defaults to a fresh :class:`MTPDrafter` with ``num_draft_tokens`` (default
-    num_nextn_predict_layers) modules; another drafter needs ``num_draft_tokens``. ``cache``: the
+    ``drafter`` defaults to a fresh :class:`MTPDrafter` of ``num_draft_tokens`` (default
+    config.mtp_num_depths) depths; another drafter needs ``num_draft_tokens``. ``cache``: the
     main model's, empty (default LatentCache per layer). A trace records the last step's MTP.7-MTP.10
     (and the main model's steps, see model_forward) and the totals of MTP.11.
     """

@@ -106,9 +106,16 @@ def _log_prob(logit_row, target):
     return float(logit_row[target]) - top - math.log(math.fsum(math.exp(float(v) - top) for v in logit_row))
 
 
+def _module_layer(config, depth):
+    """Depth k runs module k, or with reuse the modules 1 .. M in turn: 1, 2, .., M, 1, 2, .."""
+    module = depth if config.mtp_module_reuse == "none" else 1 + (depth - 1) % config.num_nextn_predict_layers
+    return config.num_hidden_layers + module - 1
+
+
 def slow_module(config, weights, depth, stream, previous, rows):
-    """Module ``depth`` on rows 0 .. rows-1: row i joins Emb(stream[i + depth]) and previous[i]. Returns (h^k rows, logits rows)."""
-    p = f"model.layers.{config.num_hidden_layers + depth - 1}."
+    """Module of ``depth`` on rows 0 .. rows-1: row i joins Emb(stream[i + depth]) and previous[i]. Returns (h^k rows, logits rows)."""
+    layer = _module_layer(config, depth)
+    p = f"model.layers.{layer}."
     eps = config.rms_norm_eps
     combined = []
     for i in range(rows):
@@ -117,7 +124,7 @@ def slow_module(config, weights, depth, stream, previous, rows):
         joined = list(e) + list(h) if config.mtp_concat_order == "embedding_first" else list(h) + list(e)
         combined.append(weights[p + "eh_proj.weight"] @ np.array(joined))
     offset = depth if config.mtp_rope_position == "token" else 0
-    block = _block(config, weights, config.num_hidden_layers + depth - 1, combined, [i + offset for i in range(rows)])
+    block = _block(config, weights, layer, combined, [i + offset for i in range(rows)])
     hidden = [_norm(b, weights[p + "shared_head.norm.weight"], eps) for b in block]
     return hidden, [weights["lm_head.weight"] @ h for h in hidden]
 
@@ -142,12 +149,25 @@ def slow_losses(config, weights, batch_tokens, depths, mtp_lambda=0.3):
 
 
 def slow_drafts(config, weights, known, depths):
-    """MTP drafts after the known tokens t_0 .. t_n, without any cache: every depth reruns rows 0 .. n-1."""
+    """MTP drafts after the known tokens t_0 .. t_n, without any cache: every depth reruns rows 0 .. n-1.
+
+    Recurrent reuse: module 1 reruns its whole row sequence each step, one row longer: row n - 1 + j
+    joins the h its predecessor produced with Emb(d_j).
+    """
     stream = [int(t) for t in known]
     n = len(stream) - 1
     pre, post, _ = slow_main(config, weights, stream[:n])
     previous = post if config.mtp_hidden_source == "post_norm" else pre
     drafts = []
+    if config.mtp_module_reuse == "recurrent":
+        previous = list(previous)
+        for step in range(depths):
+            hidden, logits = slow_module(config, weights, 1, stream, previous, n + step)
+            last = [float(v) for v in logits[n + step - 1]]
+            drafts.append(last.index(max(last)))
+            stream.append(drafts[-1])
+            previous.append(hidden[n + step - 1])
+        return drafts
     for depth in range(1, depths + 1):
         previous, logits = slow_module(config, weights, depth, stream, previous, n)
         last = [float(v) for v in logits[n - 1]]

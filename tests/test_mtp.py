@@ -51,6 +51,39 @@ def test_vectorised_losses_equal_the_slow_independent_loop(name, depths, seq, se
         assert relative_error(logits, expected) <= TOL
 
 
+@pytest.mark.parametrize("modules, depths", [(1, 3), (2, 3), (2, 5)])
+def test_modulo_reuse_equals_the_slow_loop_and_distinct_modules_holding_copies(modules, depths):
+    """Depth k of modulo reuse runs module ((k - 1) mod M) + 1: the same as D distinct modules whose weights are those copies."""
+    config = preset("tiny").replace(num_nextn_predict_layers=modules, mtp_depths=depths, mtp_module_reuse="modulo")
+    weights, tokens = weights_for("tiny", modules), tokens_for(config, 2, 7)
+    reused = mtp_losses(config, weights, tokens)
+    slow = slow_losses(config, weights, tokens.tolist(), depths)
+    assert relative_error(reused.depth_losses, np.array(slow["depths"])) <= TOL
+    first = config.num_hidden_layers
+    copies = dict(weights)
+    for depth in range(modules + 1, depths + 1):
+        source = (depth - 1) % modules
+        copies.update({name.replace(f"layers.{first + source}.", f"layers.{first + depth - 1}.", 1): value
+                       for name, value in weights.items() if name.startswith(f"model.layers.{first + source}.")})
+    distinct = mtp_losses(preset("tiny").replace(num_nextn_predict_layers=depths), copies, tokens)
+    for logits, expected in zip(reused.depth_logits, distinct.depth_logits):
+        assert np.array_equal(logits, expected)
+
+
+def test_reuse_configs_outside_the_rules_are_rejected():
+    config = preset("tiny")
+    with pytest.raises(ConfigError, match=r"mtp_depths: expected <= num_nextn_predict_layers = 2 .* got 3 \(CONFIG.R7\)"):
+        config.replace(mtp_depths=3)
+    with pytest.raises(ConfigError, match=r"num_nextn_predict_layers: expected == 1 .* 'recurrent', got 2 \(CONFIG.R8\)"):
+        config.replace(mtp_module_reuse="recurrent")
+    with pytest.raises(ConfigError, match=r"num_nextn_predict_layers: expected >= 1 with mtp_module_reuse 'modulo', got 0 \(CONFIG.R8\)"):
+        config.replace(num_nextn_predict_layers=0, mtp_module_reuse="modulo")
+    recurrent = config.replace(num_nextn_predict_layers=1, mtp_depths=3, mtp_module_reuse="recurrent")
+    with pytest.raises(ConfigError, match=r"num_nextn_predict_layers: expected a depth in 1 \.\. 1 .*'recurrent'\), got 3 \(MTP.3\)"):
+        mtp_losses(recurrent, weights_for("tiny", 1), tokens_for(config, 1, 5))  # a drafting scheme: training runs one module
+    assert mtp_losses(recurrent, weights_for("tiny", 1), tokens_for(config, 1, 5), depths=1).depth_losses.shape == (1,)
+
+
 def test_documented_closed_form_for_one_depth_and_lambda_0_3():
     """spec/mtp.yaml conventions.loss_example: a zero head makes every probability 1/97."""
     config = preset("tiny").replace(num_nextn_predict_layers=1)

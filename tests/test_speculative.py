@@ -13,8 +13,8 @@ import pytest
 from conftest import preset, relative_error
 from independent_model import slow_drafts
 from mla_ref import CacheError, ConfigError, InputError, NaiveCache, ShapeError, WeightError
-from mla_ref.model import ModelCache, greedy_generate, model_forward
-from mla_ref.speculative import MTPDrafter, rollback_rejected, speculative_generate, verify_drafts
+from mla_ref.model import ModelCache, greedy_generate, model_forward, pad_prompts
+from mla_ref.speculative import DraftContext, MTPDrafter, rollback_rejected, speculative_generate, verify_drafts
 from mla_ref.weights import generate_weights
 
 TOL = 1e-12
@@ -132,22 +132,53 @@ def test_the_main_cache_after_generation_holds_exactly_the_emitted_tokens():
             assert relative_error(layer_result.key_rows()[b, :held], layer_fresh.key_rows()[0]) <= TOL
 
 
-@pytest.mark.parametrize("depths", [2, 3])
-def test_the_cached_mtp_drafter_equals_an_uncached_independent_chain(depths):
-    config, weights = model(depths, "tiny-v2")
-    mtp = MTPDrafter(config, weights)
-    seen = []
+def drafts_seen(config, weights, depths, prompts=PROMPTS[:2], max_new_tokens=6):
+    """Speculative decoding with a fresh MTP drafter: (known tokens per sequence, drafts) of every call, and the result."""
+    mtp, seen = MTPDrafter(config, weights), []
 
     def recording(context):
         drafts = mtp(context)
         seen.append(([context.tokens[b, : context.lengths[b]].tolist() for b in range(len(context.lengths))], drafts))
         return drafts
 
-    speculative_generate(config, weights, PROMPTS[:2], 6, drafter=recording, num_draft_tokens=depths)
+    result = speculative_generate(config, weights, prompts, max_new_tokens, drafter=recording, num_draft_tokens=depths)
+    return seen, result
+
+
+@pytest.mark.parametrize("depths", [2, 3])
+def test_the_cached_mtp_drafter_equals_an_uncached_independent_chain(depths):
+    config, weights = model(depths, "tiny-v2")
+    seen, _ = drafts_seen(config, weights, depths)
     assert len(seen) >= 3
     for known, drafts in seen:
         for b, sequence in enumerate(known):
             assert drafts[b].tolist() == slow_drafts(config, weights, sequence, depths)
+
+
+@pytest.mark.parametrize("reuse, modules, depths", [("modulo", 2, 3), ("modulo", 1, 3), ("recurrent", 1, 3), ("recurrent", 1, 1)])
+def test_reused_modules_draft_as_the_uncached_independent_chain_and_decode_exactly(reuse, modules, depths):
+    config, weights = model(modules, "tiny-v2")
+    config = config.replace(mtp_module_reuse=reuse, mtp_depths=depths)
+    seen, result = drafts_seen(config, weights, depths)
+    assert len(seen) >= 2
+    for known, drafts in seen:
+        for b, sequence in enumerate(known):
+            assert drafts[b].tolist() == slow_drafts(config, weights, sequence, depths)
+    assert result.tokens.tolist() == greedy_generate(config, weights, PROMPTS[:2], 6).tokens.tolist()
+
+
+def test_recurrent_and_modulo_reuse_agree_on_the_first_draft_and_differ_after():
+    config, weights = model(1, "tiny-v2")
+    drafts = {}
+    for reuse in ("modulo", "recurrent"):
+        reused = config.replace(mtp_module_reuse=reuse, mtp_depths=3)
+        drafter = MTPDrafter(reused, weights)
+        tokens, lengths = pad_prompts(PROMPTS)
+        main = model_forward(reused, weights, tokens[:, :-1], query_lengths=lengths - 1)
+        drafts[reuse] = drafter(DraftContext(tokens, lengths, main.post_norm_hidden, 3))
+        assert np.array_equal(drafts[reuse], np.argmax(drafter.draft_logits, axis=-1))
+    assert np.array_equal(drafts["modulo"][:, 0], drafts["recurrent"][:, 0])
+    assert not np.array_equal(drafts["modulo"][:, 1:], drafts["recurrent"][:, 1:])
 
 
 def test_pre_norm_hidden_source_and_naive_module_caches_also_decode_exactly():
