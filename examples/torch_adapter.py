@@ -453,10 +453,21 @@ def greedy_decode(config, weights, prompt_tokens, prompt_lengths, steps):
     return _np({"tokens": torch.stack(tokens, 1), "logits": torch.stack(chosen, 1), "MODEL.6/next_token": tokens[-1], **trace})
 
 
+def mtp_layer(cfg: dict, depth: int) -> int:
+    """MTP.3 — depth k runs module k, or with reuse module ((k - 1) mod M) + 1; its layer id follows the main layers."""
+    module = depth if cfg["mtp_module_reuse"] == "none" else (depth - 1) % cfg["num_nextn_predict_layers"] + 1
+    return cfg["num_hidden_layers"] + module - 1
+
+
+def mtp_depths(cfg: dict) -> int:
+    """D: mtp_depths, else one depth per module."""
+    return cfg["mtp_depths"] or cfg["num_nextn_predict_layers"]
+
+
 def mtp_module(cfg: dict, weights: dict, depth: int, previous: torch.Tensor, next_tokens: torch.Tensor, rows: torch.Tensor,
                steps: dict):
-    """MTP.2-MTP.4 — module ``depth`` on rows ``previous [batch, rows, hidden]`` with ``Emb(t_{i+k})``: h^k and logits."""
-    layer = cfg["num_hidden_layers"] + depth - 1
+    """MTP.2-MTP.4 — depth k's module on rows ``previous [batch, rows, hidden]`` with ``Emb(t_{i+k})``: h^k and logits."""
+    layer = mtp_layer(cfg, depth)
     w, eps = _layer_weights(weights, layer), cfg["rms_norm_eps"]
     embedded = rms_norm(embed(weights, next_tokens, rows), _t(w["enorm.weight"]), eps)
     hidden = rms_norm(previous, _t(w["hnorm.weight"]), eps)
@@ -474,7 +485,7 @@ def mtp_module(cfg: dict, weights: dict, depth: int, previous: torch.Tensor, nex
 def mtp_forward(config, weights, tokens, mtp_lambda):
     """MTP.1-MTP.6 and MODEL.7 — the main model on tokens[:, :seq], the chain of D modules, per-depth logits and losses."""
     cfg, tokens = config, _ints(tokens)
-    batch, seq, depths = tokens.shape[0], tokens.shape[1] - 1, cfg["num_nextn_predict_layers"]
+    batch, seq, depths = tokens.shape[0], tokens.shape[1] - 1, mtp_depths(cfg)
     steps = {}
     main_logits, pre_norm, post_norm = forward(cfg, weights, tokens[:, :seq], torch.full((batch,), seq, device=DEVICE), steps)
     main_loss = steps["MODEL.7/loss"] = cross_entropy(main_logits, tokens[:, 1:], seq)  # MODEL.7
@@ -493,19 +504,42 @@ def mtp_forward(config, weights, tokens, mtp_lambda):
                 "mtp_loss": mtp_loss, **steps})
 
 
-def draft(cfg: dict, weights: dict, history: torch.Tensor, known: torch.Tensor, depths: int) -> torch.Tensor:
-    """MTP.7 — chain modules 1 .. D over rows 0 .. n - 1 of t_0 .. t_n (n + 1 = known); d_k = greedy token of row n - 1."""
-    batch, n = history.shape[0], known - 1
-    rows, index = torch.arange(batch, device=DEVICE), torch.arange(int(n.max()), device=DEVICE)
-    _, pre_norm, post_norm = forward(cfg, weights, history[:, : int(n.max())], n, {})  # h^0 of positions 0 .. n - 1
-    h = post_norm if cfg["mtp_hidden_source"] == "post_norm" else pre_norm  # MTP.1
+def draft(cfg: dict, weights: dict, history: torch.Tensor, known: torch.Tensor, depths: int, steps: dict) -> torch.Tensor:
+    """MTP.7 — the D drafts after t_0 .. t_n (n + 1 = known), uncached; ``steps["logits"]`` gets the rows they came from.
+
+    Chained depths run over rows 0 .. n - 1 of t_0 .. t_n, d_1 .. d_{k-1}; with recurrent reuse
+    steps 2 .. D rerun module 1 over its rows plus one more row per step, which joins the h of
+    the row before it with Emb(d_{k-1}).
+    """
+    batch, n, width = history.shape[0], known - 1, int((known - 1).max())
+    rows, index = torch.arange(batch, device=DEVICE), torch.arange(width, device=DEVICE)
+    _, pre_norm, post_norm = forward(cfg, weights, history[:, :width], n, {})  # h^0 of positions 0 .. n - 1
+    h = steps["MTP.1/h0"] = post_norm if cfg["mtp_hidden_source"] == "post_norm" else pre_norm  # MTP.1: rows 0 .. n - 1
     sequence = F.pad(history, (0, depths))  # t_{n+j} = d_j is written as each depth drafts
-    drafts = []
-    for depth in range(1, depths + 1):
-        h, logits = mtp_module(cfg, weights, depth, h, sequence[:, index + depth], n, {})
-        drafts.append(logits[rows, n - 1].to(_stat()).argmax(-1))  # MODEL.6 on row n - 1
-        sequence[rows, n + depth] = drafts[-1]
-    return torch.stack(drafts, dim=1)  # [batch, depths]
+    chained = 1 if cfg["mtp_module_reuse"] == "recurrent" else depths  # depths with rows of their own
+    previous, chosen = F.pad(h, (0, 0, 0, depths)), []  # recurrent: h^0 rows, then one fed-back h per step
+    for depth in range(1, chained + 1):
+        h, logits = mtp_module(cfg, weights, depth, h, sequence[:, index + depth], n, steps)
+        chosen.append(logits[rows, n - 1])  # row n - 1 drafts d_k
+        sequence[rows, n + depth] = chosen[-1].to(_stat()).argmax(-1)  # MODEL.6
+    previous[rows, n] = h[rows, n - 1]
+    for step in range(1, depths - chained + 1):  # recurrent: row n - 1 + step joins previous[n - 1 + step] and Emb(d_step)
+        grown = torch.arange(width + step, device=DEVICE)
+        row_steps = {}
+        h, logits = mtp_module(cfg, weights, 1, previous[:, : width + step], sequence[:, grown + 1], n + step, row_steps)
+        steps.update({name: value[rows, n + step - 1][:, None] for name, value in row_steps.items()})  # the step's own row
+        chosen.append(logits[rows, n + step - 1])
+        sequence[rows, n + step + 1] = chosen[-1].to(_stat()).argmax(-1)  # MODEL.6: d_{step+1}
+        previous[rows, n + step] = h[rows, n + step - 1]  # fed back after shared_head.norm (vllm #45895)
+    steps["logits"] = torch.stack(chosen, dim=1)  # [batch, depths, vocab]
+    return sequence[rows[:, None], n[:, None] + 1 + torch.arange(depths, device=DEVICE)]  # [batch, depths]
+
+
+def mtp_draft(config, weights, prompt_tokens, prompt_lengths):
+    """MTP.7 — one drafting step after the known tokens: drafts [batch, D] and the logits [batch, D, vocab] they came from."""
+    steps = {}
+    drafts = draft(config, weights, _ints(prompt_tokens), _ints(prompt_lengths), mtp_depths(config), steps)
+    return _np({"drafts": drafts, "logits": steps.pop("logits"), "MTP.7/drafts": drafts, **steps})
 
 
 def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps):
@@ -515,7 +549,7 @@ def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps):
     verification recomputes it plus ``[t_n, d_1 .. d_D]``, and the rollback keeps a + 1 of the D + 1.
     """
     cfg, prompts, lengths = config, _ints(prompt_tokens), _ints(prompt_lengths)
-    batch, steps, depths = prompts.shape[0], int(steps), cfg["num_nextn_predict_layers"]
+    batch, steps, depths = prompts.shape[0], int(steps), mtp_depths(cfg)
     rows, width = torch.arange(batch, device=DEVICE), prompts.shape[1] + (steps + 1) * (depths + 1)  # room for any cache
     logits, _, _ = forward(cfg, weights, prompts, lengths, {})  # prefill
     history = F.pad(prompts, (0, width - prompts.shape[1]))  # [batch, width]: the known tokens t_0 .. t_n
@@ -526,7 +560,7 @@ def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps):
     proposed_per_depth = torch.zeros(depths, dtype=torch.int64, device=DEVICE)
     trace = {}
     while (active := emitted < steps).any():
-        drafts = draft(cfg, weights, history, known, depths)  # MTP.7: [batch, depths]
+        drafts = draft(cfg, weights, history, known, depths, {})  # MTP.7: [batch, depths]
         candidates = torch.cat([history[rows, known - 1][:, None], drafts], dim=1)  # [t_n, d_1 .. d_D]
         offsets = cache_lengths[:, None] + torch.arange(depths + 1, device=DEVICE)  # positions of the candidates
         sequence = cached.clone()

@@ -61,10 +61,12 @@ class MTPDrafter:
     temporary row to that cache (MTP.7).
 
     It keeps state across calls (the module caches and the outputs h^k the next depth reads):
-    use a fresh drafter for each generation. ``cache_kind``: ``latent`` or ``naive``.
+    use a fresh drafter for each generation. ``cache_kind``: ``latent`` or ``naive``; ``trace``
+    records (and with a precision, emulates) the modules' MTP.2-MTP.4.
     """
 
-    def __init__(self, config: ModelConfig, weights: Mapping, num_draft_tokens: int | None = None, cache_kind: str = "latent"):
+    def __init__(self, config: ModelConfig, weights: Mapping, num_draft_tokens: int | None = None, cache_kind: str = "latent",
+                 trace: Trace | None = None):
         self.num_draft_tokens = check_depths(config, num_draft_tokens, drafting=True)
         if config.mtp_rope_position != "hidden":
             raise ConfigError("mtp_rope_position", f"cached MTP drafting supports 'hidden' only (mla_forward places new rows at the "
@@ -72,7 +74,7 @@ class MTPDrafter:
         if cache_kind not in ("latent", "naive"):
             raise CacheError("cache_kind", f"expected 'latent' or 'naive', got {cache_kind!r}", "MTP.7")
         check_model_weights(config, weights, mtp_module_layers(config, self.num_draft_tokens), mtp=True)
-        self.config, self.weights, self.cache_kind = config, weights, cache_kind
+        self.config, self.weights, self.cache_kind, self.trace = config, weights, cache_kind, trace
         self.caches: ModelCache | None = None  # one cache per module, created at the first call
         self.outputs: list[np.ndarray] = []  # h^k [batch, rows, hidden_size], valid up to module k's cache length
         self.draft_logits: np.ndarray | None = None  # [batch, D, vocab_size]: what the last call's drafts were chosen from
@@ -101,7 +103,7 @@ class MTPDrafter:
             width = int(new_rows.max(initial=0))
             hidden, logits, cache = mtp_module(config, self.weights, depth, take_rows(previous, cached, width),
                                                take_rows(tokens, cached + depth, width), cache=cache,
-                                               query_lengths=new_rows)  # MTP.2-MTP.4: [batch, width, ..]
+                                               query_lengths=new_rows, trace=self.trace)  # MTP.2-MTP.4: [batch, width, ..]
             last_row = np.maximum(new_rows - 1, 0)  # row n - 1 in this call's rows
             draft_logits.append(logits[np.arange(batch), last_row])  # [batch, vocab_size]: d_k = MODEL.6 of row n - 1
             module_caches.append(cache.truncate(np.clip(known - depth + 1, cached, known)))  # keep rows i <= n - k
@@ -124,7 +126,7 @@ class MTPDrafter:
         batch, draft_logits = len(draft), []
         for _ in range(steps):
             hidden, logits, cache = mtp_module(self.config, self.weights, 1, hidden, draft[:, None], cache=cache,
-                                               query_lengths=np.ones(batch, np.int64))  # MTP.2-MTP.4 at the cache length
+                                               query_lengths=np.ones(batch, np.int64), trace=self.trace)  # MTP.2-MTP.4
             draft_logits.append(logits[:, 0])  # [batch, vocab_size]
             draft = greedy_token(logits[:, 0])  # MODEL.6: d_k
         return draft_logits

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mla_ref.errors import GoldenError
-from mla_ref.golden.cases import build_case, case_definitions, check_case_id, file_name
+from mla_ref.golden.cases import build_case, call_reference, case_definitions, check_case_id, file_name
 from mla_ref.golden.generate import default_golden_dir, verify
 from mla_ref.golden.manifest import read_manifest
 from mla_ref.golden.storage import read_npz
@@ -109,3 +109,27 @@ def test_designed_inputs_do_what_they_claim():
     v3 = build_case(next(d for d in case_definitions() if d["id"] == "moe.route.v3/tiny/seed0"))
     assert v3.steps["MOE.7/expert_margin"].min() > 0.02 and v3.steps["MOE.5/group_margin"].min() > 0.02
     assert (v3.weights["mlp.gate.e_score_correction_bias"] < 0).any()
+
+
+def _committed(case_id: str) -> dict[str, np.ndarray]:
+    return read_npz(default_golden_dir() / file_name(case_id))
+
+
+def test_the_accepting_speculative_case_accepts_some_drafts_and_rejects_others():
+    """The designed echo weights must make the MTP drafts matter: full, partial and no acceptance all occur."""
+    case = _committed("mtp.speculative.accepting/tiny-echo/seed0")
+    accepted, proposed = case["output:accepted_per_depth"], case["output:proposed_per_depth"]
+    assert 0 < accepted[0] < proposed[0], "some steps reject d_1, others accept it"
+    assert accepted[-1] > 0, "some steps accept all D drafts"
+    plain = _committed("mtp.speculative/tiny-dense/seed0")
+    assert plain["output:accepted_per_depth"].sum() == 0, "random weights accept nothing: the reason the echo case exists"
+
+
+def test_the_reuse_schemes_draft_differently():
+    """Recurrent and modulo reuse of one module agree on d_1 and differ after (else the recurrent case tests nothing new)."""
+    recurrent = build_case(next(d for d in case_definitions() if d["id"] == "mtp.draft.recurrent/tiny-dense/seed0"))
+    assert recurrent.config.mtp_module_reuse == "recurrent"
+    recurrent.config = recurrent.config.replace(mtp_module_reuse="modulo")
+    modulo = call_reference(recurrent, None)
+    assert np.array_equal(modulo["logits"][:, 0], recurrent.outputs["logits"][:, 0])
+    assert np.abs(modulo["logits"][:, 1:] - recurrent.outputs["logits"][:, 1:]).max() > 1e-3

@@ -16,8 +16,9 @@ from ..balance import bias_update, expert_load, sequence_balance_loss, v2_balanc
 from ..dispatch import dispatch_plan as plan
 from ..model import greedy_generate, model_forward
 from ..moe import ffn_forward, route
-from ..mtp import mtp_losses
-from ..speculative import speculative_generate
+from ..mtp import main_hidden_for_mtp, mtp_losses
+from ..speculative import DraftContext, MTPDrafter, speculative_generate
+from ..trace import emit
 
 PROFILE = "fp64"
 
@@ -104,6 +105,17 @@ def mtp_forward(config, weights, tokens, mtp_lambda, trace=None):
         depth_logits[index, :, : logits.shape[1]] = logits
     return {"main_logits": result.main_logits, "depth_logits": depth_logits, "main_loss": np.asarray(result.main_loss),
             "depth_losses": result.depth_losses, "mtp_loss": np.asarray(result.mtp_loss)}
+
+
+def mtp_draft(config, weights, prompt_tokens, prompt_lengths, trace=None):
+    """MTP.7 — the D drafts after the known tokens t_0 .. t_n (the main model reads t_0 .. t_{n-1}) and their logits."""
+    config = from_dict(config)
+    tokens, lengths = np.asarray(prompt_tokens), np.asarray(prompt_lengths)
+    main = model_forward(config, weights, tokens[:, :-1], query_lengths=lengths - 1, trace=trace)
+    drafter = MTPDrafter(config, weights, trace=trace)
+    main_hidden = emit(trace, "MTP.1", main_hidden_for_mtp(config, main))  # h^0 [batch, n, hidden_size]
+    drafts = emit(trace, "MTP.7", drafter(DraftContext(tokens, lengths, main_hidden, drafter.num_draft_tokens)))
+    return {"drafts": drafts, "logits": drafter.draft_logits}
 
 
 def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps, trace=None):

@@ -366,17 +366,49 @@ def build_mtp_forward(definition: dict, config: ModelConfig):
     return {"tokens": tokens}, weights, {"mtp_lambda": layout.get("mtp_lambda", 0.3)}
 
 
+def echo_weights(config: ModelConfig, seed: int, block_scale: float) -> dict[str, np.ndarray]:
+    """Designed weights under which MTP drafts get accepted: the residual stream's token predicts a fixed successor.
+
+    ``lm_head.weight`` is the embedding with its rows permuted (row succ(t) = Emb(t)), so a hidden
+    state close to Emb(t) predicts succ(t); every block output projection (o_proj, down_proj) and
+    the hidden half of eh_proj are scaled by ``block_scale``, and the embedding half of eh_proj is
+    the identity, so the MTP module's row for Emb(t_{i+k}) also predicts succ(t_{i+k}). How far the
+    context moves the main model off the successor map is set by ``block_scale``.
+    """
+    weights = generate_weights(config, seed=seed)
+    embedding = weights["model.embed_tokens.weight"]  # [vocab_size, hidden_size]
+    successor = np.random.default_rng(seed).permutation(config.vocab_size)  # succ(t) = successor[t]
+    weights["lm_head.weight"] = embedding[np.argsort(successor)]  # row v = Emb(succ^-1(v))
+    hidden = config.hidden_size
+    for name, value in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = value * block_scale
+        elif name.endswith("eh_proj.weight"):  # [hidden_size, 2 * hidden_size], embedding half first
+            weights[name] = np.concatenate([np.eye(hidden), value[:, hidden:] * block_scale], axis=1)
+    return weights
+
+
+def build_mtp_draft(definition: dict, config: ModelConfig):
+    """Model level: one MTP drafting step (MTP.7) from known tokens whose drafts no profile changes."""
+    weights = generate_weights(config, seed=definition.get("seed", 0))
+    return _stable_prompts(definition, config, weights, "mtp_draft", {}), weights, {}
+
+
 def build_speculative_decode(definition: dict, config: ModelConfig):
     """Model level: speculative decoding with the MTP drafter from prompts whose outcome no profile changes."""
-    weights = generate_weights(config, seed=definition.get("seed", 0))
-    args = {"steps": definition["layout"]["steps"]}
+    layout = definition["layout"]
+    if layout.get("designed") == "echo":
+        weights = echo_weights(config, definition.get("seed", 0), layout["block_scale"])
+    else:
+        weights = generate_weights(config, seed=definition.get("seed", 0))
+    args = {"steps": layout["steps"]}
     return _stable_prompts(definition, config, weights, "speculative_decode", args), weights, args
 
 
 BUILDERS = {"latent_attention_core": build_paged_core, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
             "moe_route": build_moe_route, "moe_layer": build_moe_layer, "moe_balance": build_moe_balance,
             "dispatch_plan": build_dispatch_plan, "model_logits": build_model_logits, "greedy_decode": build_greedy_decode,
-            "mtp_forward": build_mtp_forward, "speculative_decode": build_speculative_decode}
+            "mtp_forward": build_mtp_forward, "mtp_draft": build_mtp_draft, "speculative_decode": build_speculative_decode}
 
 
 # ------------------------------------------------------------------ running the reference
