@@ -121,6 +121,8 @@ class Config:
     mtp_concat_order: str
     mtp_hidden_source: str
     mtp_rope_position: str
+    mtp_depths: int | None
+    mtp_module_reuse: str
 
     @classmethod
     def from_dict(cls, config: dict) -> "Config":
@@ -141,6 +143,16 @@ class Config:
     @property
     def group_rule(self) -> str:
         return self.group_score_rule or ("top2_sum" if self.topk_method == "noaux_tc" else "max")
+
+    @property
+    def depths(self) -> int:
+        """D: the MTP depths run (mtp_depths, else one per module)."""
+        return self.mtp_depths or self.num_nextn_predict_layers
+
+    def mtp_layer(self, k: int) -> int:
+        """MTP.3 — the layer of depth k's module: module k, or modules 1 .. M in turn when reused."""
+        module = k if self.mtp_module_reuse == "none" else 1 + (k - 1) % self.num_nextn_predict_layers
+        return self.num_hidden_layers + module - 1
 
     @property
     def renormalise(self) -> bool:
@@ -754,7 +766,7 @@ def _cross_entropy(logits, targets: np.ndarray, normaliser: int):
 def _mtp_module(entry: str, cfg: Config, weights: dict, k: int, tokens: np.ndarray, previous, rows: np.ndarray):
     """MTP.2-MTP.4 for depth k on rows [batch, width]: row i < rows[b] combines Emb(tokens[b, i + k]) with previous[b, i]."""
     batch, width = previous.shape[:2]
-    layer = cfg.num_hidden_layers + k - 1
+    layer = cfg.mtp_layer(k)
     prefix = f"model.layers.{layer}."
     shifted = np.zeros((batch, width), np.int64)
     shifted[:, : max(tokens.shape[1] - k, 0)] = tokens[:, k:k + width]
@@ -817,7 +829,7 @@ def mtp_forward(config, weights, tokens, mtp_lambda):
     entry, cfg = "mtp_forward", Config.from_dict(config)
     tokens = _ints(entry, "tokens", tokens, (None, None))
     batch, seq = tokens.shape[0], tokens.shape[1] - 1
-    depths = cfg.num_nextn_predict_layers
+    depths = cfg.depths
     if depths < 1 or seq <= depths:
         _fail(entry, f"expected num_nextn_predict_layers >= 1 and tokens longer than depths + 1, got {depths}, {tokens.shape}")
     main, _ = _forward(entry, cfg, weights, tokens[:, :seq], np.full(batch, seq))
@@ -850,7 +862,7 @@ def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps):
     prompts = _ints(entry, "prompt_tokens", prompt_tokens, (None, None))
     batch = prompts.shape[0]
     lengths = _ints(entry, "prompt_lengths", prompt_lengths, (batch,))
-    steps, depths = int(steps), cfg.num_nextn_predict_layers
+    steps, depths = int(steps), cfg.depths
     if steps < 1 or depths < 1 or (lengths < 1).any() or (lengths > prompts.shape[1]).any():
         _fail(entry, f"expected steps >= 1, num_nextn_predict_layers >= 1, prompt_lengths in 1 .. {prompts.shape[1]}")
     width = prompts.shape[1] + steps + 2 * depths + 1
@@ -863,10 +875,18 @@ def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps):
     accepted_per_depth, proposed_per_depth = np.zeros(depths, np.int64), np.zeros(depths, np.int64)
     while (active := emitted < steps).any():
         extended, hidden = history.copy(), main[source]  # h^0 of positions 0 .. known - 2
-        for k in range(1, depths + 1):  # MTP.7: rows 0 .. known - 2, t_{n + j} = d_j
+        fed = hidden  # recurrent reuse: h^0 rows, then the h each extra step feeds back
+        chained = 1 if cfg.mtp_module_reuse == "recurrent" else depths
+        for k in range(1, chained + 1):  # MTP.7: rows 0 .. known - 2, t_{n + j} = d_j
             module = _mtp_module(entry, cfg, weights, k, extended, hidden, known - 1)
             logits = module["MTP.4/logits"][jnp.arange(batch), jnp.asarray(known - 2)]
             extended[np.arange(batch), known + k - 1] = np.asarray(jnp.argmax(logits.astype(STAT), -1))
+            hidden = module["MTP.4/hidden"]
+        for step in range(1, depths - chained + 1):  # recurrent: module 1 once more, one row longer: Emb(d_step), fed-back h
+            fed = fed.at[jnp.arange(batch), jnp.asarray(known - 2 + step)].set(hidden[jnp.arange(batch), jnp.asarray(known - 3 + step)])
+            module = _mtp_module(entry, cfg, weights, 1, extended, fed, known - 1 + step)
+            logits = module["MTP.4/logits"][jnp.arange(batch), jnp.asarray(known - 2 + step)]
+            extended[np.arange(batch), known + step] = np.asarray(jnp.argmax(logits.astype(STAT), -1))
             hidden = module["MTP.4/hidden"]
         drafts = extended[np.arange(batch)[:, None], known[:, None] + np.arange(depths)[None, :]]  # [batch, depths]
         main, _ = _forward(entry, cfg, weights, extended, known + depths)  # MTP.8: t_0 .. t_n, d_1 .. d_D
