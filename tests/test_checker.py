@@ -72,7 +72,35 @@ def test_bias_in_the_routing_weights_is_caught():
         routing = reference_route(from_dict(config), weights, hidden)
         biased = np.take_along_axis(routing.selection, routing.expert_ids, axis=-1)
         return {"expert_ids": result["expert_ids"], "weights": biased / biased.sum(-1, keepdims=True) * config["routed_scaling_factor"]}
-    assert run(adapter(moe_route=route), "moe.route.v3/").cases[0].status == "fail"
+    case = run(adapter(moe_route=route), "moe.route.v3/").cases[0]
+    assert case.status == "fail" and "e_score_correction_bias added to the routing weights" in " ".join(case.diagnosis)
+
+
+@pytest.mark.parametrize("shift, named", [(-1, "off by one (-1)"), (+1, "off by one (+1)"), ("top-left", "aligned top-left")])
+def test_shifted_causal_masks_of_the_kernel_are_named(shift, named):
+    """A kernel whose causal diagonal moved (computed here from mla_ref's own steps, not through the diagnosis)."""
+    from mla_ref.cache import gather_paged_rows
+    from mla_ref.mla import causal_visibility, latent_attention
+
+    def core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+        batch, s_q = q.shape[:2]
+        rows = gather_paged_rows(k_cache, block_table, cache_seqlens)
+        offsets = np.zeros(batch, np.int64) if shift == "top-left" else cache_seqlens - s_q + shift
+        visible = causal_visibility(offsets, np.full(batch, s_q), s_q, rows.shape[1])
+        visible &= np.arange(rows.shape[1])[None, None, :] < cache_seqlens[:, None, None]
+        out, lse = latent_attention(q, rows, visible, softmax_scale, head_dim_v)
+        return {"out": out, "lse": lse}
+    case = run(adapter(latent_attention_core=core), "mla.core.verify/tiny/sq4").cases[0]
+    assert case.status == "fail" and case.first_divergent_step in ("MLA.8", "MLA.17")
+    assert named in " ".join(case.diagnosis), case.diagnosis
+
+
+def test_scalar_losses_get_no_constant_factor_signature():
+    """A scalar is always a multiple of the truth: a wrong loss must not be blamed on a scale bug."""
+    from mla_ref.conformance.diagnose import signature
+    from mla_ref.config import load_config
+    assert signature("mtp_loss", np.array(1.05), np.array(1.0), load_config("tiny")) == []
+    assert "1.0500 x the truth" in signature("lse", np.full(8, 1.05), np.ones(8), load_config("tiny"))[0]
 
 
 @pytest.mark.parametrize("broken, reason", [
@@ -85,6 +113,7 @@ def test_bias_in_the_routing_weights_is_caught():
 def test_a_broken_adapter_fails_its_cases_without_crashing(broken, reason):
     report = run(adapter(latent_attention_core=broken), "mla.core.paged/tiny/bs1")
     assert report.cases[0].status == "fail" and reason in report.cases[0].reason
+    assert report.cases[0].used > 1, "a failing case never reports headroom"
 
 
 def test_missing_entry_points_are_skipped_and_counted():

@@ -47,8 +47,13 @@ class CaseResult:
 
     @property
     def used(self) -> float:
-        """The largest share of the allowed error any compared tensor used."""
-        return max((c.used for c in self.comparisons if c.used is not None), default=0.0)
+        """The largest share of the allowed error any compared tensor used.
+
+        inf for a failed case whose L2 errors stayed within the allowance (an exact check failed:
+        ids, NaN / inf positions, a shape, a crash), so a failure never reads as headroom.
+        """
+        used = max((c.used for c in self.comparisons if c.used is not None), default=0.0)
+        return math.inf if self.status == "fail" and not used > 1 else used
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

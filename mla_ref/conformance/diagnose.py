@@ -14,7 +14,10 @@ from typing import Mapping
 
 import numpy as np
 
+from ..cache import gather_paged_rows
 from ..config import from_dict
+from ..mla import causal_visibility, latent_attention
+from ..moe import routing_weights
 from ..rope import half_layout_permutation, softmax_scale, yarn_get_mscale
 from .compare import Comparison, compare_tensor
 from .protocol import call
@@ -42,11 +45,12 @@ def signature(name: str, candidate, truth: np.ndarray, config) -> list[str]:
         return messages
     finite = np.isfinite(truth) & np.isfinite(candidate)
     c, t = candidate[finite], truth[finite]
-    if t.size and np.dot(t, t) > 0:
+    if t.size >= 4 and np.dot(t, t) > 0:  # a scalar is always a multiple of the truth: no signature
         ratio = float(np.dot(c, t) / np.dot(t, t))
         residual = float(np.linalg.norm(c - ratio * t) / max(np.linalg.norm(c), 1e-300))
         if residual < 2e-2 and abs(ratio - 1) > 1e-3:
-            known = [label for label, factor in _ratio_names(config).items() if abs(ratio / factor - 1) < 2e-2]
+            known = [label for label, factor in _ratio_names(config).items()
+                     if abs(factor - 1) > 2e-2 and abs(ratio / factor - 1) < 2e-2]  # a factor of ~1 names nothing here
             messages.append(f"{name} is {ratio:.4f} x the truth" + (f" ({known[0]})" if known else " (a constant factor: a scale bug)"))
     rope = config.qk_rope_head_dim
     if truth.ndim and truth.shape[-1] == rope and rope >= 4:
@@ -56,6 +60,45 @@ def signature(name: str, candidate, truth: np.ndarray, config) -> list[str]:
                 messages.append(f"{name} equals the truth with its rope dims in {label}: RoPE layout (interleaved vs half) mix-up")
                 break
     return messages
+
+
+def bias_in_weights(name: str, candidate, case: dict, config) -> list[str]:
+    """MOE.8 signature: the candidate's routing weights are those of the biased selection scores (bias not selection-only)."""
+    scores, bias = case["step"].get("MOE.2/scores"), case["weight"].get("mlp.gate.e_score_correction_bias")
+    ids = case["output"].get("expert_ids", case["step"].get("MOE.7/expert_ids"))
+    candidate = np.asarray(candidate, dtype=np.float64)
+    if scores is None or bias is None or ids is None or candidate.shape != ids.shape:
+        return []
+    biased = routing_weights(config, scores + bias, ids)  # the weights with e_score_correction_bias left in
+    if np.allclose(candidate, biased, rtol=1e-2, atol=1e-3 * float(np.abs(biased).max(initial=1.0))):
+        return [f"{name} equals the weights of the biased scores: e_score_correction_bias added to the routing weights "
+                "(it only selects experts, MOE.3 / MOE.8)"]
+    return []
+
+
+def _core_mask_variants(case: dict) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """MLA.17 with the causal mask shifted: (description, {out, lse}) for the shifts kernels get wrong.
+
+    A shifted mask either stays inside the cache or reads the slot just past it (where the
+    golden cases keep a canary key).
+    """
+    inputs, args = case["input"], case["args"]
+    q, seqlens = np.asarray(inputs["q"], dtype=np.float64), np.asarray(inputs["cache_seqlens"])
+    batch, s_q = q.shape[:2]
+    key_rows = gather_paged_rows(np.asarray(inputs["k_cache"], dtype=np.float64), np.asarray(inputs["block_table"]), seqlens + 1)
+    keys = np.arange(key_rows.shape[1])[None, None, :]
+    shifts = (("causal mask off by one (+1): each query also sees the next key", seqlens - s_q + 1),
+              ("causal mask off by one (-1): each query misses its own key (j < i, not j <= i)", seqlens - s_q - 1),
+              ("causal mask aligned top-left (query i sees keys 0 .. i): the wrong origin after a cached prefix", np.zeros(batch, np.int64)))
+    variants = []
+    for description, offsets in shifts:
+        causal = causal_visibility(offsets, np.full(batch, s_q), s_q, key_rows.shape[1])
+        for where, limit in ((" within the cache", seqlens), (", reading the slot past the cache", seqlens + 1)):
+            visible = causal & (keys < limit[:, None, None])
+            out, lse = latent_attention(q, key_rows, visible, float(args["softmax_scale"]), int(args["head_dim_v"]))
+            if not (variants and variants[-1][0].startswith(description) and np.array_equal(variants[-1][1]["out"], out)):
+                variants.append((description + where, {"out": out, "lse": lse}))  # the slot past the cache changes something
+    return variants
 
 
 def _variants(entry: dict, config) -> list[tuple[str, dict, dict]]:
@@ -109,8 +152,14 @@ def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures:
         truth = case["output"].get(name) if "/" not in name else case["step"].get(name)
         if truth is not None and name in produced:
             messages += signature(name, produced[name], truth, config)
+        if name in ("weights", "MOE.8/weights") and entry["entry_point"] in ("moe_route", "moe_layer") and name in produced:
+            messages += bias_in_weights(name, produced[name], case, config)
     failed_outputs = [f.name for f in failures if "/" not in f.name and f.name in produced and f.name in case["output"]]
     noises = entry["profiles"].get(profile, {}).get("noise", {})
+    if entry["entry_point"] == "latent_attention_core" and entry["args"].get("causal") and failed_outputs:
+        for description, expected in _core_mask_variants({**case, "args": entry["args"]}):
+            if _explains(failed_outputs, produced, expected, case, noises, profile):
+                messages.append(f"matches the reference with this bug: {description}")
     width = int(np.shape(case["input"]["q"])[-1]) if "q" in case["input"] else 0
     for description, config_changes, arg_changes in _variants(entry, config) if failed_outputs else []:
         try:
@@ -120,10 +169,14 @@ def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures:
             expected = call(getattr(reference_adapter, entry["entry_point"]), entry["entry_point"], available)
         except Exception:  # noqa: BLE001 - a variant that cannot run says nothing
             continue
-        explained = all(
-            compare_tensor(name, produced[name], expected[name], noises.get(f"output:{name}", 0.0), profile).passed
-            and not compare_tensor(name, expected[name], case["output"][name], noises.get(f"output:{name}", 0.0), profile).passed
-            for name in failed_outputs)
-        if explained:
+        if _explains(failed_outputs, produced, expected, case, noises, profile):
             messages.append(f"matches the reference with this bug: {description}")
     return messages
+
+
+def _explains(failed_outputs: list[str], produced: Mapping, expected: Mapping, case: dict, noises: dict, profile: str) -> bool:
+    """Whether every failed output matches the bug variant's, and the variant's differs from the truth."""
+    return all(
+        compare_tensor(name, produced[name], expected[name], noises.get(f"output:{name}", 0.0), profile).passed
+        and not compare_tensor(name, expected[name], case["output"][name], noises.get(f"output:{name}", 0.0), profile).passed
+        for name in failed_outputs)
