@@ -77,6 +77,30 @@ def test_manifest_schema(golden_copy):
         read_manifest(path)
 
 
+def test_model_cases_store_the_recipe_of_their_weights_and_export_them_in_full(golden_copy, tmp_path):
+    """The weights of a model-level case are rebuilt from seed and design, checked by digest; the export writes them out."""
+    from mla_ref.conformance.check import check, load_case
+    from mla_ref.conformance import reference_adapter
+    from mla_ref.golden.generate import export
+    from mla_ref.golden.storage import read_safetensors
+    case_id = "model.logits/tiny/seed0"
+    entry = read_manifest(golden_copy / "manifest.yaml")["cases"][case_id]
+    assert entry["weights"]["design"] == "none" and not any(name.startswith("weight:") for name in read_npz(golden_copy / entry["file"]))
+    weights = load_case(golden_copy, entry)["weight"]
+    assert "lm_head.weight" in weights and len(weights) > 20
+    assert export(golden_copy, tmp_path / "out", case_id) == 1
+    exported, _ = read_safetensors(tmp_path / "out" / entry["file"].replace(".npz", ".safetensors"))
+    assert np.array_equal(exported["weight:lm_head.weight"], weights["lm_head.weight"])
+    path = golden_copy / "manifest.yaml"
+    manifest = yaml.safe_load(path.read_text())
+    manifest["cases"][case_id]["weights"]["seed"] = 1  # another generator output than the one the truth was computed with
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    case = check(reference_adapter, "fp64", case_id, directory=golden_copy).cases[0]
+    assert case.status == "fail" and "differ from the manifest's digest" in case.reason
+    row = _status(verify(golden_copy, case_id), case_id)
+    assert row.status == "FAIL" and "weights recipe: manifest" in row.detail
+
+
 @pytest.mark.parametrize("bad", ["../escape", "/abs/path", "a\\b", "Upper/case", "a//b", ""])
 def test_case_ids_cannot_escape_the_folder(bad):
     with pytest.raises(GoldenError, match="case id"):

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import GoldenError, InputError
+from ..golden.cases import stored_recipe_weights
 from ..golden.generate import default_golden_dir
 from ..golden.manifest import read_manifest
 from ..golden.storage import read_npz
@@ -169,7 +170,11 @@ def check(adapter, profile: str | None = None, select: str | None = None, *, ste
 
 
 def load_case(directory: Path, entry: dict) -> dict[str, dict[str, np.ndarray]]:
-    """A case file split by kind: inputs, weights, outputs, steps ("MLA.2/q_nope"), emulated, acceptable."""
+    """A case file split by kind: inputs, weights, outputs, steps ("MLA.2/q_nope"), emulated, acceptable.
+
+    A model-level case stores the recipe of its weights instead of the weights: they are
+    rebuilt here and checked against the manifest's digest.
+    """
     tensors = read_npz(directory / entry["file"])
     parts: dict[str, dict[str, np.ndarray]] = {"input": {}, "weight": {}, "output": {}, "step": {}, "emulated": {}, "acceptable": {}}
     for name, value in tensors.items():
@@ -177,6 +182,8 @@ def load_case(directory: Path, entry: dict) -> dict[str, dict[str, np.ndarray]]:
         if kind == "step":
             rest = rest.replace(":", "/", 1)
         parts.setdefault(kind, {})[rest] = value
+    if "weights" in entry:
+        parts["weight"] = stored_recipe_weights(entry)
     return parts
 
 

@@ -9,7 +9,9 @@ precision profile for the emulated outputs and the noise scale of every tensor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import re
 
 import numpy as np
@@ -42,14 +44,17 @@ class Case:
     noise: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # profile -> tensor -> L2 noise
     noise_max: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # profile -> tensor -> largest |emulated - truth|
     acceptable: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    weights_recipe: dict | None = None  # model level: the weights are rebuilt from it, not stored (weights_recipe())
 
     @property
     def entry_point(self) -> str:
         return self.definition["entry_point"]
 
     def tensors(self) -> dict[str, np.ndarray]:
+        """What the case file holds: weights only when no recipe rebuilds them."""
         named = {f"input:{k}": v for k, v in self.inputs.items()}
-        named.update({f"weight:{k}": v for k, v in self.weights.items()})
+        if self.weights_recipe is None:
+            named.update({f"weight:{k}": v for k, v in self.weights.items()})
         named.update({f"output:{k}": v for k, v in self.outputs.items()})
         named.update({f"step:{k.replace('/', ':')}": v for k, v in self.steps.items()})
         named.update({f"acceptable:{k}": v for k, v in self.acceptable.items()})
@@ -322,7 +327,7 @@ def _token_with_margins(definition: dict, config: ModelConfig, weights: dict, pr
 def build_model_logits(definition: dict, config: ModelConfig):
     """Model level: token sequences built position by position so that every MoE routing at every layer has a margin."""
     layout = definition["layout"]
-    weights = generate_weights(config, seed=definition.get("seed", 0))
+    weights = model_weights(definition, config)
     rng = _rng(definition, "tokens")
     lengths = np.array(layout["lengths"], dtype=np.int64)
     tokens = np.zeros((len(lengths), int(lengths.max())), dtype=np.int64)
@@ -353,7 +358,7 @@ def _stable_prompts(definition: dict, config: ModelConfig, weights: dict, entry_
 
 def build_greedy_decode(definition: dict, config: ModelConfig):
     """Model level: cached greedy steps from ragged prompts whose greedy tokens no precision profile changes."""
-    weights = generate_weights(config, seed=definition.get("seed", 0))
+    weights = model_weights(definition, config)
     args = {"steps": definition["layout"]["steps"]}
     return _stable_prompts(definition, config, weights, "greedy_decode", args), weights, args
 
@@ -361,9 +366,57 @@ def build_greedy_decode(definition: dict, config: ModelConfig):
 def build_mtp_forward(definition: dict, config: ModelConfig):
     """Model level: the main model and the MTP chain on random token sequences (MTP.1-MTP.6)."""
     layout = definition["layout"]
-    weights = generate_weights(config, seed=definition.get("seed", 0))
+    weights = model_weights(definition, config)
     tokens = _rng(definition, "tokens").integers(0, config.vocab_size, (layout["batch"], layout["seq"] + 1))
     return {"tokens": tokens}, weights, {"mtp_lambda": layout.get("mtp_lambda", 0.3)}
+
+
+def weights_recipe(definition: dict) -> dict | None:
+    """How a model-level case's weights are rebuilt (GOLDEN storage): the generator's seed and design; None below model level."""
+    if definition["level"] != "model":
+        return None
+    layout = definition["layout"]
+    recipe = {"generator": "mla_ref.weights.generate_weights", "seed": int(definition.get("seed", 0)), "design": layout.get("designed", "none")}
+    if recipe["design"] == "echo":
+        recipe["block_scale"] = float(layout["block_scale"])
+    return recipe
+
+
+def rebuild_weights(config: ModelConfig, recipe: dict) -> dict[str, np.ndarray]:
+    """The weights a recipe describes: generate_weights(config, seed), reshaped by the design (``echo``) if any."""
+    if recipe["design"] == "echo":
+        return echo_weights(config, recipe["seed"], recipe["block_scale"])
+    if recipe["design"] != "none":
+        raise GoldenError("weights.design", f"expected 'none' or 'echo', got {recipe['design']!r}", "GOLDEN.storage")
+    return generate_weights(config, seed=recipe["seed"])
+
+
+def weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """One sha256 over every tensor's name and content: the manifest's check of rebuilt weights."""
+    from .storage import tensor_digest
+    text = "\n".join(f"{name}:{tensor_digest(weights[name])}" for name in sorted(weights))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stored_recipe_weights(entry: dict) -> dict[str, np.ndarray]:
+    """The weights of a manifest entry's recipe, checked against its digest (GoldenError if the generator changed)."""
+    return dict(_recipe_weights(json.dumps(entry["config"], sort_keys=True), json.dumps(entry["weights"], sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=16)
+def _recipe_weights(config_json: str, recipe_json: str) -> dict[str, np.ndarray]:
+    from ..config import from_dict
+    recipe = json.loads(recipe_json)
+    weights = rebuild_weights(from_dict(json.loads(config_json)), recipe)
+    if weights_digest(weights) != recipe["digest"]:
+        raise GoldenError("weights", f"rebuilt by {recipe['generator']} (seed {recipe['seed']}, design {recipe['design']}) they differ "
+                          "from the manifest's digest: the weight generator changed, regenerate the golden cases", "GOLDEN.storage")
+    return weights
+
+
+def model_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+    """The weights of a model-level case, from its recipe."""
+    return rebuild_weights(config, weights_recipe(definition))
 
 
 def echo_weights(config: ModelConfig, seed: int, block_scale: float) -> dict[str, np.ndarray]:
@@ -390,18 +443,14 @@ def echo_weights(config: ModelConfig, seed: int, block_scale: float) -> dict[str
 
 def build_mtp_draft(definition: dict, config: ModelConfig):
     """Model level: one MTP drafting step (MTP.7) from known tokens whose drafts no profile changes."""
-    weights = generate_weights(config, seed=definition.get("seed", 0))
+    weights = model_weights(definition, config)
     return _stable_prompts(definition, config, weights, "mtp_draft", {}), weights, {}
 
 
 def build_speculative_decode(definition: dict, config: ModelConfig):
     """Model level: speculative decoding with the MTP drafter from prompts whose outcome no profile changes."""
-    layout = definition["layout"]
-    if layout.get("designed") == "echo":
-        weights = echo_weights(config, definition.get("seed", 0), layout["block_scale"])
-    else:
-        weights = generate_weights(config, seed=definition.get("seed", 0))
-    args = {"steps": layout["steps"]}
+    weights = model_weights(definition, config)
+    args = {"steps": definition["layout"]["steps"]}
     return _stable_prompts(definition, config, weights, "speculative_decode", args), weights, args
 
 
@@ -435,7 +484,7 @@ def build_case(definition: dict) -> Case:
     """GOLDEN — arguments, float64 truth with intermediates, and per-profile emulation of one case."""
     config = case_config(definition)
     inputs, weights, args = BUILDERS[definition["entry_point"]](definition, config)
-    case = Case(definition["id"], definition, config, args, inputs, weights)
+    case = Case(definition["id"], definition, config, args, inputs, weights, weights_recipe=weights_recipe(definition))
     if definition["layout"].get("near_ties"):
         gate = {name: value for name, value in weights.items() if name.startswith("mlp.gate.")}
         case.acceptable["expert_ids"] = acceptable_expert_ids(config, gate, inputs["hidden"], definition["layout"]["max_near_margin"])

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import GoldenError
 from ..precision import UNIT_ROUNDOFF
 from ..spec import spec_dir, spec_version
-from .cases import build_case, case_definitions, file_name
+from .cases import build_case, case_definitions, file_name, stored_recipe_weights, weights_digest
 from .manifest import case_entry, read_manifest, write_manifest
 from .storage import read_npz, tensor_digest, write_npz
 
@@ -121,6 +121,9 @@ def _verify_case(directory: Path, definition: dict, entry: dict) -> VerifyRow:
             problems.append(f"{name}: sha256 differs from the manifest (file modified)")
     rebuilt_case = build_case(definition)
     rebuilt = rebuilt_case.tensors()
+    recipe = rebuilt_case.weights_recipe and {**rebuilt_case.weights_recipe, "digest": weights_digest(rebuilt_case.weights)}
+    if entry.get("weights") != recipe:
+        problems.append(f"weights recipe: manifest {entry.get('weights')}, rebuilt {recipe}")
     if set(rebuilt) != set(stored):
         problems.append(f"rebuilt tensors differ in names: {sorted(set(rebuilt) ^ set(stored))}")
     for name in sorted(set(rebuilt) & set(stored)):
@@ -147,6 +150,8 @@ def export(directory: Path | None, out: Path, pattern: str | None = None) -> int
         if pattern and not (fnmatch.fnmatch(case_id, pattern) or pattern in case_id):
             continue
         tensors = read_npz(directory / entry["file"])
+        if "weights" in entry:  # a model-level case stores its weights' recipe: the export holds the weights themselves
+            tensors.update({f"weight:{name}": value for name, value in stored_recipe_weights(entry).items()})
         metadata = {"case_id": case_id, "spec_version": manifest["spec_version"], "entry": json.dumps(entry, default=str)}
         write_safetensors(Path(out) / entry["file"].replace(".npz", ".safetensors"), tensors, metadata)
         count += 1

@@ -9,7 +9,7 @@ import yaml
 
 from ..errors import GoldenError
 from ..spec import read_yaml
-from .cases import Case, file_name
+from .cases import Case, file_name, weights_digest
 from .storage import tensor_digest
 
 SCHEMA = "mla-ref-golden-manifest/1"
@@ -17,6 +17,7 @@ GENERATOR_VERSION = 1
 CASE_KEYS = {"file": str, "entry_point": str, "level": str, "preset": str, "seed": int, "steps": list, "args": dict,
              "config": dict, "profiles": dict, "tensors": dict, "purpose": str}
 TENSOR_KEYS = {"dtype": str, "shape": list, "sha256": str}
+RECIPE_KEYS = {"generator": str, "seed": int, "design": str, "digest": str}
 
 
 def case_entry(case: Case) -> dict:
@@ -37,6 +38,7 @@ def case_entry(case: Case) -> dict:
                     for name, value in case.tensors().items()},
         "purpose": str(definition.get("purpose", "")),
         "pitfalls": [str(p) for p in definition.get("pitfalls", [])],
+        **({"weights": {**case.weights_recipe, "digest": weights_digest(case.weights)}} if case.weights_recipe else {}),
     }
 
 
@@ -75,6 +77,10 @@ def check_entry(case_id: str, entry) -> None:
             raise GoldenError(f"{case_id}: {key}", f"expected {kind.__name__}, got {type(entry.get(key)).__name__}", "GOLDEN.manifest")
     if entry["file"] != file_name(case_id):
         raise GoldenError(f"{case_id}: file", f"expected {file_name(case_id)!r}, got {entry['file']!r}", "GOLDEN.manifest")
+    if "weights" in entry:
+        for key, kind in RECIPE_KEYS.items():
+            if not isinstance(entry["weights"], dict) or not isinstance(entry["weights"].get(key), kind):
+                raise GoldenError(f"{case_id}: weights.{key}", f"expected {kind.__name__} (the recipe that rebuilds the weights)", "GOLDEN.manifest")
     for name, tensor in entry["tensors"].items():
         for key, kind in TENSOR_KEYS.items():
             if not isinstance(tensor, dict) or not isinstance(tensor.get(key), kind):
