@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
         sub = golden_commands.add_parser(name, help=text)
         sub.add_argument("--dir", type=Path, default=None, help="golden folder (default: golden/ next to spec/)")
         sub.add_argument("--select", default=None, help="case id pattern (glob or substring)")
+        if name == "generate":
+            sub.add_argument("--on-demand", action="store_true",
+                             help="the on-demand cases of spec/golden.yaml (DeepSeek-V3 shapes; default folder golden-on-demand/)")
         if name == "export":
             sub.add_argument("--format", choices=["safetensors"], default="safetensors")
             sub.add_argument("--out", type=Path, required=True, help="output folder")
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 def _golden(args) -> int:
     from .golden import generate as golden
     if args.golden_command == "generate":
-        entries = golden.generate(args.dir, args.select)
-        print(f"wrote {len(entries)} cases and manifest.yaml to {args.dir or golden.default_golden_dir()}")
+        entries = golden.generate(args.dir, args.select, args.on_demand)
+        folder = args.dir or (golden.default_on_demand_dir() if args.on_demand else golden.default_golden_dir())
+        print(f"wrote {len(entries)} cases and manifest.yaml to {folder}")
         return 0
     if args.golden_command == "verify":
         rows = golden.verify(args.dir, args.select)

@@ -31,6 +31,12 @@ class Trace:
         self.keep = keep
         self.profile = profile(precision) if precision is not None else None
 
+    @property
+    def arithmetic(self) -> np.dtype:
+        """The dtype the emulation computes in: float32 for a profile with ``arithmetic: fp32``, else float64 (TOLERANCE.2)."""
+        fp32 = self.profile is not None and self.profile.get("arithmetic") == "fp32"
+        return np.dtype(np.float32 if fp32 else np.float64)
+
     def round(self, step_id: str, name: str, value: np.ndarray) -> np.ndarray:
         """TOLERANCE.2 — ``value`` as the profile stores output ``name`` of ``step_id`` (integers and bools untouched)."""
         if self.profile is None or np.asarray(value).dtype.kind != "f":

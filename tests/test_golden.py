@@ -157,3 +157,31 @@ def test_the_reuse_schemes_draft_differently():
     modulo = call_reference(recurrent, None)
     assert np.array_equal(modulo["logits"][:, 0], recurrent.outputs["logits"][:, 0])
     assert np.abs(modulo["logits"][:, 1:] - recurrent.outputs["logits"][:, 1:]).max() > 1e-3
+
+
+def test_on_demand_cases_are_not_committed_and_build_with_one_command(tmp_path):
+    """DeepSeek-V3-shape cases: defined in spec/golden.yaml, absent from golden/, built by `golden generate --on-demand`."""
+    from mla_ref.cli import main
+    from mla_ref.conformance import reference_adapter
+    from mla_ref.conformance.check import check
+    on_demand = case_definitions(on_demand=True)
+    assert {d["preset"] for d in on_demand} == {"deepseek-v3"} and len(on_demand) >= 4
+    assert not set(read_manifest(default_golden_dir() / "manifest.yaml")["cases"]) & {d["id"] for d in on_demand}
+    assert main(["golden", "generate", "--on-demand", "--select", "moe.route.v3/deepseek-v3*", "--dir", str(tmp_path)]) == 0
+    assert read_manifest(tmp_path / "manifest.yaml")["on_demand"] is True
+    rows = verify(tmp_path)
+    assert [(row.case_id, row.status) for row in rows] == [("moe.route.v3/deepseek-v3/seed0", "ok")]
+    report = check(reference_adapter, "bf16", directory=tmp_path)
+    assert report.ok and report.count("pass") == 1
+
+
+@pytest.mark.slow
+def test_every_on_demand_case_builds_verifies_and_passes_the_reference(tmp_path):
+    """The V3 attention cases rebuild their 187M weights from the recipe (about 2 minutes, 6 GB)."""
+    from mla_ref.conformance import reference_adapter
+    from mla_ref.conformance.check import check
+    from mla_ref.golden.generate import generate
+    generate(tmp_path, on_demand=True)
+    problems = [f"{row.case_id}: {row.detail}" for row in verify(tmp_path) if row.status != "ok"]
+    assert not problems, problems
+    assert check(reference_adapter, "fp32", directory=tmp_path).ok

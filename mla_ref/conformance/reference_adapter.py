@@ -23,23 +23,30 @@ from ..trace import emit
 PROFILE = "fp64"
 
 
+def _arithmetic(trace) -> np.dtype:
+    """float32 when emulating a profile that computes in fp32 (TOLERANCE.2 arithmetic), else float64 (the truth)."""
+    return np.dtype(np.float64) if trace is None else trace.arithmetic
+
+
 def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, trace=None):
     """MLA.17 — FlashMLA-layout latent attention."""
-    out, lse = core(q, k_cache, block_table, cache_seqlens, int(head_dim_v), float(softmax_scale), bool(causal), trace=trace)
+    out, lse = core(q, k_cache, block_table, cache_seqlens, int(head_dim_v), float(softmax_scale), bool(causal),
+                    dtype=_arithmetic(trace), trace=trace)
     return {"out": out, "lse": lse}
 
 
 def mla_prefill(config, weights, hidden, start_positions, trace=None):
     """MLA.1-MLA.12 without a cache (naive form)."""
-    result = mla_forward(from_dict(config), weights, hidden, start_positions, trace=trace)
+    result = mla_forward(from_dict(config), weights, hidden, start_positions, dtype=_arithmetic(trace), trace=trace)
     return {"output": result.output, "lse": result.lse}
 
 
 def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths, attention="absorbed", trace=None):
     """MLA layer after a cached prefix of latent rows: chunked prefill, decode or verification."""
     cfg = from_dict(config)
-    cache = LatentCache(np.asarray(cache_rows, dtype=np.float64), np.asarray(cache_lengths, dtype=np.int64))
-    result = mla_forward(cfg, weights, hidden, cache=cache, attention=attention, query_lengths=query_lengths, trace=trace)
+    cache = LatentCache(np.asarray(cache_rows, dtype=_arithmetic(trace)), np.asarray(cache_lengths, dtype=np.int64))
+    result = mla_forward(cfg, weights, hidden, cache=cache, attention=attention, query_lengths=query_lengths,
+                         dtype=_arithmetic(trace), trace=trace)
     batch, seq = np.shape(hidden)[:2]
     positions = cache.lengths[:, None] + np.arange(seq)[None, :]  # [batch, seq]
     written = np.arange(seq)[None, :] < np.asarray(query_lengths)[:, None]
@@ -49,13 +56,14 @@ def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths
 
 def moe_route(config, weights, hidden, forced_expert_ids=None, trace=None):
     """MOE.1-MOE.8 — expert ids and weights (``forced_expert_ids``: teacher forcing)."""
-    routing = route(from_dict(config), weights, hidden, forced_expert_ids=forced_expert_ids, trace=trace)
+    routing = route(from_dict(config), weights, hidden, dtype=_arithmetic(trace), forced_expert_ids=forced_expert_ids, trace=trace)
     return {"expert_ids": routing.expert_ids, "weights": routing.weights}
 
 
 def moe_layer(config, weights, hidden, layer, forced_expert_ids=None, trace=None):
     """MOE.1-MOE.13 — the feed-forward block of ``layer`` (``forced_expert_ids``: teacher forcing)."""
-    result = ffn_forward(from_dict(config), weights, hidden, int(layer), forced_expert_ids=forced_expert_ids, trace=trace)
+    result = ffn_forward(from_dict(config), weights, hidden, int(layer), dtype=_arithmetic(trace), forced_expert_ids=forced_expert_ids,
+                         trace=trace)
     outputs = {"output": result.output}
     if result.routing is not None:
         outputs["expert_ids"] = result.routing.expert_ids

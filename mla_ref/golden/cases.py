@@ -23,7 +23,7 @@ from ..errors import GoldenError
 from ..rope import softmax_scale
 from ..spec import load_spec_file
 from ..trace import Trace
-from ..weights import generate_attention_weights, generate_weights, subtree
+from ..weights import generate_attention_weights, generate_weights, subtree, weight_shapes
 
 CASE_ID = re.compile(r"^[a-z0-9][a-z0-9_.\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
 
@@ -63,8 +63,9 @@ class Case:
         return named
 
 
-def case_definitions() -> list[dict]:
-    """The ``cases`` of spec/golden.yaml, ids checked."""
+def case_definitions(on_demand: bool = False) -> list[dict]:
+    """The ``cases`` of spec/golden.yaml, ids checked: the committed ones, or with ``on_demand`` the ones built on request
+    (DeepSeek-V3 shapes, too big to commit)."""
     cases = load_spec_file("golden.yaml")["cases"]
     seen = set()
     for case in cases:
@@ -72,7 +73,7 @@ def case_definitions() -> list[dict]:
         if case["id"] in seen:
             raise GoldenError(case["id"], "duplicate case id in spec/golden.yaml", "GOLDEN.cases")
         seen.add(case["id"])
-    return cases
+    return [case for case in cases if bool(case.get("on_demand", False)) == on_demand]
 
 
 def check_case_id(case_id: str) -> None:
@@ -128,8 +129,12 @@ def build_paged_core(definition: dict, config: ModelConfig):
 
 
 def _layer_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
-    weights = generate_attention_weights(config, seed=definition.get("seed", 0))
-    gain = definition["layout"].get("logit_gain", 1.0)  # peaked softmax rows: GC-PREFILL
+    return attention_weights_with_gain(config, definition.get("seed", 0), definition["layout"].get("logit_gain", 1.0))
+
+
+def attention_weights_with_gain(config: ModelConfig, seed: int, gain: float) -> dict[str, np.ndarray]:
+    """One MLA layer's generated weights with the query and key-value up-projections scaled by ``gain`` (peaked softmax rows: GC-PREFILL)."""
+    weights = generate_attention_weights(config, seed=seed)
     q_name = "q_b_proj.weight" if config.q_lora_rank else "q_proj.weight"
     weights[q_name] = weights[q_name] * gain
     weights["kv_b_proj.weight"] = weights["kv_b_proj.weight"] * gain
@@ -161,10 +166,12 @@ def build_mla_extend(definition: dict, config: ModelConfig):
     return inputs, weights, {}
 
 
-def _gate_weights(definition: dict, config: ModelConfig, layer: int) -> dict[str, np.ndarray]:
-    """The ``mlp.`` tensors of ``layer`` (tiny presets: every expert), the bias shifted by ``bias_shift``."""
-    weights = subtree(generate_weights(config, seed=definition.get("seed", 0)), f"model.layers.{layer}.")
-    weights = {name: value for name, value in weights.items() if name.startswith("mlp.")}
+def _gate_weights(definition: dict, config: ModelConfig, layer: int, experts: bool = True) -> dict[str, np.ndarray]:
+    """The ``mlp.`` tensors of ``layer`` (tiny presets: every expert; ``experts=False``: the router's only), the bias
+    shifted by ``bias_shift``. Built by name: a V3 layer's 256 experts are never generated for a router case."""
+    prefix = f"model.layers.{layer}.mlp." + ("" if experts else "gate.")
+    names = [name for name in weight_shapes(config) if name.startswith(prefix)]
+    weights = subtree(generate_weights(config, seed=definition.get("seed", 0), names=names), f"model.layers.{layer}.")
     shift = definition["layout"].get("bias_shift")
     if shift is not None and "mlp.gate.e_score_correction_bias" in weights:
         weights["mlp.gate.e_score_correction_bias"] = weights["mlp.gate.e_score_correction_bias"] + shift
@@ -221,8 +228,7 @@ def _tokens_with_margins(definition: dict, config: ModelConfig, weights: dict, c
 def build_moe_route(definition: dict, config: ModelConfig):
     """MOE.1-MOE.8 on tokens with routing margins above the profiles' noise, or with designed exact ties."""
     layout = definition["layout"]
-    weights = _gate_weights(definition, config, layout["layer"])
-    weights = {name: value for name, value in weights.items() if name.startswith("mlp.gate.")}
+    weights = _gate_weights(definition, config, layout["layer"], experts=False)
     if layout.get("ties"):
         weights, hidden = _tied_router(definition, config, weights)
     else:
@@ -275,7 +281,7 @@ def build_moe_balance(definition: dict, config: ModelConfig):
     """MOE.14-MOE.17 on routing decisions of whole sequences: load, bias update, balance losses."""
     from ..moe import route
     layout = definition["layout"]
-    weights = {name: value for name, value in _gate_weights(definition, config, layout["layer"]).items() if name.startswith("mlp.gate.")}
+    weights = _gate_weights(definition, config, layout["layer"], experts=False)
     batch, seq = layout["batch"], layout["seq"]
     hidden = _rng(definition, "hidden").standard_normal((batch * seq, config.hidden_size))
     routing = route(config, weights, hidden)
@@ -288,7 +294,7 @@ def build_dispatch_plan(definition: dict, config: ModelConfig):
     """MOE.18 on the routing decisions of random tokens."""
     from ..moe import route
     layout = definition["layout"]
-    weights = {name: value for name, value in _gate_weights(definition, config, layout["layer"]).items() if name.startswith("mlp.gate.")}
+    weights = _gate_weights(definition, config, layout["layer"], experts=False)
     hidden = _rng(definition, "hidden").standard_normal((layout["tokens"], config.hidden_size))
     return {"expert_ids": route(config, weights, hidden).expert_ids}, {}, {"ranks": layout["ranks"]}
 
@@ -372,22 +378,29 @@ def build_mtp_forward(definition: dict, config: ModelConfig):
 
 
 def weights_recipe(definition: dict) -> dict | None:
-    """How a model-level case's weights are rebuilt (GOLDEN storage): the generator's seed and design; None below model level."""
-    if definition["level"] != "model":
-        return None
+    """How a case's weights are rebuilt instead of stored (GOLDEN storage): model-level cases (the generator's seed and
+    design) and on-demand MLA layers (seed and logit gain); None for the others, which store their weights."""
     layout = definition["layout"]
-    recipe = {"generator": "mla_ref.weights.generate_weights", "seed": int(definition.get("seed", 0)), "design": layout.get("designed", "none")}
-    if recipe["design"] == "echo":
-        recipe["block_scale"] = float(layout["block_scale"])
-    return recipe
+    seed = int(definition.get("seed", 0))
+    if definition["level"] == "model":
+        recipe = {"generator": "mla_ref.weights.generate_weights", "seed": seed, "design": layout.get("designed", "none")}
+        if recipe["design"] == "echo":
+            recipe["block_scale"] = float(layout["block_scale"])
+        return recipe
+    if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend"):
+        return {"generator": "mla_ref.weights.generate_attention_weights", "seed": seed, "design": "logit_gain",
+                "logit_gain": float(layout.get("logit_gain", 1.0))}
+    return None
 
 
 def rebuild_weights(config: ModelConfig, recipe: dict) -> dict[str, np.ndarray]:
-    """The weights a recipe describes: generate_weights(config, seed), reshaped by the design (``echo``) if any."""
+    """The weights a recipe describes: the generator's, reshaped by the design (``echo``, ``logit_gain``) if any."""
     if recipe["design"] == "echo":
         return echo_weights(config, recipe["seed"], recipe["block_scale"])
+    if recipe["design"] == "logit_gain":
+        return attention_weights_with_gain(config, recipe["seed"], recipe["logit_gain"])
     if recipe["design"] != "none":
-        raise GoldenError("weights.design", f"expected 'none' or 'echo', got {recipe['design']!r}", "GOLDEN.storage")
+        raise GoldenError("weights.design", f"expected none, echo or logit_gain, got {recipe['design']!r}", "GOLDEN.storage")
     return generate_weights(config, seed=recipe["seed"])
 
 
@@ -495,7 +508,8 @@ def build_case(definition: dict) -> Case:
     for profile in profiles_of(definition):
         emulation = Trace(profile)
         emulated = call_reference(case, emulation)
-        case.emulated[profile] = {name: np.asarray(value) for name, value in emulated.items() if np.asarray(value).dtype.kind == "f"}
+        case.emulated[profile] = {name: np.asarray(value, dtype=np.float64) for name, value in emulated.items()
+                                  if np.asarray(value).dtype.kind == "f"}
         pairs = {f"output:{name}": (value, case.outputs[name]) for name, value in case.emulated[profile].items()}
         for key, truth in case.steps.items():
             step, name = key.split("/")

@@ -32,27 +32,36 @@ def default_golden_dir() -> Path:
     return beside_spec if (beside_spec / "manifest.yaml").is_file() else Path.cwd() / "golden"
 
 
-def selected(pattern: str | None) -> list[dict]:
-    definitions = case_definitions()
+def default_on_demand_dir() -> Path:
+    """``golden-on-demand/`` beside ``golden/``: the on-demand cases (DeepSeek-V3 shapes) are built there, never committed."""
+    return default_golden_dir().parent / "golden-on-demand"
+
+
+def selected(pattern: str | None, on_demand: bool = False) -> list[dict]:
+    definitions = case_definitions(on_demand)
     if pattern is None:
         return definitions
     return [d for d in definitions if fnmatch.fnmatch(d["id"], pattern) or pattern in d["id"]]
 
 
-def generate(directory: Path | None = None, pattern: str | None = None) -> dict[str, dict]:
-    """Build the selected cases, write their ``.npz`` files and the manifest (other entries are kept)."""
-    directory = Path(directory or default_golden_dir())
+def generate(directory: Path | None = None, pattern: str | None = None, on_demand: bool = False) -> dict[str, dict]:
+    """Build the selected cases, write their ``.npz`` files and the manifest (other entries are kept).
+
+    ``on_demand``: the cases marked on_demand in spec/golden.yaml (DeepSeek-V3 shapes), into
+    ``golden-on-demand/`` by default, with a manifest of their own.
+    """
+    directory = Path(directory or (default_on_demand_dir() if on_demand else default_golden_dir()))
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path = directory / "manifest.yaml"
     entries = read_manifest(manifest_path)["cases"] if pattern and manifest_path.exists() else {}
-    known = {d["id"] for d in case_definitions()}
+    known = {d["id"] for d in case_definitions(on_demand)}
     entries = {case_id: entry for case_id, entry in entries.items() if case_id in known}
-    for definition in selected(pattern):
+    for definition in selected(pattern, on_demand):
         case = build_case(definition)
         write_npz(directory / file_name(case.id), case.tensors())
         entries[case.id] = case_entry(case)
-    ordered = {d["id"]: entries[d["id"]] for d in case_definitions() if d["id"] in entries}
-    write_manifest(manifest_path, spec_version(), ordered)
+    ordered = {d["id"]: entries[d["id"]] for d in case_definitions(on_demand) if d["id"] in entries}
+    write_manifest(manifest_path, spec_version(), ordered, on_demand)
     return ordered
 
 
@@ -86,19 +95,22 @@ def verify(directory: Path | None = None, pattern: str | None = None) -> list[Ve
     """Rebuild every selected case and compare it with the committed files; also stale, orphan and tampered files."""
     directory = Path(directory or default_golden_dir())
     manifest = read_manifest(directory / "manifest.yaml")
+    on_demand = manifest.get("on_demand", False)  # an on-demand folder holds the cases its generate call selected
     rows: list[VerifyRow] = []
     if manifest["spec_version"] != spec_version():
         rows.append(VerifyRow("manifest", "FAIL", detail=f"spec_version {manifest['spec_version']!r}, spec is {spec_version()!r}: regenerate"))
-    defined = {d["id"] for d in case_definitions()}
+    defined = {d["id"] for d in case_definitions(on_demand)}
     for case_id in sorted(set(manifest["cases"]) - defined):
         rows.append(VerifyRow(case_id, "FAIL", detail="orphan: in the manifest but not in spec/golden.yaml"))
     listed = {entry["file"] for entry in manifest["cases"].values()}
     for path in sorted(directory.glob("*.npz")):
         if path.name not in listed:
             rows.append(VerifyRow(path.name, "FAIL", detail="orphan file: not in the manifest"))
-    for definition in selected(pattern):
+    for definition in selected(pattern, on_demand):
         case_id = definition["id"]
         entry = manifest["cases"].get(case_id)
+        if entry is None and on_demand:
+            continue
         if entry is None:
             rows.append(VerifyRow(case_id, "FAIL", detail="stale: defined in spec/golden.yaml but not generated"))
             continue

@@ -42,9 +42,9 @@ def case_entry(case: Case) -> dict:
     }
 
 
-def write_manifest(path: Path, spec_version: str, entries: dict[str, dict]) -> None:
+def write_manifest(path: Path, spec_version: str, entries: dict[str, dict], on_demand: bool = False) -> None:
     document = {"schema": SCHEMA, "spec_version": spec_version, "generator_version": GENERATOR_VERSION,
-                "numpy_version": np.__version__, "cases": entries}
+                "numpy_version": np.__version__, **({"on_demand": True} if on_demand else {}), "cases": entries}
     Path(path).write_text(yaml.safe_dump(document, sort_keys=False, width=120), encoding="utf-8")
 
 
