@@ -321,5 +321,6 @@ def gather_paged_rows(blocks: np.ndarray, block_table: np.ndarray, lengths: np.n
     positions = np.arange(int(np.max(lengths, initial=0)))  # [keys]
     valid = positions[None, :] < lengths[:, None]  # [batch, keys]
     block = np.where(valid, block_table[:, positions // block_size] if positions.size else np.zeros_like(valid, np.int64), 0)
-    rows = blocks[np.maximum(block, 0), positions[None, :] % block_size, 0]  # [batch, keys, width]
-    return np.where(valid[..., None], rows, 0.0)
+    rows = blocks[np.maximum(block, 0), positions[None, :] % block_size, 0]  # [batch, keys, width], a new array
+    rows[~valid] = 0.0
+    return rows

@@ -153,7 +153,8 @@ def latent_logits(q_latent: np.ndarray, key_rows: np.ndarray, scale: float) -> n
     """MLA.14 — ``scale * (q_absorbed . latent + q_pe . k_pe)``: one MQA product against the shared rows."""
     batch, seq, heads, width = q_latent.shape
     logits = q_latent.reshape(batch, seq * heads, width) @ key_rows.transpose(0, 2, 1)  # [batch, seq * heads, keys]
-    return scale * logits.reshape(batch, seq, heads, key_rows.shape[1]).transpose(0, 2, 1, 3)  # [batch, heads, seq, keys]
+    logits *= scale
+    return logits.reshape(batch, seq, heads, key_rows.shape[1]).transpose(0, 2, 1, 3)  # [batch, heads, seq, keys]
 
 
 def latent_values(probs: np.ndarray, key_rows: np.ndarray, head_dim_v: int) -> np.ndarray:
@@ -208,25 +209,20 @@ def _attention_blocks(visible: np.ndarray, heads: int, query_chunk: int | None, 
     return blocks
 
 
-def _head_major(per_token: np.ndarray, key_used: np.ndarray) -> np.ndarray:
-    """``[batch, keys, heads, d]`` -> ``[batch, heads, keys, d]`` with keys no query sees set to 0.
+def _unused_keys_zeroed(rows: np.ndarray, key_used: np.ndarray) -> np.ndarray:
+    """``rows`` with the keys no query sees set to 0 (``key_used`` broadcasts against ``rows``).
 
-    A view when every key is used (prefill), else one copy: unused slots may hold NaN.
+    ``rows`` itself when every key is used (prefill, decode), else one copy: unused slots may hold NaN.
     """
-    head_major = per_token.transpose(0, 2, 1, 3)
-    if key_used.all():
-        return head_major
-    out = np.zeros(head_major.shape, per_token.dtype)
-    np.copyto(out, head_major, where=key_used)
-    return out
+    return rows if key_used.all() else np.where(key_used, rows, 0.0)
 
 
 def naive_attention(q_full: np.ndarray, k_full: np.ndarray, value: np.ndarray, visible: np.ndarray, scale: float,
                     query_chunk: int | None = None, trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MLA.9 -> MLA.10 -> MLA.11 over blocks of heads and queries; returns ``o [batch, seq, heads, v]``, ``lse [batch, heads, seq]``."""
-    key_used = visible.any(axis=1)[:, None, :, None]  # [batch, 1, keys, 1]: unused slots may hold NaN
-    k_heads = _head_major(k_full, key_used)  # [batch, heads, keys, qk_head_dim]
-    value_heads = _head_major(value, key_used)  # [batch, heads, keys, v_head_dim]
+    key_used = visible.any(axis=1)[:, None, :, None]  # [batch, 1, keys, 1]
+    k_heads = _unused_keys_zeroed(k_full.transpose(0, 2, 1, 3), key_used)  # [batch, heads, keys, qk_head_dim]
+    value_heads = _unused_keys_zeroed(value.transpose(0, 2, 1, 3), key_used)  # [batch, heads, keys, v_head_dim]
     batch, seq, heads, _ = q_full.shape
     out = np.empty((batch, seq, heads, value.shape[-1]), q_full.dtype)  # [batch, seq, heads, v_head_dim]
     lse = np.empty((batch, heads, seq), q_full.dtype)
@@ -265,7 +261,7 @@ def naive_attention_from_latent(config: ModelConfig, weights: dict, q_nope: np.n
 def latent_attention(q_latent: np.ndarray, key_rows: np.ndarray, visible: np.ndarray, scale: float, head_dim_v: int,
                      query_chunk: int | None = None, trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MLA.14 -> MLA.10 -> MLA.15 over blocks of queries; returns ``o_latent [batch, seq, heads, head_dim_v]``, ``lse``."""
-    key_rows = np.where(visible.any(axis=1)[..., None], key_rows, 0.0)  # [batch, keys, width]: unused slots may hold NaN
+    key_rows = _unused_keys_zeroed(key_rows, visible.any(axis=1)[..., None])  # [batch, keys, width]
     batch, seq, heads, _ = q_latent.shape
     out = np.empty((batch, seq, heads, head_dim_v), q_latent.dtype)  # [batch, seq, heads, head_dim_v]
     lse = np.empty((batch, heads, seq), q_latent.dtype)
