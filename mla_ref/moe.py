@@ -202,8 +202,13 @@ def expert_outputs(config: ModelConfig, weights: Mapping[str, np.ndarray], hidde
 def combine_experts(expert_out: np.ndarray, expert_ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """MOE.10 — ``routed[t] = sum_k w[t, k] * E_k(x[t])``, accumulated in increasing expert id (V3R eq. 12)."""
     tokens, slots, _ = assignment_order(expert_ids)
+    row_of = np.empty(expert_ids.size, np.int64)
+    row_of[tokens * expert_ids.shape[1] + slots] = np.arange(expert_ids.size)
+    row_of = row_of.reshape(expert_ids.shape)  # [tokens, K]: the expert_out row of each (token, slot)
+    every_token = np.arange(expert_ids.shape[0])
     routed = np.zeros((expert_ids.shape[0], expert_out.shape[-1]), dtype=expert_out.dtype)  # [tokens, hidden_size]
-    np.add.at(routed, tokens, weights[tokens, slots][:, None] * expert_out)  # sequential, in row order
+    for slot in np.argsort(expert_ids, axis=1, kind="stable").T:  # [tokens]: each token's slot of its next larger expert id
+        routed += weights[every_token, slot][:, None] * expert_out[row_of[every_token, slot]]
     return routed
 
 
