@@ -111,7 +111,7 @@ def attention_logits(q_full: np.ndarray, k_heads: np.ndarray, scale: float) -> n
 
 def masked_softmax(logits: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MLA.10 — softmax over visible keys and its natural-log LSE; a row with no visible key gives p = 0, lse = -inf."""
-    probs = logits.copy()  # [batch, heads, seq, keys], rewritten in place below
+    probs = logits.copy(order="K")  # [batch, heads, seq, keys] in the memory order of logits, rewritten in place below
     np.copyto(probs, -np.inf, where=~visible)
     row_max = probs.max(axis=-1, keepdims=True, initial=-np.inf)
     row_max[~np.isfinite(row_max)] = 0.0
@@ -158,8 +158,10 @@ def latent_logits(q_latent: np.ndarray, key_rows: np.ndarray, scale: float) -> n
 
 
 def latent_values(probs: np.ndarray, key_rows: np.ndarray, head_dim_v: int) -> np.ndarray:
-    """MLA.15 — ``o_latent = p @ latent``: the values are the first ``head_dim_v`` columns of each row."""
-    return (probs @ key_rows[:, None, :, :head_dim_v]).transpose(0, 2, 1, 3)  # [batch, seq, heads, head_dim_v]
+    """MLA.15 — ``o_latent = p @ latent``: the values are the first ``head_dim_v`` columns of each row; one MQA product, as MLA.14."""
+    batch, heads, seq, keys = probs.shape
+    per_query = probs.transpose(0, 2, 1, 3).reshape(batch, seq * heads, keys)  # [batch, seq * heads, keys]
+    return (per_query @ key_rows[:, :, :head_dim_v]).reshape(batch, seq, heads, head_dim_v)
 
 
 def unabsorb_output(config: ModelConfig, out_latent: np.ndarray, weights: dict) -> np.ndarray:
