@@ -76,7 +76,7 @@ class Plan:
     run_tests: bool
 
 
-FULL = Plan((512, 2048, 8192), (1024, 4096, 16384, 65536), (1, 64, 1024), 8192, reps=2, decode_steps=3, run_tests=True)
+FULL = Plan((512, 2048, 8192), (1024, 4096, 16384, 65536), (1, 64, 1024), 8192, reps=2, decode_steps=5, run_tests=True)
 QUICK = Plan((512,), (1024, 4096), (1, 64), 2048, reps=1, decode_steps=2, run_tests=False)
 
 
@@ -315,7 +315,7 @@ def bench_decode(config, weights, plan: Plan, torch_mla) -> list[dict]:
                 start = time.perf_counter()
                 cache = mla_forward(config, weights, tokens[step], cache=cache, dtype=np.float32).cache
                 times.append(time.perf_counter() - start)
-            row = {"length": length, "form": form, "seconds": statistics.median(times[1:]), "cache_bytes": measured,
+            row = {"length": length, "form": form, "seconds": min(times[1:]), "cache_bytes": measured,
                    "values_per_token": measured / (length * itemsize), "formula": formula["naive" if form == "naive" else "latent"]}
             if form == "absorbed" and torch_mla is not None:
                 row.update(_torch_decode(config, weights, torch_mla, latent_rows, tokens, steps))
@@ -341,7 +341,7 @@ def _torch_decode(config, weights, torch_mla, latent_rows, tokens, steps) -> dic
                             dtype=np.float32).output
     check = torch_mla.decode(tokens[0], torch_mla.latent_rows(latent_rows, length + 1), length)
     del out
-    return {"torch_seconds": statistics.median(times[1:]), "torch_error": relative_error(check, reference)}
+    return {"torch_seconds": min(times[1:]), "torch_error": relative_error(check, reference)}
 
 
 def linear_fit(rows: list[dict], form: str) -> dict | None:
@@ -490,7 +490,8 @@ def report(info: dict, prefill: list[dict], decode: list[dict], moe: list[dict],
                      f"{row['matmul_gflops']:.1f} ({row['matmul_shape']}) | {row['fraction']:.0%} | {torch_cells} | {row['others']:.2f} |")
 
     lines += ["", "## Decode per token against the cached length L (deepseek-v3, float32, batch 1)", "",
-              "Time: median of the timed steps (one untimed warm-up step), mla_forward with one new token; cache bytes "
+              "Time: the best of the timed steps (one untimed warm-up step; numpy and torch alike, as for every other row: "
+              "a neighbour's burst only ever adds time), mla_forward with one new token; cache bytes "
               "measured from the arrays that hold the L tokens; formula: cache_values_per_token (`mla-ref info`).", "",
               "| L | form | time per token | cache bytes | values / token / layer | formula | torch (absorbed) | numpy / torch |",
               "|---:|---|---:|---:|---:|---:|---:|---:|"]
