@@ -852,6 +852,50 @@ def mtp_forward(config, weights, tokens, mtp_lambda):
                    "depth_losses": losses, "mtp_loss": steps["MTP.6/loss"], **steps})
 
 
+def _draft(entry: str, cfg: Config, weights: dict, history: np.ndarray, hidden, known: np.ndarray, depths: int):
+    """MTP.7 — the D drafts after t_0 .. t_n (n + 1 = known), h^0 of rows 0 .. n - 1 given: the history with d_1 .. d_D
+    written after t_n, and the logits [batch, D, vocab] each draft came from.
+
+    Chained depths run over rows 0 .. n - 1; with recurrent reuse, steps 2 .. D rerun module 1 one row longer each,
+    the new row joining the h its predecessor produced with Emb(d_{k-1}).
+    """
+    batch, rows = history.shape[0], jnp.arange(history.shape[0])
+    extended = np.concatenate([history, np.zeros((batch, depths + 1), np.int64)], axis=1)  # t_{n + j} = d_j
+    fed, chosen = hidden, []  # recurrent reuse: h^0 rows, then the h each extra step feeds back
+    chained = 1 if cfg.mtp_module_reuse == "recurrent" else depths
+    for k in range(1, chained + 1):  # rows 0 .. known - 2
+        module = _mtp_module(entry, cfg, weights, k, extended, hidden, known - 1)
+        chosen.append(module["MTP.4/logits"][rows, jnp.asarray(known - 2)])
+        extended[np.arange(batch), known + k - 1] = np.asarray(jnp.argmax(chosen[-1].astype(STAT), -1))
+        hidden = module["MTP.4/hidden"]
+    for step in range(1, depths - chained + 1):  # recurrent: module 1 once more, one row longer: Emb(d_step), fed-back h
+        fed = fed.at[rows, jnp.asarray(known - 2 + step)].set(hidden[rows, jnp.asarray(known - 3 + step)])
+        module = _mtp_module(entry, cfg, weights, 1, extended, fed, known - 1 + step)
+        chosen.append(module["MTP.4/logits"][rows, jnp.asarray(known - 2 + step)])
+        extended[np.arange(batch), known + step] = np.asarray(jnp.argmax(chosen[-1].astype(STAT), -1))
+        hidden = module["MTP.4/hidden"]
+    return extended[:, : history.shape[1]], jnp.stack(chosen, axis=1)
+
+
+def mtp_draft(config, weights, prompt_tokens, prompt_lengths):
+    """MTP.7 — one drafting step after the known tokens t_0 .. t_n: drafts [batch, D] and the logits [batch, D, vocab] they came from."""
+    entry, cfg = "mtp_draft", Config.from_dict(config)
+    tokens = _ints(entry, "prompt_tokens", prompt_tokens, (None, None))
+    batch = tokens.shape[0]
+    lengths = _ints(entry, "prompt_lengths", prompt_lengths, (batch,))
+    depths = cfg.depths
+    if depths < 1 or (lengths < 2).any() or (lengths > tokens.shape[1]).any():
+        _fail(entry, f"expected num_nextn_predict_layers >= 1 and prompt_lengths in 2 .. {tokens.shape[1]}, got {lengths.tolist()}")
+    width = tokens.shape[1] + depths + 1
+    history = np.zeros((batch, width), np.int64)
+    history[:, : tokens.shape[1]] = tokens
+    main, _ = _forward(entry, cfg, weights, history, lengths - 1)  # h^0 of positions 0 .. n - 1
+    source = "MODEL.4/post_norm_hidden" if cfg.mtp_hidden_source == "post_norm" else "pre_norm"
+    extended, logits = _draft(entry, cfg, weights, history, main[source], lengths, depths)
+    drafts = extended[np.arange(batch)[:, None], lengths[:, None] + np.arange(depths)[None, :]]  # [batch, depths]
+    return _numpy({"drafts": drafts, "logits": logits, "MTP.7/drafts": drafts})
+
+
 def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps):
     """MTP.7-MTP.11 — greedy speculative decoding, the D MTP modules drafting, one verification forward of D + 1 tokens per step.
 
@@ -874,20 +918,7 @@ def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps):
     source = "MODEL.4/post_norm_hidden" if cfg.mtp_hidden_source == "post_norm" else "pre_norm"
     accepted_per_depth, proposed_per_depth = np.zeros(depths, np.int64), np.zeros(depths, np.int64)
     while (active := emitted < steps).any():
-        extended, hidden = history.copy(), main[source]  # h^0 of positions 0 .. known - 2
-        fed = hidden  # recurrent reuse: h^0 rows, then the h each extra step feeds back
-        chained = 1 if cfg.mtp_module_reuse == "recurrent" else depths
-        for k in range(1, chained + 1):  # MTP.7: rows 0 .. known - 2, t_{n + j} = d_j
-            module = _mtp_module(entry, cfg, weights, k, extended, hidden, known - 1)
-            logits = module["MTP.4/logits"][jnp.arange(batch), jnp.asarray(known - 2)]
-            extended[np.arange(batch), known + k - 1] = np.asarray(jnp.argmax(logits.astype(STAT), -1))
-            hidden = module["MTP.4/hidden"]
-        for step in range(1, depths - chained + 1):  # recurrent: module 1 once more, one row longer: Emb(d_step), fed-back h
-            fed = fed.at[jnp.arange(batch), jnp.asarray(known - 2 + step)].set(hidden[jnp.arange(batch), jnp.asarray(known - 3 + step)])
-            module = _mtp_module(entry, cfg, weights, 1, extended, fed, known - 1 + step)
-            logits = module["MTP.4/logits"][jnp.arange(batch), jnp.asarray(known - 2 + step)]
-            extended[np.arange(batch), known + step] = np.asarray(jnp.argmax(logits.astype(STAT), -1))
-            hidden = module["MTP.4/hidden"]
+        extended, _ = _draft(entry, cfg, weights, history, main[source], known, depths)  # MTP.7
         drafts = extended[np.arange(batch)[:, None], known[:, None] + np.arange(depths)[None, :]]  # [batch, depths]
         main, _ = _forward(entry, cfg, weights, extended, known + depths)  # MTP.8: t_0 .. t_n, d_1 .. d_D
         at = jnp.asarray(known[:, None] - 1 + np.arange(depths + 1)[None, :])
