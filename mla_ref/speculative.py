@@ -80,7 +80,10 @@ class MTPDrafter:
         self.draft_logits: np.ndarray | None = None  # [batch, D, vocab_size]: what the last call's drafts were chosen from
 
     def __call__(self, context: DraftContext) -> np.ndarray:
-        """MTP.7 — chain modules 1 .. D at the last known position n - 1; ``d_k`` = greedy token of depth k (V3R section 5.4.3)."""
+        """MTP.7 — chain depths 1 .. D at the last known position n - 1; ``d_k`` = greedy token of depth k (V3R section 5.4.3).
+
+        Depth k runs module m(k); with recurrent reuse, depths 2 .. D are single rows of module 1 after depth 1's rows.
+        """
         config, depths = self.config, self.num_draft_tokens
         if context.num_draft_tokens != depths:
             raise InputError("num_draft_tokens", f"this MTP drafter drafts {depths} tokens, asked {context.num_draft_tokens}", "MTP.7")
