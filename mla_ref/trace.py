@@ -33,9 +33,8 @@ class Trace:
 
     @property
     def arithmetic(self) -> np.dtype:
-        """The dtype the emulation computes in: float32 for a profile with ``arithmetic: fp32``, else float64 (TOLERANCE.2)."""
-        fp32 = self.profile is not None and self.profile.get("arithmetic") == "fp32"
-        return np.dtype(np.float32 if fp32 else np.float64)
+        """The dtype this trace's emulation computes in (:func:`arithmetic`)."""
+        return arithmetic(self.precision)
 
     def round(self, step_id: str, name: str, value: np.ndarray) -> np.ndarray:
         """TOLERANCE.2 — ``value`` as the profile stores output ``name`` of ``step_id`` (integers and bools untouched)."""
@@ -81,6 +80,12 @@ def profile(name: str) -> dict:
     if name not in profiles:
         raise InputError("precision", f"unknown profile {name!r}; expected one of {sorted(spec['profiles'])}", "TOLERANCE.2")
     return profiles[name]
+
+
+def arithmetic(precision: str | None) -> np.dtype:
+    """TOLERANCE.2 — the dtype a profile's emulation computes in: float32 with ``arithmetic: fp32``, else (and exact) float64."""
+    fp32 = precision is not None and profile(precision).get("arithmetic") == "fp32"
+    return np.dtype(np.float32 if fp32 else np.float64)
 
 
 def storage_format(precision: str, step_id: str, name: str) -> str:

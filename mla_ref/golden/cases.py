@@ -44,16 +44,20 @@ class Case:
     noise: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # profile -> tensor -> L2 noise
     noise_max: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # profile -> tensor -> largest |emulated - truth|
     acceptable: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    weights_recipe: dict | None = None  # model level: the weights are rebuilt from it, not stored (weights_recipe())
 
     @property
     def entry_point(self) -> str:
         return self.definition["entry_point"]
 
+    def weights_entry(self) -> dict | None:
+        """The manifest's ``weights``: the recipe that rebuilds the weights and their digest; None when the file stores them."""
+        recipe = weights_recipe(self.definition)
+        return None if recipe is None else {**recipe, "digest": weights_digest(self.weights)}
+
     def tensors(self) -> dict[str, np.ndarray]:
         """What the case file holds: weights only when no recipe rebuilds them."""
         named = {f"input:{k}": v for k, v in self.inputs.items()}
-        if self.weights_recipe is None:
+        if weights_recipe(self.definition) is None:
             named.update({f"weight:{k}": v for k, v in self.weights.items()})
         named.update({f"output:{k}": v for k, v in self.outputs.items()})
         named.update({f"step:{k.replace('/', ':')}": v for k, v in self.steps.items()})
@@ -497,7 +501,7 @@ def build_case(definition: dict) -> Case:
     """GOLDEN — arguments, float64 truth with intermediates, and per-profile emulation of one case."""
     config = case_config(definition)
     inputs, weights, args = BUILDERS[definition["entry_point"]](definition, config)
-    case = Case(definition["id"], definition, config, args, inputs, weights, weights_recipe=weights_recipe(definition))
+    case = Case(definition["id"], definition, config, args, inputs, weights)
     if definition["layout"].get("near_ties"):
         gate = {name: value for name, value in weights.items() if name.startswith("mlp.gate.")}
         case.acceptable["expert_ids"] = acceptable_expert_ids(config, gate, inputs["hidden"], definition["layout"]["max_near_margin"])

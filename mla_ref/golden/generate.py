@@ -12,7 +12,8 @@ import numpy as np
 from ..errors import GoldenError
 from ..precision import UNIT_ROUNDOFF
 from ..spec import spec_dir, spec_version
-from .cases import build_case, case_definitions, file_name, stored_recipe_weights, weights_digest
+from ..trace import arithmetic
+from .cases import build_case, case_definitions, file_name, stored_recipe_weights
 from .manifest import case_entry, read_manifest, write_manifest
 from .storage import read_npz, tensor_digest, write_npz
 
@@ -22,8 +23,7 @@ FLOAT32_ARITHMETIC_NOISE_FACTOR = 2.0  # its noise, a few rounding errors, may m
 
 
 def _float32_arithmetic(profile_name: str) -> bool:
-    from ..trace import profile
-    return profile(profile_name).get("arithmetic") == "fp32"
+    return arithmetic(profile_name) == np.float32
 
 
 def default_golden_dir() -> Path:
@@ -143,7 +143,7 @@ def _verify_case(directory: Path, definition: dict, entry: dict) -> VerifyRow:
             problems.append(f"{name}: sha256 differs from the manifest (file modified)")
     rebuilt_case = build_case(definition)
     rebuilt = rebuilt_case.tensors()
-    recipe = rebuilt_case.weights_recipe and {**rebuilt_case.weights_recipe, "digest": weights_digest(rebuilt_case.weights)}
+    recipe = rebuilt_case.weights_entry()
     if entry.get("weights") != recipe:
         problems.append(f"weights recipe: manifest {entry.get('weights')}, rebuilt {recipe}")
     if set(rebuilt) != set(stored):

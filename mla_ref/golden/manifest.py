@@ -9,7 +9,7 @@ import yaml
 
 from ..errors import GoldenError
 from ..spec import read_yaml
-from .cases import Case, file_name, weights_digest
+from .cases import Case, file_name
 from .storage import tensor_digest
 
 SCHEMA = "mla-ref-golden-manifest/1"
@@ -38,7 +38,7 @@ def case_entry(case: Case) -> dict:
                     for name, value in case.tensors().items()},
         "purpose": str(definition.get("purpose", "")),
         "pitfalls": [str(p) for p in definition.get("pitfalls", [])],
-        **({"weights": {**case.weights_recipe, "digest": weights_digest(case.weights)}} if case.weights_recipe else {}),
+        **({"weights": weights} if (weights := case.weights_entry()) is not None else {}),
     }
 
 
