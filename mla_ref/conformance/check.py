@@ -267,15 +267,16 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
 def _without_padding(entry: dict, case: dict, step: str, tensor: str, truth: np.ndarray, candidate):
     """Intermediates at right-padded query positions are undefined (spec/mla.yaml conventions.padding): zero them on both sides.
 
-    An MTP drafting case (mtp_draft) pads its rows past n = prompt_lengths - 1 (MTP.1-MTP.4, axis 1).
+    An entry point may declare its own ``padded_rows`` (spec/golden.yaml: mtp_draft pads its rows past n = prompt_lengths - 1).
     """
     from ..spec import parse_shape, step_by_id
     dims = parse_shape(step_by_id(step)["outputs"].get(tensor, "[]"))
     candidate = np.asarray(candidate)
     if candidate.shape != truth.shape or truth.dtype.kind != "f":
         return truth, candidate
-    if entry["entry_point"] == "mtp_draft" and step.startswith("MTP.") and truth.ndim == 3:
-        lengths, axis = np.asarray(case["input"]["prompt_lengths"]) - 1, 1
+    declared = entry_points()[entry["entry_point"]].get("padded_rows")
+    if declared is not None and truth.ndim == 3:
+        lengths, axis = np.asarray(case["input"][declared["lengths"]]) + declared["offset"], declared["axis"]
     else:
         lengths = case["input"].get("query_lengths")
         if lengths is None or "seq" not in dims or dims[0] not in ("batch", "tokens"):
