@@ -1,4 +1,5 @@
-"""The spec files load, are well formed, and every step names a function that cites its id."""
+"""The spec files load, are well formed, every step names a function that cites its id (MOE, MODEL and MTP steps also
+their paper, on the docstring's first line), and every entry point exists."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def test_every_file_has_the_index_version():
 def test_steps_are_ordered_and_complete(file):
     steps = load_steps(file)
     section = load_spec_file(file)["section"]
+    assert section == file.removesuffix(".yaml").upper(), f"{file}: section {section}"
     ids = [step["id"] for step in steps]
     assert ids == [f"{section}.{i}" for i in range(1, len(ids) + 1)], "ids must be SECTION.1, SECTION.2, ... in order"
     for step in steps:
@@ -48,6 +50,24 @@ def test_step_functions_exist_and_cite_their_id(file):
         doc = function.__doc__ or ""
         first_line = doc.strip().splitlines()[0] if doc.strip() else ""
         assert step["id"] in first_line, f"{step['function']} docstring must cite {step['id']} on its first line"
+
+
+PAPERS = {"moe.yaml": ("V2R", "V3R"), "model.yaml": ("V3R",), "mtp.yaml": ("V3R",)}  # what each section's docstrings cite
+CITING = [(file, step) for file in PAPERS for step in load_steps(file)]
+
+
+@pytest.mark.parametrize("file, step", CITING, ids=[step["id"] for _, step in CITING])
+def test_every_step_names_a_function_citing_its_id_and_the_paper(file, step):
+    assert step["paper"] and step["equation"] and step["pitfalls"], step["id"]
+    first_line = resolve_function(step["function"]).__doc__.strip().splitlines()[0]
+    assert first_line.startswith(f"{step['id']} — "), first_line
+    assert any(paper in first_line for paper in PAPERS[file]), first_line
+
+
+@pytest.mark.parametrize("file", [file for file in SECTION_FILES if "entry_points" in load_spec_file(file)])
+def test_entry_points_exist(file):
+    for entry in load_spec_file(file)["entry_points"].values():
+        assert callable(resolve_function(entry["function"])), entry["function"]
 
 
 def test_config_fields_match_the_dataclass():
