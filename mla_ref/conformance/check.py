@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Mapping
 
 import numpy as np
@@ -115,25 +116,81 @@ def _json_default(value: Any):
     raise TypeError(type(value).__name__)
 
 
-def load_adapter(name: str | Any):
-    """An adapter from a module name (``examples.torch_adapter``), a ``.py`` path, ``module:attribute``, or an object."""
+def load_adapter(name: str | Any) -> Any:
+    """The adapter that ``name`` names (spec/golden.yaml ``adapter.loading``); an object that is not a string is the adapter.
+
+    ``name`` is a module (``my_adapter``, ``examples.torch_adapter``: the current directory is
+    searched too), a ``.py`` file (one inside a package is imported as that package's module,
+    so its relative imports work), or either followed by ``:attribute`` (``my_adapter:ADAPTER``).
+    One resolver for ``mla-ref check``, ``MLA_REF_ADAPTER`` and :func:`check`.
+    """
     if not isinstance(name, str):
         return name
-    module_name, _, attribute = name.partition(":")
+    target, attribute = _split_attribute(name)
     try:
-        if module_name.endswith(".py") or Path(module_name).is_file():
-            path = Path(module_name)
-            spec = importlib.util.spec_from_file_location(f"mla_ref_adapter_{path.stem}", path)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot load {path}")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
+        module = _import_file(Path(target)) if _is_path(target) else _import_module_from_cwd(target)
+    except InputError:
+        raise
     except Exception as error:  # noqa: BLE001 - any import failure is the adapter's
-        raise InputError("adapter", f"cannot import {name!r}: {type(error).__name__}: {error}", "GOLDEN.adapter") from None
-    return getattr(module, attribute) if attribute else module
+        hint = "" if _is_path(target) else f" (searched sys.path and the current directory {Path.cwd()})"
+        raise InputError("adapter", f"cannot import {name!r}: {type(error).__name__}: {error}{hint}", "GOLDEN.adapter") from None
+    adapter = module
+    for part in attribute.split(".") if attribute else []:
+        if not hasattr(adapter, part):
+            raise InputError("adapter", f"{target!r} has no attribute {attribute!r}", "GOLDEN.adapter")
+        adapter = getattr(adapter, part)
+    return adapter
+
+
+def _split_attribute(name: str) -> tuple[str, str]:
+    """``module:attribute`` or ``path.py:attribute`` -> (target, attribute); a bare name has no attribute."""
+    target, colon, attribute = name.rpartition(":")
+    if colon and target and all(part.isidentifier() for part in attribute.split(".")):
+        return target, attribute
+    return name, ""
+
+
+def _is_path(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target or Path(target).is_file()
+
+
+def _import_module_from_cwd(module_name: str) -> ModuleType:
+    """Import a (dotted) module, with the current directory on sys.path as ``python -m`` has it (console scripts do not)."""
+    cwd = str(Path.cwd())
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+    return importlib.import_module(module_name)
+
+
+def _import_file(path: Path) -> ModuleType:
+    """Import a ``.py`` file: inside a package (``__init__.py`` beside it) as the package's module, else on its own."""
+    path = path.resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    parts = [path.stem]
+    root = path.parent
+    while (root / "__init__.py").is_file():
+        parts.insert(0, root.name)
+        root = root.parent
+    if len(parts) == 1:
+        if str(path.parent) not in sys.path:
+            sys.path.append(str(path.parent))  # so the adapter can import modules beside it
+        spec = importlib.util.spec_from_file_location(f"mla_ref_adapter_{path.stem}", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    dotted = ".".join(parts)
+    module = importlib.import_module(dotted)
+    imported = Path(getattr(module, "__file__", "") or "").resolve()
+    if imported != path and not (imported.is_file() and imported.read_bytes() == path.read_bytes()):
+        raise InputError("adapter", f"{path} is the module {dotted}, but {dotted} is imported from {imported} "
+                         f"(another copy): install this checkout (pip install -e .) or name the module", "GOLDEN.adapter")
+    return module
 
 
 def _select(case_id: str, entry: dict, select: str | None, step: str | None, level: str | None) -> bool:
