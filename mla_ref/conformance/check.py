@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -106,6 +106,15 @@ class Report:
                 lines.append(f"{'':58s}   repro: {case.repro}")
         lines.append(self.summary())
         return "\n".join(lines)
+
+
+class CheckInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`check`: ``report`` holds the cases finished before it, ``total`` the number selected."""
+
+    def __init__(self, report: Report, total: int) -> None:
+        super().__init__(f"interrupted after {len(report.cases)} of {total} cases")
+        self.report = report
+        self.total = total
 
 
 def _json_default(value: Any):
@@ -203,8 +212,13 @@ def _select(case_id: str, entry: dict, select: str | None, step: str | None, lev
 
 def check(adapter, profile: str | None = None, select: str | None = None, *, step: str | None = None,
           level: str | None = None, waivers: Mapping[str, str] | None = None, directory: Path | None = None,
-          adapter_name: str | None = None) -> Report:
-    """Run ``adapter`` on every selected golden case under ``profile`` (default: the adapter's PROFILE, else fp32)."""
+          adapter_name: str | None = None, progress: Callable[[int, int, str], None] | None = None) -> Report:
+    """Run ``adapter`` on every selected golden case under ``profile`` (default: the adapter's PROFILE, else fp32).
+
+    ``progress(done, total, case_id)`` is called before each case (mla_ref.progress.Progress
+    draws it). Interrupted (Ctrl-C), it raises :class:`CheckInterrupted` holding the report of
+    the cases finished so far.
+    """
     module = load_adapter(adapter)
     profile = profile or getattr(module, "PROFILE", None) or "fp32"
     profiles = load_spec_file("tolerance.yaml")["profiles"]
@@ -213,11 +227,15 @@ def check(adapter, profile: str | None = None, select: str | None = None, *, ste
     directory = Path(directory or default_golden_dir())
     manifest = read_manifest(directory / "manifest.yaml")
     name = adapter_name or (adapter if isinstance(adapter, str) else getattr(module, "__name__", type(module).__name__))
-    results = []
-    for case_id, entry in manifest["cases"].items():
-        if not _select(case_id, entry, select, step, level):
-            continue
-        result = run_case(module, directory, case_id, entry, profile, name)
+    chosen = [(case_id, entry) for case_id, entry in manifest["cases"].items() if _select(case_id, entry, select, step, level)]
+    results: list[CaseResult] = []
+    for done, (case_id, entry) in enumerate(chosen):
+        if progress is not None:
+            progress(done, len(chosen), case_id)
+        try:
+            result = run_case(module, directory, case_id, entry, profile, name)
+        except KeyboardInterrupt:
+            raise CheckInterrupted(Report(name, profile, results), len(chosen)) from None
         waiver = next((reason for pattern, reason in (waivers or {}).items() if fnmatch.fnmatch(case_id, pattern)), None)
         if waiver is not None:
             result.status = "waived" if result.status == "fail" else ("xpass" if result.status == "pass" else result.status)
