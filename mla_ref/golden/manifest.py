@@ -52,7 +52,9 @@ def read_manifest(path: Path) -> dict:
     """Read and schema-check golden/manifest.yaml (safe_load only)."""
     path = Path(path)
     if not path.is_file():
-        raise GoldenError(str(path), "manifest is missing (run mla-ref golden generate, or pass --dir / set MLA_REF_GOLDEN_DIR to a checkout's golden/)", "GOLDEN.manifest")
+        raise GoldenError(str(path), "manifest is missing: golden data is not installed with the package; build it with "
+                          "`mla-ref golden generate --dir DIR` (10-30 s; the same files as the repository's golden/) and pass --dir DIR or set MLA_REF_GOLDEN_DIR=DIR, "
+                          "or run from a clone of the repository (its golden/)", "GOLDEN.manifest")
     document = read_yaml(path)
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise GoldenError(str(path), f"expected schema {SCHEMA!r}, got {document.get('schema') if isinstance(document, dict) else document!r}", "GOLDEN.manifest")
