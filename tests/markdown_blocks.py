@@ -4,7 +4,8 @@ A block is run by the tests as it is written. A marker, an HTML comment on the l
 above the fence (GitHub does not render it), changes how:
 ``<!-- doc-test: slow -->`` runs it in the slow step only; ``<!-- doc-test: skip (reason) -->``
 never runs it, and says why; ``needs NAME.py`` in a marker writes a stand-in NAME.py (the
-reference adapter under that name) into the folder the block runs in.
+reference adapter under that name) into the folder the block runs in; ``requires a, b`` skips
+the block where one of those Python packages is not installed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ class Block:
     @property
     def needs(self) -> list[str]:
         return re.findall(r"needs (\w+\.py)", self.marker)
+
+    @property
+    def requires(self) -> list[str]:
+        match = re.search(r"requires ([\w, ]+)", self.marker)
+        return [name.strip() for name in match.group(1).split(",")] if match else []
 
     @property
     def id(self) -> str:
