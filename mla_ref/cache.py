@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 
 import numpy as np
+import numpy.typing as npt
 
 from .config import ModelConfig
 from .errors import CacheError, ShapeError
@@ -95,7 +96,7 @@ class LatentCache:
     _written: _Written | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, dtype=np.float64, capacity: int = 0) -> "LatentCache":
+    def empty(cls, config: ModelConfig, batch: int, dtype: npt.DTypeLike = np.float64, capacity: int = 0) -> "LatentCache":
         """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
         lengths = np.zeros(batch, np.int64)
         cache = cls(np.zeros((batch, capacity, config.latent_cache_width), dtype), lengths, config_fingerprint(config))
@@ -127,7 +128,7 @@ class LatentCache:
         """All cached rows ``[batch, max(lengths), width]``; rows past a sequence's length are padding."""
         return self.rows[:, : int(self.lengths.max(initial=0))]
 
-    def truncate(self, lengths) -> "LatentCache":
+    def truncate(self, lengths: npt.ArrayLike) -> "LatentCache":
         """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
         lengths = _shrink(self.lengths, lengths)
         return _shared(LatentCache(self.rows, lengths, self.fingerprint), self._written)
@@ -153,7 +154,7 @@ class PagedLatentCache:
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, max_tokens: int, block_size: int = 64,
-              extra_blocks: int = 0, shuffle_seed: int | None = None, dtype=np.float64) -> "PagedLatentCache":
+              extra_blocks: int = 0, shuffle_seed: int | None = None, dtype: npt.DTypeLike = np.float64) -> "PagedLatentCache":
         """A pool with room for ``max_tokens`` per sequence; ``shuffle_seed`` scatters the block table."""
         if block_size < 1:
             raise CacheError("block_size", f"expected >= 1, got {block_size}", "MLA.19")
@@ -206,7 +207,7 @@ class PagedLatentCache:
         """MLA.19 — gather ``[batch, max(lengths), width]``; slots past a length read as 0."""
         return gather_paged_rows(self.blocks, self.block_table, self.lengths)
 
-    def truncate(self, lengths) -> "PagedLatentCache":
+    def truncate(self, lengths: npt.ArrayLike) -> "PagedLatentCache":
         """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
         return _shared(PagedLatentCache(self.blocks, self.block_table, _shrink(self.lengths, lengths), self.fingerprint), self._written)
 
@@ -222,7 +223,7 @@ class NaiveCache:
     _written: _Written | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, dtype=np.float64, capacity: int = 0) -> "NaiveCache":
+    def empty(cls, config: ModelConfig, batch: int, dtype: npt.DTypeLike = np.float64, capacity: int = 0) -> "NaiveCache":
         """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
         heads, lengths = config.num_attention_heads, np.zeros(batch, np.int64)
         cache = cls(np.zeros((batch, capacity, heads, config.qk_head_dim), dtype), np.zeros((batch, capacity, heads, config.v_head_dim), dtype),
@@ -263,7 +264,7 @@ class NaiveCache:
         used = int(self.lengths.max(initial=0))
         return self.keys[:, :used], self.values[:, :used]
 
-    def truncate(self, lengths) -> "NaiveCache":
+    def truncate(self, lengths: npt.ArrayLike) -> "NaiveCache":
         """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
         return _shared(NaiveCache(self.keys, self.values, _shrink(self.lengths, lengths), self.fingerprint), self._written)
 
@@ -324,3 +325,6 @@ def gather_paged_rows(blocks: np.ndarray, block_table: np.ndarray, lengths: np.n
     rows = blocks[np.maximum(block, 0), positions[None, :] % block_size, 0]  # [batch, keys, width], a new array
     rows[~valid] = 0.0
     return rows
+
+
+LayerCache = LatentCache | PagedLatentCache | NaiveCache  # the cache of one attention layer
