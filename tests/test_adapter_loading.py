@@ -13,6 +13,7 @@ import pytest
 from mla_ref.conformance import reference_adapter as ref
 from mla_ref.conformance.check import load_adapter
 from mla_ref.errors import InputError
+from mla_ref.golden.generate import default_golden_dir
 
 REPO = Path(__file__).resolve().parent.parent
 CORE_CASE = "mla.core.paged/tiny/bs16"
@@ -78,8 +79,9 @@ def test_failures_are_input_errors_naming_the_adapter(bare_cwd):
         load_adapter("attr_adapter_e:NOPE")
 
 
-def _console_env(tmp_path: Path) -> dict:
-    env = dict(os.environ, MLA_REF_SELECT=CORE_CASE, MLA_REF_ADAPTER="console_adapter_f")
+def _console_env() -> dict:
+    """The golden folder named: an installed (not editable) mla-ref run from tmp_path would not find the checkout's."""
+    env = dict(os.environ, MLA_REF_SELECT=CORE_CASE, MLA_REF_ADAPTER="console_adapter_f", MLA_REF_GOLDEN_DIR=str(default_golden_dir()))
     env.pop("PYTHONPATH", None)
     return env
 
@@ -88,7 +90,7 @@ def _console_env(tmp_path: Path) -> dict:
 def test_the_readme_commands_find_a_module_in_the_current_directory(tmp_path):
     """As the console scripts run them (-P: the current directory is not on sys.path)."""
     _write_adapter(tmp_path, "console_adapter_f")
-    env = _console_env(tmp_path)
+    env = _console_env()
     check = subprocess.run([sys.executable, "-P", "-m", "mla_ref", "check", "console_adapter_f", "--select", CORE_CASE],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert check.returncode == 0 and "1 passed, 0 failed" in check.stdout, check.stdout + check.stderr
