@@ -125,3 +125,8 @@ def test_calibrate_honours_dir(tmp_path, capsys):
     rows = capsys.readouterr().out.splitlines()[1:]
     assert rows and all("moe.route.v3/tiny/seed0" in row for row in rows), rows
     assert main(["golden", "calibrate", "--dir", str(tmp_path / "empty")]) == EXIT_GOLDEN
+
+
+def test_quiet_is_accepted_by_the_long_commands(tmp_path):
+    assert main(["check", "mla_ref.conformance.reference_adapter", "--quiet", "--select", "mla.core.paged/tiny/bs16"]) == 0
+    assert main(["golden", "verify", "-q", "--select", "mla.core.paged/tiny/bs16"]) == 0
