@@ -38,14 +38,19 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--format", choices=["safetensors"], default="safetensors")
             sub.add_argument("--out", type=Path, required=True, help="output folder")
 
-    check = commands.add_parser("check", help="run an adapter on the golden cases (exit 1 on any failure)")
+    check = commands.add_parser("check", help="run an adapter on the golden cases (exit 0: every selected case passed; "
+                                "1: a case failed; 2: refused, nothing checked: bad option, selection, adapter or golden folder)")
     check.add_argument("adapter", help="module name, path to a .py file, or module:attribute")
     check.add_argument("--profile", default=None, help="precision profile of spec/tolerance.yaml (default: the adapter's PROFILE, else fp32)")
     check.add_argument("--select", default=None, help="case id pattern (glob or substring)")
     check.add_argument("--step", default=None, help="only cases covering this spec step, e.g. MLA.9")
     check.add_argument("--level", choices=["kernel", "layer", "model"], default=None)
-    check.add_argument("--waivers", type=Path, default=None, help="YAML mapping case-id pattern -> reason")
-    check.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    check.add_argument("--waivers", type=Path, default=None, help="YAML mapping case-id glob -> reason (each must name specific cases)")
+    check.add_argument("--report", type=Path, default=None, help="write the JSON report here (spec/schemas/check-report.schema.json)")
+    check.add_argument("--isolate", action="store_true", help="call the adapter in a child process per case: a crash or a hang fails "
+                       "that case and the run goes on")
+    check.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help="per-case time limit of an isolated call (implies --isolate; default 600)")
     check.add_argument("--dir", type=Path, default=None, help="golden folder (default: golden/ next to spec/)")
     return parser
 
@@ -99,7 +104,11 @@ def _check(args) -> int:
     if waivers is not None and not isinstance(waivers, dict):
         print(f"mla-ref: error: {args.waivers}: expected a mapping case-id pattern -> reason", file=sys.stderr)
         return 2
-    report = check(args.adapter, args.profile, args.select, step=args.step, level=args.level, waivers=waivers, directory=args.dir)
+    if args.report:
+        from .conformance.check import check_report_path
+        check_report_path(args.report)
+    report = check(args.adapter, args.profile, args.select, step=args.step, level=args.level, waivers=waivers, directory=args.dir,
+                   isolate=args.isolate, timeout=args.timeout)
     print(report.table())
     if args.report:
         args.report.write_text(report.to_json(), encoding="utf-8")
