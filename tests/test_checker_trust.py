@@ -453,3 +453,14 @@ def test_torch_bfloat16_outputs_are_judged():
         return {"out": torch.from_numpy(result["out"] * 1.5).to(torch.bfloat16), "lse": torch.from_numpy(result["lse"]).float()}
     case = check(adapter(latent_attention_core=wrong), "fp32", KERNEL_CASE).cases[0]
     assert case.status == "fail" and any("out came as torch.bfloat16" in warning for warning in case.warnings)
+
+
+def test_ml_dtypes_bfloat16_outputs_are_judged():
+    """JAX returns bfloat16 as an ml_dtypes array (dtype kind 'V'): it must be widened, not rejected."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+
+    def core(*args):
+        result = ref.latent_attention_core(*args)
+        return {"out": ArrayLike(result["out"].astype(ml_dtypes.bfloat16)), "lse": result["lse"].astype(np.float32)}
+    report = check(adapter(latent_attention_core=core), "bf16", "mla.core")
+    assert report.ok and report.count("pass") == 6, report.table()

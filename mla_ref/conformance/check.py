@@ -269,7 +269,7 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
     result = CaseResult(case_id, entry["entry_point"], entry["level"], "pass",
                         repro=f"mla-ref check {adapter_name} --profile {profile} --select '{case_id}'")
     if not callable(getattr(module, entry["entry_point"], None)):
-        result.status, result.reason = "skip", f"adapter has no entry point {entry['entry_point']}{_misspelled(module, entry['entry_point'])}"
+        result.status, result.reason = "skip", f"adapter has no entry point {entry['entry_point']}" + _misspelled(module, entry["entry_point"])
         return result
     case = load_case(directory, entry)
     noise = entry["profiles"].get(profile, {}).get("noise")

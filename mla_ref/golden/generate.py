@@ -120,7 +120,7 @@ def verify(directory: Path | None = None, pattern: str | None = None) -> list[Ve
     chosen = selected(pattern, on_demand)
     if pattern and not chosen:
         raise InputError("select", f"{pattern!r} matches no case of spec/golden.yaml (a glob or a substring of a case id, "
-                         f"e.g. {case_definitions(on_demand)[0]['id']!r})", "GOLDEN.cases")
+                         f"e.g. {case_definitions(on_demand)[0]['id']!r})", "GOLDEN.select")
     for definition in chosen:
         case_id = definition["id"]
         entry = manifest["cases"].get(case_id)
