@@ -36,6 +36,11 @@ class Trace:
         """The dtype this trace's emulation computes in (:func:`arithmetic`)."""
         return arithmetic(self.precision)
 
+    @property
+    def rope_table(self) -> np.dtype:
+        """The dtype this trace's emulation builds the RoPE table in (:func:`rope_table`)."""
+        return rope_table(self.precision)
+
     def round(self, step_id: str, name: str, value: np.ndarray) -> np.ndarray:
         """TOLERANCE.2 — ``value`` as the profile stores output ``name`` of ``step_id`` (integers and bools untouched)."""
         if self.profile is None or np.asarray(value).dtype.kind != "f":
@@ -85,6 +90,13 @@ def profile(name: str) -> dict:
 def arithmetic(precision: str | None) -> np.dtype:
     """TOLERANCE.2 — the dtype a profile's emulation computes in: float32 with ``arithmetic: fp32``, else (and exact) float64."""
     fp32 = precision is not None and profile(precision).get("arithmetic") == "fp32"
+    return np.dtype(np.float32 if fp32 else np.float64)
+
+
+def rope_table(precision: str | None) -> np.dtype:
+    """TOLERANCE.2 — the dtype a profile's emulation builds the RoPE table in: float32 with ``rope_table: fp32`` (as engines
+    build it), else (and exact) float64."""
+    fp32 = precision is not None and profile(precision).get("rope_table") == "fp32"
     return np.dtype(np.float32 if fp32 else np.float64)
 
 

@@ -22,7 +22,8 @@ from ..conformance.protocol import call
 from ..errors import GoldenError
 from ..rope import softmax_scale
 from ..spec import load_spec_file
-from ..trace import Trace
+from ..precision import UNIT_ROUNDOFF
+from ..trace import Trace, profile as trace_profile
 from ..weights import generate_attention_weights, generate_weights, subtree, weight_shapes
 
 CASE_ID = re.compile(r"^[a-z0-9][a-z0-9_.\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
@@ -521,7 +522,24 @@ def build_case(definition: dict) -> Case:
                 pairs[f"step:{step}:{name}"] = (emulation[step][name], truth)
         case.noise[profile] = {name: _l2(*pair) for name, pair in pairs.items()}
         case.noise_max[profile] = {name: _largest(*pair) for name, pair in pairs.items()}
+    for profile in profiles_of(definition):
+        _noise_from(case, profile)
     return case
+
+
+def _noise_from(case: Case, profile: str) -> None:
+    """TOLERANCE.2 ``noise_from`` — a profile whose emulation is exact (fp64) records, per tensor, the larger of its own
+    noise and another profile's scaled by the ratio of their unit roundoffs: its allowance then follows how the case
+    amplifies rounding (an angle at position p carries p x ulp(freq) whichever equivalent formula built it)."""
+    source = trace_profile(profile).get("noise_from")
+    if source is None:
+        return
+    if source.get("scale") != "unit_roundoff_ratio" or source.get("profile") not in case.noise:
+        raise GoldenError(case.id, f"profile {profile}: noise_from {source} needs scale unit_roundoff_ratio and a profile "
+                          f"the case emulates ({sorted(case.noise)})", "TOLERANCE.2")
+    ratio = UNIT_ROUNDOFF[trace_profile(profile)["storage"]] / UNIT_ROUNDOFF[trace_profile(source["profile"])["storage"]]
+    for recorded, scaled in ((case.noise, case.noise[source["profile"]]), (case.noise_max, case.noise_max[source["profile"]])):
+        recorded[profile] = {name: max(value, ratio * scaled.get(name, 0.0)) for name, value in recorded[profile].items()}
 
 
 def _largest(emulated: np.ndarray, truth: np.ndarray) -> float:
