@@ -96,8 +96,10 @@ def arithmetic(precision: str | None) -> np.dtype:
 def rope_table(precision: str | None) -> np.dtype:
     """TOLERANCE.2 — the dtype a profile's emulation builds the RoPE table in: float32 with ``rope_table: fp32`` (as engines
     build it), else (and exact) float64."""
-    fp32 = precision is not None and profile(precision).get("rope_table") == "fp32"
-    return np.dtype(np.float32 if fp32 else np.float64)
+    table = "fp64" if precision is None else profile(precision).get("rope_table", "fp64")
+    if table not in ("fp32", "fp64"):
+        raise InputError(f"{precision}.rope_table", f"expected fp32 or fp64, got {table!r}", "TOLERANCE.2")
+    return np.dtype(np.float32 if table == "fp32" else np.float64)
 
 
 def storage_format(precision: str, step_id: str, name: str) -> str:

@@ -1,7 +1,7 @@
 """An independent float64 implementation of the MLA entry points, with RoPE built by other exact formulas (fp64 profile).
 
 Written from spec/rope.yaml and spec/mla.yaml without mla_ref, to be checked through the adapter
-protocol (``mla-ref check tests/independent_fp64_adapter.py --profile fp64``):
+protocol (``PYTHONPATH=tests mla-ref check tests/independent_fp64_adapter.py --profile fp64``):
 
 * base frequencies literally as ROPE.1 states them, ``theta ** (-2j / d)`` (the reference computes
   ``1 / theta ** (2j / d)``), and the YaRN blend in Hugging Face's order (extrapolation weight

@@ -113,3 +113,10 @@ def test_moe_layer_emulation_and_teacher_forcing():
     shared = (shared_gate * sigmoid(shared_gate) * (hidden[0] @ weights["mlp.shared_experts.up_proj.weight"].T)) @ weights["mlp.shared_experts.down_proj.weight"].T
     manual = sum(w * expert(e, hidden[0]) for e, w in zip(forced_ids[0], expected_weights)) + shared
     assert relative_error(forced.output[0], manual) <= 1e-12
+
+
+def test_an_unknown_rope_table_is_refused(monkeypatch):
+    from mla_ref import trace as trace_module
+    monkeypatch.setattr(trace_module, "profile", lambda name: {"storage": "fp32", "rope_table": "fp16", "overrides": {}})
+    with pytest.raises(InputError, match=r"odd.rope_table: expected fp32 or fp64, got 'fp16' \(TOLERANCE.2\)"):
+        trace_module.rope_table("odd")

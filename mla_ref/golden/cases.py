@@ -20,9 +20,9 @@ from ..config import ModelConfig, load_preset
 from ..conformance import reference_adapter
 from ..conformance.protocol import call
 from ..errors import GoldenError
+from ..precision import UNIT_ROUNDOFF
 from ..rope import softmax_scale
 from ..spec import load_spec_file
-from ..precision import UNIT_ROUNDOFF
 from ..trace import Trace, profile as trace_profile
 from ..weights import generate_attention_weights, generate_weights, subtree, weight_shapes
 
