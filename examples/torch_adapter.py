@@ -7,9 +7,11 @@ in float64 mode), interleaved-pair RoPE through complex numbers, prefill in the 
 ``[normalised latent | rotated k_pe]``, and the FlashMLA-layout kernel over a paged cache.
 
 The precision is the one setting the protocol's arguments do not carry, so it is a module
-setting: ``configure(dtype, device, tf32)``, or at import the environment variables
+setting: ``configure(dtype, device, tf32, rope_table)``, or at import the environment variables
 ``MLA_REF_TORCH_DTYPE`` (float64 | float32 | bfloat16 | float16, default float32),
-``MLA_REF_TORCH_DEVICE`` (default cpu) and ``MLA_REF_TORCH_TF32=1`` (TF32 matmuls on CUDA).
+``MLA_REF_TORCH_DEVICE`` (default cpu), ``MLA_REF_TORCH_TF32=1`` (TF32 matmuls on CUDA) and
+``MLA_REF_TORCH_ROPE_TABLE`` (float32 | float64: the dtype of the RoPE table; default float32, as
+Hugging Face, DeepSeek's inference code and vLLM build it, and float64 in float64 mode).
 ``PROFILE`` names the matching precision profile of spec/tolerance.yaml. Every entry point
 also returns intermediates under ``<STEP>/<name>`` so the checker can name the first step
 that diverges.
@@ -28,15 +30,22 @@ import torch
 import torch.nn.functional as F
 
 PROFILES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-DTYPE, DEVICE, TF32, PROFILE = "float32", "cpu", False, "fp32"
+DTYPE, DEVICE, TF32, PROFILE, ROPE_TABLE = "float32", "cpu", False, "fp32", "float32"
 
 
-def configure(dtype: str = "float32", device: str = "cpu", tf32: bool = False) -> None:
-    """Choose the dtype and device of every later call; sets PROFILE (tf32 only for float32 on CUDA)."""
-    global DTYPE, DEVICE, TF32, PROFILE
+def configure(dtype: str = "float32", device: str = "cpu", tf32: bool = False, rope_table: str | None = None) -> None:
+    """Choose the dtype and device of every later call; sets PROFILE (tf32 only for float32 on CUDA).
+
+    ``rope_table``: the dtype the cos / sin table is built in (inverse frequencies, ``position * freq``,
+    cos and sin); default float32 like the public engines, float64 in float64 mode.
+    """
+    global DTYPE, DEVICE, TF32, PROFILE, ROPE_TABLE
     if dtype not in PROFILES:
         raise ValueError(f"MLA_REF_TORCH_DTYPE: expected one of {sorted(PROFILES)}, got {dtype!r}")
-    DTYPE, DEVICE, TF32 = dtype, device, bool(tf32 and dtype == "float32" and device.startswith("cuda"))
+    rope_table = rope_table or ("float64" if dtype == "float64" else "float32")
+    if rope_table not in ("float32", "float64"):
+        raise ValueError(f"MLA_REF_TORCH_ROPE_TABLE: expected float32 or float64, got {rope_table!r}")
+    DTYPE, DEVICE, TF32, ROPE_TABLE = dtype, device, bool(tf32 and dtype == "float32" and device.startswith("cuda")), rope_table
     PROFILE = "tf32" if TF32 else PROFILES[dtype]
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = TF32
@@ -44,7 +53,7 @@ def configure(dtype: str = "float32", device: str = "cpu", tf32: bool = False) -
 
 
 configure(os.environ.get("MLA_REF_TORCH_DTYPE", "float32"), os.environ.get("MLA_REF_TORCH_DEVICE", "cpu"),
-          os.environ.get("MLA_REF_TORCH_TF32", "0") == "1")
+          os.environ.get("MLA_REF_TORCH_TF32", "0") == "1", os.environ.get("MLA_REF_TORCH_ROPE_TABLE"))
 
 
 def _dtype() -> torch.dtype:
@@ -97,16 +106,16 @@ def _correction_dim(cfg: dict, rotations: float) -> float:
     return cfg["qk_rope_head_dim"] * math.log(ratio) / (2 * math.log(cfg["rope_theta"]))
 
 
-def rope_frequencies(cfg: dict) -> torch.Tensor:
-    """ROPE.1-ROPE.3 — base frequencies, blended towards ``freq / factor`` by the YaRN ramp (float64)."""
+def rope_frequencies(cfg: dict, dtype: torch.dtype) -> torch.Tensor:
+    """ROPE.1-ROPE.3 — base frequencies, blended towards ``freq / factor`` by the YaRN ramp, every operation in ``dtype``."""
     dim = cfg["qk_rope_head_dim"]
-    freqs = 1.0 / cfg["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # [rope_half]
+    freqs = 1.0 / cfg["rope_theta"] ** (torch.arange(0, dim, 2, dtype=dtype) / dim)  # [rope_half]
     if yarn_active(cfg):
         low, high = _correction_dim(cfg, cfg["beta_fast"]), _correction_dim(cfg, cfg["beta_slow"])
         if cfg["yarn_truncate"]:
             low, high = math.floor(low), math.ceil(high)
         low, high = max(low, 0), min(high, dim - 1)
-        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+        ramp = ((torch.arange(dim // 2, dtype=dtype) - low) / ((high - low) or 0.001)).clamp(0, 1)
         freqs = freqs / cfg["rope_factor"] * ramp + freqs * (1 - ramp)
     return freqs
 
@@ -119,11 +128,12 @@ def attention_scale(cfg: dict) -> float:
 
 
 def rope_cis(cfg: dict, positions: torch.Tensor) -> torch.Tensor:
-    """ROPE.5 — ``amplitude * exp(i * position * freq)``: angles in float64, stored as complex of the stat dtype."""
+    """ROPE.5 — ``amplitude * exp(i * position * freq)``: angles in the table dtype, stored as complex of the stat dtype."""
     amplitude = 1.0
     if yarn_active(cfg):
         amplitude = yarn_mscale(cfg["rope_factor"], cfg["mscale"]) / yarn_mscale(cfg["rope_factor"], cfg["mscale_all_dim"])
-    angles = positions.to(torch.float64)[..., None] * rope_frequencies(cfg).to(positions.device)  # [batch, seq, rope_half]
+    table = getattr(torch, ROPE_TABLE)
+    angles = positions.to(table)[..., None] * rope_frequencies(cfg, table).to(positions.device)  # [batch, seq, rope_half]
     cis = torch.polar(torch.full_like(angles, amplitude), angles)
     return cis.to(torch.complex128 if _stat() == torch.float64 else torch.complex64)
 

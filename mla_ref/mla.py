@@ -53,9 +53,13 @@ def kv_latent_and_rope_key(config: ModelConfig, hidden: np.ndarray, weights: dic
     return kv_latent, kv_a[..., config.kv_lora_rank:]  # [batch, seq, kv_lora_rank], [batch, seq, qk_rope_head_dim]
 
 
-def rotate_query_key(config: ModelConfig, q_pe: np.ndarray, k_pe: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MLA.4 — RoPE at absolute positions: q_pe per head, one k_pe shared by all heads (V2R eq. 15-16; V3R eq. 3, 8)."""
-    cos, sin = rope_angles(config, positions, q_pe.dtype)  # [batch, seq, rope_half]
+def rotate_query_key(config: ModelConfig, q_pe: np.ndarray, k_pe: np.ndarray, positions: np.ndarray,
+                     table_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """MLA.4 — RoPE at absolute positions: q_pe per head, one k_pe shared by all heads (V2R eq. 15-16; V3R eq. 3, 8).
+
+    ``table_dtype``: the precision of the cos / sin table (float64; float32 in a profile with ``rope_table: fp32``).
+    """
+    cos, sin = rope_angles(config, positions, q_pe.dtype, table_dtype)  # [batch, seq, rope_half]
     q_rotated = apply_rope(q_pe, cos[:, :, None, :], sin[:, :, None, :], config.rope_layout)  # [batch, seq, heads, rope]
     return q_rotated, apply_rope(k_pe, cos, sin, config.rope_layout)  # [batch, seq, qk_rope_head_dim]
 
@@ -351,7 +355,8 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     query_input = emit(trace, "MLA.1", query_latent(x, w, config.rms_norm_eps)) if config.q_lora_rank else x
     q_nope, q_pe_raw = emit(trace, "MLA.2", *query_heads(config, query_input, w))  # [batch, seq, heads, nope], [.., rope]
     kv_latent, k_pe_raw = emit(trace, "MLA.3", *kv_latent_and_rope_key(config, x, w))  # [batch, seq, kv_lora_rank], [.., rope]
-    q_pe, k_pe = emit(trace, "MLA.4", *rotate_query_key(config, q_pe_raw, k_pe_raw, positions))  # rotated, same shapes
+    table_dtype = np.float64 if trace is None else trace.rope_table
+    q_pe, k_pe = emit(trace, "MLA.4", *rotate_query_key(config, q_pe_raw, k_pe_raw, positions, table_dtype))  # rotated, same shapes
     new_rows = emit(trace, "MLA.5", latent_cache_rows(kv_latent, k_pe))  # [batch, seq, kv_lora_rank + rope]
     key_offsets = np.zeros(batch, np.int64) if cache is None else cache.lengths  # keys before the new tokens
     if isinstance(cache, NaiveCache):

@@ -15,10 +15,26 @@ from .config import ModelConfig
 from .errors import InputError
 
 
-def base_inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """ROPE.1 — ``theta^(-2j/d)`` for j < d/2 (RoFormer)."""
-    exponents = np.arange(0, config.qk_rope_head_dim, 2, dtype=np.float64) / config.qk_rope_head_dim
-    return 1.0 / config.rope_theta ** exponents  # [rope_half]
+def _library_call(function, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``function(x)`` correctly rounded to ``dtype``: evaluated in float64, rounded once.
+
+    In float32 this stands for an engine's float32 ``pow`` / ``cos`` / ``sin`` (within 1 ulp of
+    it) and gives the same bits on every machine, whatever SIMD path NumPy's own float32
+    functions take.
+    """
+    return function(np.asarray(x, dtype=np.float64)).astype(dtype, copy=False)
+
+
+def base_inverse_frequencies(config: ModelConfig, dtype=np.float64) -> np.ndarray:
+    """ROPE.1 — ``theta^(-2j/d)`` for j < d/2 (RoFormer), as ``1 / theta^(2j/d)`` in ``dtype``.
+
+    float32 builds it as the engines do (OFF ``precompute_freqs_cis``, HF, vLLM): exponent,
+    power and reciprocal each rounded to float32.
+    """
+    dtype = np.dtype(dtype)
+    exponents = np.arange(0, config.qk_rope_head_dim, 2, dtype=dtype) / dtype.type(config.qk_rope_head_dim)
+    theta = float(dtype.type(config.rope_theta))
+    return dtype.type(1.0) / _library_call(lambda e: theta ** e, exponents, dtype)  # [rope_half]
 
 
 def _correction_dim(config: ModelConfig, rotations: float) -> float:
@@ -40,22 +56,24 @@ def yarn_correction_range(config: ModelConfig) -> tuple[float, float]:
     return max(low, 0), min(high, config.qk_rope_head_dim - 1)
 
 
-def yarn_ramp(config: ModelConfig) -> np.ndarray:
-    """ROPE.3 (part) — interpolation weight per dim: 0 keeps the frequency, 1 divides it by s."""
+def yarn_ramp(config: ModelConfig, dtype=np.float64) -> np.ndarray:
+    """ROPE.3 (part) — interpolation weight per dim: 0 keeps the frequency, 1 divides it by s (in ``dtype``)."""
+    dtype = np.dtype(dtype)
     low, high = yarn_correction_range(config)
     if high == low:
         high += 0.001
-    dims = np.arange(config.qk_rope_head_dim // 2, dtype=np.float64)
-    return np.clip((dims - low) / (high - low), 0.0, 1.0)  # [rope_half]
+    dims = np.arange(config.qk_rope_head_dim // 2, dtype=dtype)
+    return np.clip((dims - dtype.type(low)) / dtype.type(high - low), dtype.type(0.0), dtype.type(1.0))  # [rope_half]
 
 
-def rope_frequencies(config: ModelConfig) -> np.ndarray:
-    """ROPE.3 — the angular frequencies, blended by the YaRN ramp when YaRN is active."""
-    inv_freq = base_inverse_frequencies(config)
+def rope_frequencies(config: ModelConfig, dtype=np.float64) -> np.ndarray:
+    """ROPE.3 — the angular frequencies, blended by the YaRN ramp when YaRN is active (every operation in ``dtype``)."""
+    dtype = np.dtype(dtype)
+    inv_freq = base_inverse_frequencies(config, dtype)
     if not config.yarn_active:
         return inv_freq
-    ramp = yarn_ramp(config)
-    return inv_freq / config.rope_factor * ramp + inv_freq * (1.0 - ramp)  # [rope_half]
+    ramp = yarn_ramp(config, dtype)
+    return inv_freq / dtype.type(config.rope_factor) * ramp + inv_freq * (dtype.type(1.0) - ramp)  # [rope_half]
 
 
 def yarn_get_mscale(scale: float, mscale: float) -> float:
@@ -76,11 +94,21 @@ def rope_amplitude(config: ModelConfig) -> float:
     return yarn_get_mscale(config.rope_factor, config.mscale) / yarn_get_mscale(config.rope_factor, config.mscale_all_dim)
 
 
-def rope_angles(config: ModelConfig, positions: np.ndarray, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-    """ROPE.5 — cos and sin (times the amplitude) of ``position * freq``, float64 angles."""
-    angles = np.asarray(positions, dtype=np.float64)[..., None] * rope_frequencies(config)  # [..., rope_half]
-    amplitude = rope_amplitude(config)
-    return (amplitude * np.cos(angles)).astype(dtype, copy=False), (amplitude * np.sin(angles)).astype(dtype, copy=False)
+def rope_angles(config: ModelConfig, positions: np.ndarray, dtype=np.float64,
+                table_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """ROPE.5 — cos and sin (times the amplitude) of ``position * freq``, returned in ``dtype``.
+
+    ``table_dtype`` is the precision the table is built in: float64 for the truth; float32 the
+    way every public engine builds it (frequencies, positions, the product ``position * freq``,
+    cos / sin and the amplitude's product in float32: TOLERANCE.2 ``rope_table``), which moves
+    an angle by up to position x ulp(freq).
+    """
+    table_dtype = np.dtype(table_dtype)
+    angles = np.asarray(positions).astype(table_dtype)[..., None] * rope_frequencies(config, table_dtype)  # [..., rope_half]
+    amplitude = table_dtype.type(rope_amplitude(config))
+    cos = amplitude * _library_call(np.cos, angles, table_dtype)
+    sin = amplitude * _library_call(np.sin, angles, table_dtype)
+    return cos.astype(dtype, copy=False), sin.astype(dtype, copy=False)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str) -> np.ndarray:

@@ -36,6 +36,11 @@ class Trace:
         """The dtype this trace's emulation computes in (:func:`arithmetic`)."""
         return arithmetic(self.precision)
 
+    @property
+    def rope_table(self) -> np.dtype:
+        """The dtype this trace's emulation builds the RoPE table in (:func:`rope_table`)."""
+        return rope_table(self.precision)
+
     def round(self, step_id: str, name: str, value: np.ndarray) -> np.ndarray:
         """TOLERANCE.2 — ``value`` as the profile stores output ``name`` of ``step_id`` (integers and bools untouched)."""
         if self.profile is None or np.asarray(value).dtype.kind != "f":
@@ -86,6 +91,15 @@ def arithmetic(precision: str | None) -> np.dtype:
     """TOLERANCE.2 — the dtype a profile's emulation computes in: float32 with ``arithmetic: fp32``, else (and exact) float64."""
     fp32 = precision is not None and profile(precision).get("arithmetic") == "fp32"
     return np.dtype(np.float32 if fp32 else np.float64)
+
+
+def rope_table(precision: str | None) -> np.dtype:
+    """TOLERANCE.2 — the dtype a profile's emulation builds the RoPE table in: float32 with ``rope_table: fp32`` (as engines
+    build it), else (and exact) float64."""
+    table = "fp64" if precision is None else profile(precision).get("rope_table", "fp64")
+    if table not in ("fp32", "fp64"):
+        raise InputError(f"{precision}.rope_table", f"expected fp32 or fp64, got {table!r}", "TOLERANCE.2")
+    return np.dtype(np.float32 if table == "fp32" else np.float64)
 
 
 def storage_format(precision: str, step_id: str, name: str) -> str:

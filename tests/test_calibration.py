@@ -14,6 +14,13 @@ def test_k_separates_correct_variants_from_a_wrong_precision():
     for row in rows:
         if row["expect"] == "reject":  # a case rejects when any of its tensors does
             worst_per_case[row["case"]] = max(worst_per_case.get(row["case"], 0.0), row["ratio"])
-    rejected = min(worst_per_case.values())
     assert accepted < k / 1.5, f"a correct variant uses {accepted:.2f} of k = {k}: too little headroom"
-    assert rejected > 10 * k, f"the wrong-precision variant lands only {rejected:.2f} x the noise"
+    assert min(worst_per_case.values()) > 1.5 * k, f"some case lets the wrong precision pass: {worst_per_case}"
+    close = {case: ratio for case, ratio in worst_per_case.items() if ratio <= 10 * k and case not in TABLE_DOMINATED}
+    assert not close, f"the wrong-precision variant lands only {close} x the noise"
+
+
+# Cases whose fp32 noise the float32 RoPE table dominates (spec/tolerance.yaml rope_table): at position p an angle is off
+# by up to ~p x 6e-8 rad (q_pe by 1.6e-3 relative at p = 70000, as much as TF32 rounding), so TF32 matmuls add only a
+# few times the noise there: 9.3 x at positions 70000-70008, 53 x at 6000-6008 (spec 0.3.0 with a float64 table: > 2900 x).
+TABLE_DOMINATED = {"mla.prefill.yarn/tiny-yarn/seed0", "mla.prefill.yarn/tiny-yarn-no-mscale-all-dim/seed0"}

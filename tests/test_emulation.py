@@ -22,10 +22,27 @@ def tiny_run():
 @pytest.mark.parametrize("profile, low, high", [("fp64", 0, 1e-15), ("fp32", 1e-9, 1e-6), ("tf32", 1e-5, 1e-2),
                                                 ("fp16", 1e-5, 1e-2), ("bf16", 1e-4, 5e-2)])
 def test_emulated_error_matches_the_format(tiny_run, profile, low, high):
-    config, weights, hidden, truth = tiny_run
+    """Near the start of a sequence the storage format sets the error (far out the float32 RoPE table adds to it: next test)."""
+    config, weights, hidden, _ = tiny_run
+    truth = mla_forward(config, weights, hidden, [0, 40])
     for attention in ("naive", "absorbed"):
-        emulated = mla_forward(config, weights, hidden, [0, 5000], attention=attention, trace=Trace(profile, keep=False))
+        emulated = mla_forward(config, weights, hidden, [0, 40], attention=attention, trace=Trace(profile, keep=False))
         assert low <= relative_error(emulated.output, truth.output) <= high, (profile, attention)
+
+
+def test_far_positions_add_the_float32_rope_table_error(tiny_run):
+    """rope_table: fp32 — the fp32 emulation's q_pe error grows with the position (p x ulp of the angle, spec/rope.yaml
+    ROPE.5), past the storage rounding that sets it near position 0; the exact trace keeps its float64 table."""
+    config, weights, hidden, _ = tiny_run
+    errors = []
+    for start in (0, 5000, 70000):
+        exact, emulated = Trace(), Trace("fp32")
+        mla_forward(config, weights, hidden, [start, start], trace=exact)
+        mla_forward(config, weights, hidden, [start, start], trace=emulated, dtype=emulated.arithmetic)
+        truth = exact["MLA.4"]["q_pe"]
+        errors.append(float(np.linalg.norm(emulated["MLA.4"]["q_pe"] - truth) / np.linalg.norm(truth)))
+    assert exact.rope_table == np.float64 and emulated.rope_table == np.float32 and Trace("bf16").rope_table == np.float32
+    assert errors[2] > 100 * errors[0] and errors[1] > 10 * errors[0], errors
 
 
 def test_every_stored_float_is_representable_in_its_format(tiny_run):
@@ -96,3 +113,10 @@ def test_moe_layer_emulation_and_teacher_forcing():
     shared = (shared_gate * sigmoid(shared_gate) * (hidden[0] @ weights["mlp.shared_experts.up_proj.weight"].T)) @ weights["mlp.shared_experts.down_proj.weight"].T
     manual = sum(w * expert(e, hidden[0]) for e, w in zip(forced_ids[0], expected_weights)) + shared
     assert relative_error(forced.output[0], manual) <= 1e-12
+
+
+def test_an_unknown_rope_table_is_refused(monkeypatch):
+    from mla_ref import trace as trace_module
+    monkeypatch.setattr(trace_module, "profile", lambda name: {"storage": "fp32", "rope_table": "fp16", "overrides": {}})
+    with pytest.raises(InputError, match=r"odd.rope_table: expected fp32 or fp64, got 'fp16' \(TOLERANCE.2\)"):
+        trace_module.rope_table("odd")

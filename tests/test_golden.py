@@ -190,6 +190,10 @@ def test_every_on_demand_case_builds_verifies_and_passes_the_reference_and_the_t
     problems = [f"{row.case_id}: {row.detail}" for row in verify(tmp_path) if row.status != "ok"]
     assert not problems, problems
     assert check(reference_adapter, "fp32", directory=tmp_path).ok
+    import independent_fp64_adapter  # RoPE by theta ** (-2j/d) and exp(i angle): 746% of the fixed fp64 floor at V3 prefill
+    report = check(independent_fp64_adapter, "fp64", directory=tmp_path)
+    assert report.ok and report.count("pass") == len([d for d in case_definitions(on_demand=True)
+                                                       if d["entry_point"] != "moe_route"]), report.table()
     try:
         import torch  # noqa: F401 - the CI slow step installs it
     except ImportError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from mla_ref import rope
@@ -111,3 +112,24 @@ def test_half_layout_permutation_identity(half, position, seed):
     permutation = rope.half_layout_permutation(2 * half)
     assert np.array_equal(rope.apply_rope(x[:, permutation], cos, sin, "half"),
                           rope.apply_rope(x, cos, sin, "interleaved")[:, permutation])
+
+
+@pytest.mark.parametrize("name", ["tiny-yarn", "tiny-mscale-mismatch", "deepseek-v3"])
+def test_float32_table_is_off_by_the_position_times_an_ulp(name):
+    """ROPE.5 in float32 (tolerance.yaml rope_table): frequencies within a few float32 roundings (pow, reciprocal, YaRN
+    blend), so an angle p f_j is off by at most ~4 u32 p f_j and cos / sin by that plus their own rounding; far out that
+    is ~1e-3, near position 0 a rounding. The float64 table is the default, untouched."""
+    config = load_preset(name)
+    u32 = 2.0 ** -24
+    positions = np.array([[0, 1, 7, 40, 1500, 5000, 70000, 150000]]) % config.max_position_embeddings
+    frequencies = rope.rope_frequencies(config)
+    assert np.all(np.abs(rope.rope_frequencies(config, np.float32) / frequencies - 1) <= 4 * u32)
+    amplitude = rope.rope_amplitude(config)
+    exact = rope.rope_angles(config, positions)
+    table = rope.rope_angles(config, positions, np.float64, np.float32)
+    bound = amplitude * (4 * u32 * positions[..., None] * frequencies + 2 * u32)
+    for exact_part, table_part in zip(exact, table):
+        error = np.abs(table_part - exact_part)
+        assert np.all(error <= bound), float(np.max(error / bound))
+        assert error[0, 0].max() <= 2 * u32 * amplitude and error[0, -2].max() > 1e-5
+    assert all(np.array_equal(a, b) for a, b in zip(exact, rope.rope_angles(config, positions, np.float64, np.float64)))

@@ -21,9 +21,10 @@ from ..config import ModelConfig, load_preset
 from ..conformance import reference_adapter
 from ..conformance.protocol import call
 from ..errors import GoldenError
+from ..precision import UNIT_ROUNDOFF
 from ..rope import softmax_scale
 from ..spec import load_spec_file
-from ..trace import Trace
+from ..trace import Trace, profile as trace_profile
 from ..weights import generate_attention_weights, generate_weights, subtree, weight_shapes
 
 CASE_ID = re.compile(r"^[a-z0-9][a-z0-9_.\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
@@ -529,7 +530,28 @@ def build_case(definition: dict) -> Case:
                 pairs[f"step:{step}:{name}"] = (emulation[step][name], truth)
         case.noise[profile] = {name: noise_l2(*pair) for name, pair in pairs.items()}
         case.noise_max[profile] = {name: noise_largest(*pair) for name, pair in pairs.items()}
+    for profile in profiles_of(definition):
+        apply_noise_from(case.id, profile, case.noise, case.noise_max)
     return case
+
+
+def apply_noise_from(case_id: str, profile: str, noise: dict[str, dict[str, float]], noise_max: dict[str, dict[str, float]]) -> None:
+    """TOLERANCE.2 ``noise_from`` — a profile whose emulation is exact (fp64) records, per tensor, the larger of its own
+    noise and another profile's scaled by the ratio of their unit roundoffs: its allowance then follows how the case
+    amplifies rounding (an angle at position p carries p x ulp(freq) whichever equivalent formula built it).
+
+    ``noise`` and ``noise_max`` map profile -> tensor -> value; ``noise[profile]`` and ``noise_max[profile]`` are updated.
+    """
+    source = trace_profile(profile).get("noise_from")
+    if source is None or profile not in noise:
+        return
+    if source.get("scale") != "unit_roundoff_ratio" or source.get("profile") not in noise:
+        raise GoldenError(case_id, f"profile {profile}: noise_from {source} needs scale unit_roundoff_ratio and a profile "
+                          f"the case emulates ({sorted(noise)})", "TOLERANCE.2")
+    ratio = UNIT_ROUNDOFF[trace_profile(profile)["storage"]] / UNIT_ROUNDOFF[trace_profile(source["profile"])["storage"]]
+    for recorded in (noise, noise_max):
+        scaled = recorded[source["profile"]]
+        recorded[profile] = {name: max(value, ratio * scaled.get(name, 0.0)) for name, value in recorded[profile].items()}
 
 
 def noise_largest(emulated: np.ndarray, truth: np.ndarray) -> float:

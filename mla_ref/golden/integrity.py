@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import GoldenError
 from ..spec import spec_version
-from .cases import case_definitions, noise_l2, noise_largest, profiles_of, weights_recipe
+from .cases import apply_noise_from, case_definitions, noise_l2, noise_largest, profiles_of, weights_recipe
 from .manifest import definition_fields
 from .storage import tensor_digest
 
@@ -92,17 +92,21 @@ def verify_case_tensors(entry: Mapping, tensors: Mapping[str, np.ndarray]) -> No
         if tensor_digest(value) != entry["tensors"][name]["sha256"]:
             raise GoldenError(f"{where}: {name}", "tampered golden: sha256 differs from the manifest (the file was modified after "
                               "generation; mla-ref golden verify, or regenerate)", "GOLDEN.storage")
+    stored_noise: dict[str, dict[str, float]] = {}
+    stored_noise_max: dict[str, dict[str, float]] = {}
     for profile, recorded in entry["profiles"].items():
-        for key, noise in recorded["noise"].items():
-            name = key.partition(":")[2]
-            emulated = tensors.get(f"emulated:{profile}:{name}")
-            if not key.startswith("output:") or emulated is None:
-                continue  # an intermediate's emulation is not stored: verify rebuilds it
-            for field, recorded_value, stored_value in (("noise", noise, noise_l2(emulated, tensors[key])),
-                                                        ("noise_max", recorded["noise_max"].get(key), noise_largest(emulated, tensors[key]))):
-                if not _agrees(recorded_value, stored_value):
+        outputs = [key for key in recorded["noise"] if key.startswith("output:") and f"emulated:{profile}:{key[7:]}" in tensors]
+        stored_noise[profile] = {key: noise_l2(tensors[f"emulated:{profile}:{key[7:]}"], tensors[key]) for key in outputs}
+        stored_noise_max[profile] = {key: noise_largest(tensors[f"emulated:{profile}:{key[7:]}"], tensors[key]) for key in outputs}
+    for profile in entry["profiles"]:  # an intermediate's emulation is not stored: verify rebuilds it
+        apply_noise_from(where, profile, stored_noise, stored_noise_max)
+    for profile, recorded in entry["profiles"].items():
+        for key, stored_value in stored_noise[profile].items():
+            for field, recorded_value, computed in (("noise", recorded["noise"].get(key), stored_value),
+                                                    ("noise_max", recorded["noise_max"].get(key), stored_noise_max[profile][key])):
+                if not _agrees(recorded_value, computed):
                     raise GoldenError(f"{where}: profiles.{profile}.{field}.{key}", f"tampered golden: manifest {recorded_value!r}, "
-                                      f"the stored emulation gives {stored_value!r}", "GOLDEN.manifest")
+                                      f"the stored emulation gives {computed!r}", "GOLDEN.manifest")
 
 
 def _agrees(recorded: Any, computed: float) -> bool:
