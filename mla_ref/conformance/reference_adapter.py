@@ -98,9 +98,11 @@ def model_logits(config, weights, tokens, query_lengths, trace=None):
     return {"logits": model_forward(from_dict(config), weights, tokens, query_lengths=query_lengths, trace=trace).logits}
 
 
-def greedy_decode(config, weights, prompt_tokens, prompt_lengths, steps, trace=None):
-    """MODEL.6 — prefill the prompts, then ``steps`` cached greedy tokens and the logits each was chosen from."""
-    result = greedy_generate(from_dict(config), weights, _prompts(prompt_tokens, prompt_lengths), int(steps), trace=trace)
+def greedy_decode(config, weights, prompt_tokens, prompt_lengths, steps, forced_tokens=None, trace=None):
+    """MODEL.6 — prefill the prompts, then ``steps`` cached greedy tokens and the logits each was chosen from
+    (``forced_tokens``: teacher forcing, the logits along another implementation's tokens)."""
+    result = greedy_generate(from_dict(config), weights, _prompts(prompt_tokens, prompt_lengths), int(steps),
+                             forced_tokens=forced_tokens, trace=trace)
     return {"tokens": result.tokens, "logits": result.logits}
 
 

@@ -1,0 +1,274 @@
+"""TOLERANCE.4 — discrete choices judged by margin: ties, near ties and flips of expert routing and greedy tokens.
+
+The reference breaks exact ties its own way (lower expert or group index, lowest token id).
+A conforming implementation may pick any member of a tied optimum, and any choice whose score
+falls below the optimum by no more than its profile's noise allows (the margin allowance).
+Such a choice is accepted and everything after it is judged under it: the reference is re-run
+forced to the candidate's routing or tokens, and that run is the truth the candidate's other
+outputs and intermediates are compared with. A choice further below the optimum is a failure
+that names the token and its margin. An MoE layer that returns no routing has its rows at
+near-tie tokens compared with the reference under either routing, whichever is closer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from ..config import ModelConfig, from_dict
+from ..moe import group_mask, group_scores, route
+from ..spec import load_spec_file
+from ..trace import Trace, storage_format
+from . import reference_adapter
+from .compare import Comparison, acceptance, unit_roundoff
+
+NOTES_SHOWN = 4  # accepted flips named one by one in a report; the rest are counted
+
+
+@dataclasses.dataclass
+class Judgement:
+    """What the margin rule decided about a case's discrete outputs.
+
+    ``outputs`` / ``steps`` replace the stored truth (the reference re-run under the candidate's
+    accepted choices); ``comparisons`` are the verdicts on the discrete outputs themselves, whose
+    names are in ``judged``; ``notes`` say what was accepted and why.
+    """
+
+    outputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    steps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    comparisons: list[Comparison] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def judged(self) -> set[str]:
+        return {comparison.name for comparison in self.comparisons}
+
+
+def margin_allowance(profile: str, noise_max: float, truth: np.ndarray, fmt: str) -> float:
+    """TOLERANCE.4 — how far below the optimum a choice may score: factor x max(the emulation's largest error, floor).
+
+    Two competing scores may each move by the emulation's largest error (``factor`` 2, spec/tolerance.yaml
+    ``margins``); the floor (``floor_units`` unit roundoffs of ``fmt`` times the largest score) lets an
+    independent float64 implementation differ from the reference in the last bits (fp64 noise is 0).
+    """
+    factor = float(load_spec_file("tolerance.yaml")["margins"]["factor"])
+    floor = float(acceptance(profile)["floor_units"]) * unit_roundoff(profile, fmt) * float(np.max(np.abs(truth), initial=0.0))
+    return factor * max(float(noise_max), floor)
+
+
+def routing_deficits(config: ModelConfig, selection: np.ndarray, expert_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TOLERANCE.4 on MOE.4-MOE.7 — how far each token's expert set falls below an optimal routing of ``selection``.
+
+    The candidate's groups, completed by the best other groups, are the kept groups most in its
+    favour; the group deficit is how much the best dropped group outscores the worst kept one
+    (group scores, MOE.4), the expert deficit how much the best unchosen expert outscores the
+    worst chosen one after the group mask (selection scores, MOE.6). Both are 0 for an optimal
+    choice, ties included; inf for more groups than topk_group.
+    Returns group_deficit [tokens], expert_deficit [tokens], kept_groups [tokens, topk_group].
+    """
+    per_group = config.n_routed_experts // config.n_group
+    scores_of_groups = group_scores(config, selection)  # [tokens, n_group]
+    used = np.zeros(scores_of_groups.shape, dtype=bool)
+    np.put_along_axis(used, expert_ids // per_group, True, axis=-1)
+    order = np.lexsort((-scores_of_groups, ~used), axis=-1)  # the candidate's groups first, then by score
+    kept = np.sort(order[:, : config.topk_group], axis=-1)  # [tokens, topk_group]
+    kept_mask = np.zeros_like(used)
+    np.put_along_axis(kept_mask, kept, True, axis=-1)
+    worst_kept = np.where(kept_mask, scores_of_groups, np.inf).min(axis=-1)
+    best_dropped = np.where(kept_mask, -np.inf, scores_of_groups).max(axis=-1)
+    group_deficit = np.maximum(best_dropped - worst_kept, 0.0)
+    group_deficit[used.sum(axis=-1) > config.topk_group] = np.inf
+    masked = group_mask(config, selection, kept)  # [tokens, n_routed_experts]
+    chosen = np.zeros(masked.shape, dtype=bool)
+    np.put_along_axis(chosen, expert_ids, True, axis=-1)
+    worst_chosen = np.where(chosen, masked, np.inf).min(axis=-1)
+    best_other = np.where(chosen, -np.inf, masked).max(axis=-1)
+    with np.errstate(invalid="ignore"):  # -inf - -inf: nothing finite competes
+        expert_deficit = np.nan_to_num(np.maximum(best_other - worst_chosen, 0.0), nan=0.0)
+    by_score = np.argsort(-np.take_along_axis(scores_of_groups, kept, axis=-1), axis=-1, kind="stable")
+    return group_deficit, expert_deficit, np.take_along_axis(kept, by_score, axis=-1)
+
+
+def token_deficits(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """TOLERANCE.4 on MODEL.6 — how far each chosen token's logit falls below the largest: 0 for the argmax, ties included."""
+    return logits.max(axis=-1) - np.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+
+
+def judge_choices(entry: dict, case: dict, produced: Mapping, profile: str) -> Judgement:
+    """TOLERANCE.4 — judge a case's discrete outputs by margin and give the truth the rest is compared with."""
+    noise_max = entry["profiles"].get(profile, {}).get("noise_max", {})
+    if entry["entry_point"] in ("moe_route", "moe_layer") and "expert_ids" in case["output"]:
+        if "expert_ids" in produced:
+            return _judge_routing(entry, case, produced, profile, noise_max)
+        return _near_tie_rows(entry, case, produced, profile, noise_max)
+    if entry["entry_point"] == "greedy_decode":
+        return _judge_tokens(entry, case, produced, profile, noise_max)
+    return Judgement()
+
+
+def _valid_ids(candidate, truth: np.ndarray, bound: int, distinct: bool) -> np.ndarray | None:
+    """The candidate's ids as int64 when they have the truth's shape and lie in 0 .. bound - 1 (distinct per row), else None."""
+    ids = np.asarray(candidate)
+    if ids.shape != truth.shape or ids.dtype.kind not in "iu" or (ids.size and (ids.min() < 0 or ids.max() >= bound)):
+        return None
+    ordered = np.sort(ids, axis=-1)
+    if distinct and (ordered[..., 1:] == ordered[..., :-1]).any():
+        return None
+    return ids.astype(np.int64)
+
+
+def _routing_allowances(entry: dict, config: ModelConfig, routing, profile: str, noise_max: dict) -> tuple[float, float]:
+    """The margin allowances of the group and the expert decisions, from the noise of the scores they are made on."""
+    selection_key = "step:MOE.3:selection" if config.has_correction_bias else "step:MOE.2:scores"
+    expert_noise = noise_max.get(selection_key, noise_max.get("step:MOE.2:scores", 0.0))
+    group_noise = noise_max.get("step:MOE.4:group_scores", expert_noise * (2 if config.group_rule == "top2_sum" else 1))
+    expert_step, expert_name = selection_key.split(":")[1:]
+    return (margin_allowance(profile, group_noise, routing.group_scores, storage_format(profile, "MOE.4", "group_scores")),
+            margin_allowance(profile, expert_noise, routing.selection, storage_format(profile, expert_step, expert_name)))
+
+
+def _rerun_layer(entry: dict, case: dict, expert_ids: np.ndarray) -> tuple[dict, Trace]:
+    """The reference (float64) forced to ``expert_ids``, with its intermediates."""
+    trace = Trace()
+    function = getattr(reference_adapter, entry["entry_point"])
+    args = [entry["args"]["layer"]] if entry["entry_point"] == "moe_layer" else []
+    outputs = function(dict(entry["config"]), dict(case["weight"]), case["input"]["hidden"], *args, forced_expert_ids=expert_ids, trace=trace)
+    return outputs, trace
+
+
+def _judge_routing(entry: dict, case: dict, produced: Mapping, profile: str, noise_max: dict) -> Judgement:
+    """Expert sets by margin; the weights, the layer output and the intermediates under the candidate's accepted routing."""
+    config = from_dict(entry["config"])
+    truth_ids = case["output"]["expert_ids"]
+    candidate = _valid_ids(produced["expert_ids"], truth_ids, config.n_routed_experts, distinct=True)
+    if candidate is None:
+        return Judgement()  # wrong shape, dtype or range: the exact comparison says so
+    routing = route(config, case["weight"], case["input"]["hidden"])
+    group_deficit, expert_deficit, kept_groups = routing_deficits(config, routing.selection, candidate)
+    group_allowed, expert_allowed = _routing_allowances(entry, config, routing, profile, noise_max)
+    flipped = np.any(np.sort(candidate, axis=-1) != np.sort(truth_ids, axis=-1), axis=-1)  # [tokens]
+    within = (group_deficit <= group_allowed) & (expert_deficit <= expert_allowed)
+    accepted, rejected = flipped & within, flipped & ~within
+    judgement = Judgement()
+    for token in np.flatnonzero(accepted)[:NOTES_SHOWN]:
+        judgement.notes.append(f"token {token}: routed differently ({_routing_text(candidate, truth_ids, token)}) at margin "
+                               f"{_margin_text(group_deficit, expert_deficit, group_allowed, expert_allowed, token)}: "
+                               "judged under the candidate's routing")
+    if accepted.sum() > NOTES_SHOWN:
+        judgement.notes.append(f"{int(accepted.sum()) - NOTES_SHOWN} more tokens routed differently within the {profile} allowance")
+    comparison = Comparison("expert_ids", not rejected.any())
+    if rejected.any():
+        token = int(np.flatnonzero(rejected)[0])
+        differing = int(sum(len(set(candidate[t]) - set(truth_ids[t])) for t in np.flatnonzero(rejected)))
+        comparison.reason = (f"{int(rejected.sum())} of {len(truth_ids)} tokens routed differently beyond the {profile} margin allowance "
+                             f"({differing} of {truth_ids.size} expert choices differ); token {token}: "
+                             f"{_routing_text(candidate, truth_ids, token)} at margin "
+                             f"{_margin_text(group_deficit, expert_deficit, group_allowed, expert_allowed, token)}")
+    judgement.comparisons.append(comparison)
+    forced = np.where(rejected[:, None], truth_ids, candidate)  # the candidate's routing, in its order, wherever acceptable
+    if not np.array_equal(forced, truth_ids):
+        outputs, trace = _rerun_layer(entry, case, forced)
+        judgement.outputs = {name: np.asarray(value) for name, value in outputs.items() if name != "expert_ids"}
+        judgement.steps = {f"{step}/{name}": value for step, arrays in trace.steps.items() for name, value in arrays.items()
+                           if f"{step}/{name}" in case["step"]}
+        _rebase_groups(config, judgement.steps, routing.selection, kept_groups, accepted)
+    return judgement
+
+
+def _rebase_groups(config: ModelConfig, steps: dict, selection: np.ndarray, kept_groups: np.ndarray, accepted: np.ndarray) -> None:
+    """MOE.5 kept groups and the MOE.6 mask of accepted tokens as the candidate's groups make them (forcing moves only the experts)."""
+    if "MOE.5/kept_groups" in steps:
+        steps["MOE.5/kept_groups"] = np.where(accepted[:, None], kept_groups, steps["MOE.5/kept_groups"])
+    if "MOE.6/masked" in steps:
+        steps["MOE.6/masked"] = np.where(accepted[:, None], group_mask(config, selection, kept_groups), steps["MOE.6/masked"])
+
+
+def _routing_text(candidate: np.ndarray, truth: np.ndarray, token: int) -> str:
+    return f"experts {sorted(candidate[token].tolist())} instead of {sorted(truth[token].tolist())}"
+
+
+def _margin_text(group_deficit, expert_deficit, group_allowed: float, expert_allowed: float, token: int) -> str:
+    """The deciding margin of one token against its allowance: the groups' if they differ, else the experts'."""
+    if group_deficit[token] > 0:
+        deficit, allowed, what = group_deficit[token], group_allowed, "group scores"
+    else:
+        deficit, allowed, what = expert_deficit[token], expert_allowed, "selection scores"
+    relation = "within" if deficit <= allowed else "beyond"
+    return f"{deficit:.3g} ({what}), {relation} the allowance {allowed:.3g}"
+
+
+def _near_tie_rows(entry: dict, case: dict, produced: Mapping, profile: str, noise_max: dict) -> Judgement:
+    """A layer that returns no routing: at tokens whose truth routing nearly ties (margin within the allowance), the
+    truth row is the reference's under the truth routing or under the runner-up routing, whichever is closer to the
+    candidate's row."""
+    config = from_dict(entry["config"])
+    candidate = np.asarray(produced.get("output"))
+    truth = case["output"]["output"]
+    if candidate.shape != truth.shape or candidate.dtype.kind not in "fiu":
+        return Judgement()
+    routing = route(config, case["weight"], case["input"]["hidden"])
+    group_allowed, expert_allowed = _routing_allowances(entry, config, routing, profile, noise_max)
+    judgement, rows = Judgement(), truth.reshape(-1, truth.shape[-1]).copy()
+    explained = []
+    for near, alternative in ((routing.expert_margin <= expert_allowed, _runner_up_experts(config, routing)),
+                              (routing.group_margin <= group_allowed, _runner_up_groups(config, routing))):
+        if not near.any():
+            continue
+        forced = np.where(near[:, None], alternative, routing.expert_ids)
+        other = _rerun_layer(entry, case, forced)[0]["output"].reshape(rows.shape)
+        flat = candidate.reshape(rows.shape).astype(np.float64)
+        closer = near & (np.linalg.norm(flat - other, axis=-1) < np.linalg.norm(flat - rows, axis=-1))
+        rows[closer] = other[closer]
+        explained += [(int(t), float(min(routing.expert_margin[t], routing.group_margin[t]))) for t in np.flatnonzero(closer)]
+    if explained:
+        judgement.outputs["output"] = rows.reshape(truth.shape)
+        judgement.notes += [f"token {token}: output closer to the runner-up routing (truth margin {margin:.3g}, within the {profile} "
+                            "allowance): judged under it" for token, margin in explained[:NOTES_SHOWN]]
+    return judgement
+
+
+def _runner_up_experts(config: ModelConfig, routing) -> np.ndarray:
+    """Every token's routing with its K-th expert replaced by the (K+1)-th (MOE.7 order)."""
+    runner_up = np.argsort(-routing.masked, axis=-1, kind="stable")[:, config.num_experts_per_tok]
+    return np.concatenate([routing.expert_ids[:, :-1], runner_up[:, None]], axis=-1)
+
+
+def _runner_up_groups(config: ModelConfig, routing) -> np.ndarray:
+    """Every token's routing with its last kept group replaced by the best dropped one (the truth routing where every group is kept)."""
+    if config.topk_group == config.n_group:
+        return routing.expert_ids
+    order = np.argsort(-routing.group_scores, axis=-1, kind="stable")
+    kept = np.concatenate([order[:, : config.topk_group - 1], order[:, config.topk_group: config.topk_group + 1]], axis=-1)
+    masked = group_mask(config, routing.selection, kept)
+    return np.argsort(-masked, axis=-1, kind="stable")[:, : config.num_experts_per_tok]
+
+
+def _judge_tokens(entry: dict, case: dict, produced: Mapping, profile: str, noise_max: dict) -> Judgement:
+    """Greedy tokens by margin; the logits of every step on the candidate's own path (the reference fed its tokens)."""
+    truth_tokens, truth_logits = case["output"]["tokens"], case["output"]["logits"]
+    candidate = _valid_ids(produced["tokens"], truth_tokens, truth_logits.shape[-1], distinct=False)
+    if candidate is None or np.array_equal(candidate, truth_tokens):
+        return Judgement()
+    outputs = reference_adapter.greedy_decode(dict(entry["config"]), dict(case["weight"]), case["input"]["prompt_tokens"],
+                                              case["input"]["prompt_lengths"], entry["args"]["steps"], forced_tokens=candidate)
+    logits = outputs["logits"]  # [batch, steps, vocab_size] on the candidate's path
+    deficit = token_deficits(logits, candidate)
+    allowed = margin_allowance(profile, noise_max.get("output:logits", 0.0), logits, storage_format(profile, "MODEL.5", "logits"))
+    own = np.argmax(logits, axis=-1)  # the reference's choice on the candidate's path
+    flipped = candidate != own
+    accepted, rejected = flipped & (deficit <= allowed), flipped & (deficit > allowed)
+    judgement = Judgement(outputs={"logits": logits, "tokens": np.where(accepted, candidate, own)})
+    for b, step in np.argwhere(accepted)[:NOTES_SHOWN]:
+        judgement.notes.append(f"sequence {b} step {step}: token {candidate[b, step]} instead of {own[b, step]} at margin "
+                               f"{deficit[b, step]:.3g}, within the {profile} allowance {allowed:.3g}: later steps judged on the "
+                               "candidate's path")
+    comparison = Comparison("tokens", not rejected.any())
+    if rejected.any():
+        b, step = (int(i) for i in np.argwhere(rejected)[0])
+        comparison.reason = (f"{int(rejected.sum())} of {candidate.size} greedy tokens not the argmax beyond the {profile} margin "
+                             f"allowance; sequence {b} step {step}: token {candidate[b, step]} instead of {own[b, step]} at margin "
+                             f"{deficit[b, step]:.3g}, beyond the allowance {allowed:.3g}")
+    judgement.comparisons.append(comparison)
+    return judgement
