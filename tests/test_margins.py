@@ -16,6 +16,16 @@ from mla_ref.moe import group_mask, route, routing_weights
 PROFILES = ["fp64", "fp32", "tf32", "bf16", "fp16"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _manifest_parsed_once():
+    """check() parses golden/manifest.yaml on every call: parse it once for this module's runs."""
+    import functools
+    from mla_ref.conformance import check as check_module
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(check_module, "read_manifest", functools.lru_cache(maxsize=None)(check_module.read_manifest))
+        yield
+
+
 def verdict(select: str, profile: str, **functions):
     report = check(types.SimpleNamespace(**functions), profile, select)
     assert len(report.cases) == 1, select
@@ -46,19 +56,21 @@ def test_a_router_that_breaks_ties_toward_the_higher_index_passes(profile):
     case = verdict("moe.route.ties/", profile, moe_route=torch_like_route)
     assert case.status == "pass", case.reason
     assert case.notes and all("margin 0 " in note or "more tokens" in note for note in case.notes), case.notes
-    truth = ref.moe_route(*_route_args("moe.route.ties/"))["expert_ids"]
-    candidate = torch_like_route(*_route_args("moe.route.ties/"))["expert_ids"]
+    truth = ref.moe_route(*_case_args("moe.route.ties/"))["expert_ids"]
+    candidate = torch_like_route(*_case_args("moe.route.ties/"))["expert_ids"]
     assert (np.sort(truth, -1) != np.sort(candidate, -1)).any(axis=-1).sum() >= 3  # the case does test the tie order
 
 
-def _route_args(select: str):
-    from mla_ref.conformance.check import load_case
+def _case_args(select: str) -> tuple:
+    """The positional arguments (protocol order) of the first golden case whose id starts with ``select``."""
+    from mla_ref.conformance.check import load_case, read_manifest
+    from mla_ref.conformance.protocol import parameters
     from mla_ref.golden.generate import default_golden_dir
-    from mla_ref.golden.manifest import read_manifest
     directory = default_golden_dir()
     entry = next(e for case_id, e in read_manifest(directory / "manifest.yaml")["cases"].items() if case_id.startswith(select))
     case = load_case(directory, entry)
-    return dict(entry["config"]), case["weight"], case["input"]["hidden"]
+    available = {**case["input"], **entry["args"], "config": dict(entry["config"]), "weights": case["weight"]}
+    return tuple(available[name] for name in parameters(entry["entry_point"]))
 
 
 def _swap_kth_at(config, weights, hidden, token: int):
@@ -72,7 +84,7 @@ def _swap_kth_at(config, weights, hidden, token: int):
 
 @pytest.mark.parametrize("profile", ["fp32", "bf16"])
 def test_a_flip_at_a_clear_margin_fails_and_names_token_and_margin(profile):
-    config, weights, hidden = _route_args("moe.route.v3/tiny")
+    config, weights, hidden = _case_args("moe.route.v3/tiny")
     token = int(np.argmax(route(from_dict(config), weights, hidden).expert_margin))
     margin = float(route(from_dict(config), weights, hidden).expert_margin[token])
 
@@ -156,7 +168,7 @@ def test_greedy_other_token_at_the_near_tie_is_judged_on_its_own_path(profile, a
     case = verdict("model.greedy/", profile, greedy_decode=_greedy_other_token_at_smallest_margin)
     assert (case.status == "pass") == accepted, case.reason
     if accepted:
-        assert any("later steps judged on the candidate's path" in note and "margin 0.0138" in note for note in case.notes), case.notes
+        assert any("judged on the candidate's path" in note and "margin 0.0138" in note for note in case.notes), case.notes
     else:
         assert "sequence 1 step 0" in case.reason and "margin 0.0138" in case.reason, case.reason
 
@@ -175,15 +187,87 @@ def test_routing_deficits_measure_the_margin_of_a_swap():
                              "mlp.gate.e_score_correction_bias": np.zeros(config.n_routed_experts)},
                     rng.standard_normal((40, config.hidden_size)))
     selection = routing.selection
-    group_deficit, expert_deficit, kept = routing_deficits(config, selection, routing.expert_ids)
+    group_deficit, expert_deficit, kept = routing_deficits(config, selection, routing.expert_ids, 1.0, 1.0)
     assert not group_deficit.any() and not expert_deficit.any()  # the reference's own choice is optimal
     assert np.array_equal(np.sort(kept, -1), np.sort(routing.kept_groups, -1))
     swapped = routing.expert_ids.copy()
     swapped[:, -1] = np.argsort(-routing.masked, axis=-1, kind="stable")[:, config.num_experts_per_tok]
-    _, expert_deficit, _ = routing_deficits(config, selection, swapped)
-    np.testing.assert_allclose(expert_deficit, routing.expert_margin, rtol=0, atol=1e-15)
+    group_deficit, expert_deficit, _ = routing_deficits(config, selection, swapped, 1.0, 1.0)
+    worse = np.maximum(group_deficit, expert_deficit)  # the truth's kept groups are one way to hold the swapped set,
+    assert (worse <= routing.expert_margin + 1e-15).all()  # so its deficit is at most the margin, and equal to it
+    spans_every_kept_group = np.array([len(set(row // (config.n_routed_experts // config.n_group))) == config.topk_group for row in swapped])
+    assert spans_every_kept_group.sum() >= 10  # where no other kept groups can hold the set
+    np.testing.assert_allclose(expert_deficit[spans_every_kept_group], routing.expert_margin[spans_every_kept_group], rtol=0, atol=1e-15)
     logits = rng.standard_normal((3, 5, 11))
     assert not token_deficits(logits, np.argmax(logits, -1)).any()
     second = np.argsort(logits, -1)[..., -2]
     best_two = np.sort(logits, -1)[..., -2:]
     np.testing.assert_array_equal(token_deficits(logits, second), best_two[..., 1] - best_two[..., 0])
+
+
+def _draft_other_token_at_smallest_margin(config, weights, prompt_tokens, prompt_lengths):
+    """MTP drafting that takes the runner-up at the (sequence, depth) of smallest top-2 margin, its own argmax at later depths."""
+    truth = ref.mtp_draft(config, weights, prompt_tokens, prompt_lengths)
+    best_two = np.sort(truth["logits"], axis=-1)[..., -2:]
+    sequence, depth = np.unravel_index(np.argmin(best_two[..., 1] - best_two[..., 0]), best_two.shape[:2])
+    drafts = truth["drafts"].copy()
+    drafts[sequence, depth] = np.argsort(truth["logits"][sequence, depth], kind="stable")[-2]
+    for later in range(depth + 1, drafts.shape[1]):
+        logits = ref.mtp_draft(config, weights, prompt_tokens, prompt_lengths, forced_drafts=drafts)["logits"]
+        drafts[sequence, later] = np.argmax(logits[sequence, later])
+    return {"drafts": drafts, "logits": ref.mtp_draft(config, weights, prompt_tokens, prompt_lengths, forced_drafts=drafts)["logits"]}
+
+
+@pytest.mark.parametrize("profile, accepted", [("fp32", False), ("bf16", True)])
+def test_an_mtp_draft_at_a_near_tie_is_judged_on_its_own_path(profile, accepted):
+    """mtp.draft.recurrent: sequence 1's first draft has a top-2 margin of 0.059, within the bf16 allowance; depths 2 and 3
+    then follow the candidate's draft."""
+    case = verdict("mtp.draft.recurrent/", profile, mtp_draft=_draft_other_token_at_smallest_margin)
+    assert (case.status == "pass") == accepted, case.reason
+    assert accepted or "sequence 1 depth 0" in case.reason, case.reason
+
+
+def _speculative_on_a_flipped_path(config, weights, prompt_tokens, prompt_lengths, steps):
+    """Speculative decoding whose main model takes the runner-up at greedy decoding's smallest margin: its tokens and
+    acceptance counts, the drafts being the reference's along that path."""
+    tokens = _greedy_other_token_at_smallest_margin(config, weights, prompt_tokens, prompt_lengths, steps)["tokens"]
+    return ref.speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps, forced_tokens=tokens)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("profile, accepted", [("fp32", False), ("bf16", True)])
+def test_speculative_tokens_at_a_near_tie_are_judged_on_their_own_path(profile, accepted):
+    """mtp.speculative.accepting: greedy's smallest margin (0.30) is within the bf16 allowance; on the flipped path
+    the drafts are accepted differently (12, 5, 1 of 16 instead of 12, 6, 1 of 17): the counts are judged on that path."""
+    select = "mtp.speculative.accepting/"
+    case = verdict(select, profile, speculative_decode=_speculative_on_a_flipped_path)
+    assert (case.status == "pass") == accepted, case.reason
+    assert accepted == any("judged on the candidate's path" in note for note in case.notes)
+    reference, flipped = ref.speculative_decode(*_case_args(select)), _speculative_on_a_flipped_path(*_case_args(select))
+    assert not np.array_equal(reference["proposed_per_depth"], flipped["proposed_per_depth"])
+
+    def counts_of_the_reference_path(*args):  # the flipped tokens with the acceptance counts of the reference's own path
+        return {**ref.speculative_decode(*args), "tokens": _speculative_on_a_flipped_path(*args)["tokens"]}
+    assert verdict(select, profile, speculative_decode=counts_of_the_reference_path).status == "fail"
+
+
+@pytest.mark.parametrize("profile", ["tf32", "bf16", "fp16"])
+def test_the_emulations_own_routing_flips_are_within_the_allowance(profile):
+    """The reference's emulation of a profile is a correct implementation of it: every token it routes differently
+    from the truth (20000 random tokens, tiny V3-style router) must be within TOLERANCE.4's allowance."""
+    from mla_ref.conformance.margins import margin_allowance
+    from mla_ref.golden.cases import _gate_weights
+    from mla_ref.trace import Trace, storage_format
+    config = load_preset("tiny")
+    weights = _gate_weights({"id": "margins", "seed": 5, "layout": {}}, config, 1, experts=False)
+    hidden = np.random.default_rng(5).standard_normal((20000, config.hidden_size))
+    truth, trace = route(config, weights, hidden), Trace(profile)
+    emulated = route(config, weights, hidden, trace=trace)
+    flipped = np.any(np.sort(emulated.expert_ids, -1) != np.sort(truth.expert_ids, -1), axis=-1)
+    allowed_experts = margin_allowance(profile, np.abs(trace["MOE.3"]["selection"] - truth.selection).max(), truth.selection,
+                                       storage_format(profile, "MOE.3", "selection"))
+    allowed_groups = margin_allowance(profile, np.abs(trace["MOE.4"]["group_scores"] - truth.group_scores).max(), truth.group_scores,
+                                      storage_format(profile, "MOE.4", "group_scores"))
+    group_deficit, expert_deficit, _ = routing_deficits(config, truth.selection, emulated.expert_ids, allowed_groups, allowed_experts)
+    assert flipped.sum() >= 3, "no flips: the test would prove nothing"
+    assert (expert_deficit[flipped] <= allowed_experts).all() and (group_deficit[flipped] <= allowed_groups).all()

@@ -13,6 +13,7 @@ near-tie tokens compared with the reference under either routing, whichever is c
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Mapping
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..spec import load_spec_file
 from ..trace import Trace, storage_format
 from . import reference_adapter
 from .compare import Comparison, acceptance, unit_roundoff
+from .protocol import call
 
 NOTES_SHOWN = 4  # accepted flips named one by one in a report; the rest are counted
 
@@ -58,37 +60,52 @@ def margin_allowance(profile: str, noise_max: float, truth: np.ndarray, fmt: str
     return factor * max(float(noise_max), floor)
 
 
-def routing_deficits(config: ModelConfig, selection: np.ndarray, expert_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def routing_deficits(config: ModelConfig, selection: np.ndarray, expert_ids: np.ndarray, group_allowed: float,
+                     expert_allowed: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TOLERANCE.4 on MOE.4-MOE.7 — how far each token's expert set falls below an optimal routing of ``selection``.
 
-    The candidate's groups, completed by the best other groups, are the kept groups most in its
-    favour; the group deficit is how much the best dropped group outscores the worst kept one
-    (group scores, MOE.4), the expert deficit how much the best unchosen expert outscores the
-    worst chosen one after the group mask (selection scores, MOE.6). Both are 0 for an optimal
-    choice, ties included; inf for more groups than topk_group.
-    Returns group_deficit [tokens], expert_deficit [tokens], kept_groups [tokens, topk_group].
+    For every set of topk_group kept groups that holds the candidate's experts: the group deficit
+    is how much the best dropped group outscores the worst kept one (MOE.4 group scores), the
+    expert deficit how much the best unchosen expert outscores the worst chosen one after that
+    group mask (MOE.6); the kept set most in the candidate's favour (smallest larger share of its
+    allowance) is the one reported. Both are 0 for an optimal choice, ties included; inf when no
+    kept set holds the candidate's experts. Returns group_deficit [tokens], expert_deficit
+    [tokens], kept_groups [tokens, topk_group] (descending group score).
     """
     per_group = config.n_routed_experts // config.n_group
     scores_of_groups = group_scores(config, selection)  # [tokens, n_group]
     used = np.zeros(scores_of_groups.shape, dtype=bool)
     np.put_along_axis(used, expert_ids // per_group, True, axis=-1)
-    order = np.lexsort((-scores_of_groups, ~used), axis=-1)  # the candidate's groups first, then by score
-    kept = np.sort(order[:, : config.topk_group], axis=-1)  # [tokens, topk_group]
-    kept_mask = np.zeros_like(used)
-    np.put_along_axis(kept_mask, kept, True, axis=-1)
-    worst_kept = np.where(kept_mask, scores_of_groups, np.inf).min(axis=-1)
-    best_dropped = np.where(kept_mask, -np.inf, scores_of_groups).max(axis=-1)
-    group_deficit = np.maximum(best_dropped - worst_kept, 0.0)
-    group_deficit[used.sum(axis=-1) > config.topk_group] = np.inf
-    masked = group_mask(config, selection, kept)  # [tokens, n_routed_experts]
-    chosen = np.zeros(masked.shape, dtype=bool)
+    chosen = np.zeros(selection.shape, dtype=bool)
     np.put_along_axis(chosen, expert_ids, True, axis=-1)
-    worst_chosen = np.where(chosen, masked, np.inf).min(axis=-1)
-    best_other = np.where(chosen, -np.inf, masked).max(axis=-1)
-    with np.errstate(invalid="ignore"):  # -inf - -inf: nothing finite competes
-        expert_deficit = np.nan_to_num(np.maximum(best_other - worst_chosen, 0.0), nan=0.0)
+    tokens = selection.shape[0]
+    best = (np.full(tokens, np.inf), np.full(tokens, np.inf), np.full(tokens, np.inf),
+            np.zeros((tokens, config.topk_group), np.int64))  # share, group deficit, expert deficit, kept groups
+    for combination in itertools.combinations(range(config.n_group), config.topk_group):
+        kept = np.broadcast_to(np.array(combination), (tokens, config.topk_group))
+        kept_mask = np.zeros(config.n_group, dtype=bool)
+        kept_mask[list(combination)] = True
+        holds = ~(used & ~kept_mask).any(axis=-1)  # [tokens]: every candidate expert in a kept group
+        group_deficit = np.maximum(np.max(scores_of_groups[:, ~kept_mask], axis=-1, initial=-np.inf)
+                                   - scores_of_groups[:, kept_mask].min(axis=-1), 0.0)
+        masked = group_mask(config, selection, kept)  # [tokens, n_routed_experts]
+        worst_chosen = np.where(chosen, masked, np.inf).min(axis=-1)
+        best_other = np.where(chosen, -np.inf, masked).max(axis=-1)
+        with np.errstate(invalid="ignore"):  # -inf - -inf: nothing finite competes
+            expert_deficit = np.nan_to_num(np.maximum(best_other - worst_chosen, 0.0), nan=0.0)
+        share = np.where(holds, np.maximum(_share(group_deficit, group_allowed), _share(expert_deficit, expert_allowed)), np.inf)
+        better = share < best[0]
+        best = tuple(np.where(better.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+                     for old, new in zip(best, (share, group_deficit, expert_deficit, kept)))
+    _, group_deficit, expert_deficit, kept = best
     by_score = np.argsort(-np.take_along_axis(scores_of_groups, kept, axis=-1), axis=-1, kind="stable")
     return group_deficit, expert_deficit, np.take_along_axis(kept, by_score, axis=-1)
+
+
+def _share(deficit: np.ndarray, allowed: float) -> np.ndarray:
+    """deficit / allowed, with 0 / 0 = 0 (a tie under a zero allowance)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.where(deficit == 0, 0.0, deficit / allowed)
 
 
 def token_deficits(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -103,7 +120,7 @@ def judge_choices(entry: dict, case: dict, produced: Mapping, profile: str) -> J
         if "expert_ids" in produced:
             return _judge_routing(entry, case, produced, profile, noise_max)
         return _near_tie_rows(entry, case, produced, profile, noise_max)
-    if entry["entry_point"] == "greedy_decode":
+    if entry["entry_point"] in TOKEN_CHOICES:
         return _judge_tokens(entry, case, produced, profile, noise_max)
     return Judgement()
 
@@ -132,10 +149,7 @@ def _routing_allowances(entry: dict, config: ModelConfig, routing, profile: str,
 def _rerun_layer(entry: dict, case: dict, expert_ids: np.ndarray) -> tuple[dict, Trace]:
     """The reference (float64) forced to ``expert_ids``, with its intermediates."""
     trace = Trace()
-    function = getattr(reference_adapter, entry["entry_point"])
-    args = [entry["args"]["layer"]] if entry["entry_point"] == "moe_layer" else []
-    outputs = function(dict(entry["config"]), dict(case["weight"]), case["input"]["hidden"], *args, forced_expert_ids=expert_ids, trace=trace)
-    return outputs, trace
+    return _rerun(entry, case, entry["entry_point"], trace, forced_expert_ids=expert_ids), trace
 
 
 def _judge_routing(entry: dict, case: dict, produced: Mapping, profile: str, noise_max: dict) -> Judgement:
@@ -146,8 +160,8 @@ def _judge_routing(entry: dict, case: dict, produced: Mapping, profile: str, noi
     if candidate is None:
         return Judgement()  # wrong shape, dtype or range: the exact comparison says so
     routing = route(config, case["weight"], case["input"]["hidden"])
-    group_deficit, expert_deficit, kept_groups = routing_deficits(config, routing.selection, candidate)
     group_allowed, expert_allowed = _routing_allowances(entry, config, routing, profile, noise_max)
+    group_deficit, expert_deficit, kept_groups = routing_deficits(config, routing.selection, candidate, group_allowed, expert_allowed)
     flipped = np.any(np.sort(candidate, axis=-1) != np.sort(truth_ids, axis=-1), axis=-1)  # [tokens]
     within = (group_deficit <= group_allowed) & (expert_deficit <= expert_allowed)
     accepted, rejected = flipped & within, flipped & ~within
@@ -245,30 +259,54 @@ def _runner_up_groups(config: ModelConfig, routing) -> np.ndarray:
     return np.argsort(-masked, axis=-1, kind="stable")[:, : config.num_experts_per_tok]
 
 
+TOKEN_CHOICES = {  # entry point -> (its output of greedy choices, the reference keyword that forces them, the label of axis 1)
+    "greedy_decode": ("tokens", "forced_tokens", "step"),
+    "mtp_draft": ("drafts", "forced_drafts", "depth"),
+    "speculative_decode": ("tokens", "forced_tokens", "step"),
+}
+
+
+def _rerun(entry: dict, case: dict, entry_point: str, trace: Trace | None = None, **forced: np.ndarray) -> dict:
+    """The reference's ``entry_point`` on the case's arguments, forced to another implementation's choices."""
+    available = {**case["input"], **entry["args"], "config": dict(entry["config"]), "weights": dict(case["weight"])}
+    return call(getattr(reference_adapter, entry_point), entry_point, available, **forced, trace=trace)
+
+
 def _judge_tokens(entry: dict, case: dict, produced: Mapping, profile: str, noise_max: dict) -> Judgement:
-    """Greedy tokens by margin; the logits of every step on the candidate's own path (the reference fed its tokens)."""
-    truth_tokens, truth_logits = case["output"]["tokens"], case["output"]["logits"]
-    candidate = _valid_ids(produced["tokens"], truth_tokens, truth_logits.shape[-1], distinct=False)
+    """Greedy tokens (and MTP drafts) by margin; the logits, drafts and acceptance counts along the candidate's own tokens.
+
+    Speculative decoding emits greedy decoding's tokens: their logits come from greedy decoding forced to them, the
+    noise from the profile's emulation of that run (the case stores no logits).
+    """
+    name, keyword, axis = TOKEN_CHOICES[entry["entry_point"]]
+    truth_tokens = case["output"][name]
+    candidate = _valid_ids(produced[name], truth_tokens, int(entry["config"]["vocab_size"]), distinct=False)
     if candidate is None or np.array_equal(candidate, truth_tokens):
         return Judgement()
-    outputs = reference_adapter.greedy_decode(dict(entry["config"]), dict(case["weight"]), case["input"]["prompt_tokens"],
-                                              case["input"]["prompt_lengths"], entry["args"]["steps"], forced_tokens=candidate)
-    logits = outputs["logits"]  # [batch, steps, vocab_size] on the candidate's path
-    deficit = token_deficits(logits, candidate)
-    allowed = margin_allowance(profile, noise_max.get("output:logits", 0.0), logits, storage_format(profile, "MODEL.5", "logits"))
-    own = np.argmax(logits, axis=-1)  # the reference's choice on the candidate's path
+    judgement = Judgement()
+    if entry["entry_point"] == "speculative_decode":
+        logits = _rerun(entry, case, "greedy_decode", forced_tokens=candidate)["logits"]
+        emulated = _rerun(entry, case, "greedy_decode", Trace(profile, keep=False), forced_tokens=candidate)["logits"]
+        largest = float(np.max(np.abs(np.asarray(emulated, dtype=np.float64) - logits), initial=0.0))
+        judgement.outputs = {key: value for key, value in _rerun(entry, case, "speculative_decode", forced_tokens=candidate).items()
+                             if key != name}
+    else:
+        judgement.outputs = _rerun(entry, case, entry["entry_point"], **{keyword: candidate})
+        logits, largest = judgement.outputs["logits"], noise_max.get("output:logits", 0.0)
+    deficit = token_deficits(logits, candidate)  # [batch, n]
+    allowed = margin_allowance(profile, largest, logits, storage_format(profile, "MODEL.5", "logits"))
+    own = np.argmax(logits, axis=-1)  # the reference's choice along the candidate's path
     flipped = candidate != own
     accepted, rejected = flipped & (deficit <= allowed), flipped & (deficit > allowed)
-    judgement = Judgement(outputs={"logits": logits, "tokens": np.where(accepted, candidate, own)})
-    for b, step in np.argwhere(accepted)[:NOTES_SHOWN]:
-        judgement.notes.append(f"sequence {b} step {step}: token {candidate[b, step]} instead of {own[b, step]} at margin "
-                               f"{deficit[b, step]:.3g}, within the {profile} allowance {allowed:.3g}: later steps judged on the "
-                               "candidate's path")
-    comparison = Comparison("tokens", not rejected.any())
+    judgement.outputs[name] = np.where(accepted, candidate, own)
+    for b, k in np.argwhere(accepted)[:NOTES_SHOWN]:
+        judgement.notes.append(f"sequence {b} {axis} {k}: token {candidate[b, k]} instead of {own[b, k]} at margin {deficit[b, k]:.3g}, "
+                               f"within the {profile} allowance {allowed:.3g}: judged on the candidate's path")
+    comparison = Comparison(name, not rejected.any())
     if rejected.any():
-        b, step = (int(i) for i in np.argwhere(rejected)[0])
-        comparison.reason = (f"{int(rejected.sum())} of {candidate.size} greedy tokens not the argmax beyond the {profile} margin "
-                             f"allowance; sequence {b} step {step}: token {candidate[b, step]} instead of {own[b, step]} at margin "
-                             f"{deficit[b, step]:.3g}, beyond the allowance {allowed:.3g}")
+        b, k = (int(i) for i in np.argwhere(rejected)[0])
+        comparison.reason = (f"{int(rejected.sum())} of {candidate.size} greedy choices not the argmax beyond the {profile} margin "
+                             f"allowance; sequence {b} {axis} {k}: token {candidate[b, k]} instead of {own[b, k]} at margin "
+                             f"{deficit[b, k]:.3g}, beyond the allowance {allowed:.3g}")
     judgement.comparisons.append(comparison)
     return judgement
