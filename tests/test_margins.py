@@ -271,3 +271,41 @@ def test_the_emulations_own_routing_flips_are_within_the_allowance(profile):
     group_deficit, expert_deficit, _ = routing_deficits(config, truth.selection, emulated.expert_ids, allowed_groups, allowed_experts)
     assert flipped.sum() >= 3, "no flips: the test would prove nothing"
     assert (expert_deficit[flipped] <= allowed_experts).all() and (group_deficit[flipped] <= allowed_groups).all()
+
+
+def _model_routing_decisions(select: str, entry_point: str, profile: str):
+    """Every routing decision of the truth run, smallest margin first, and the profile's expert / group allowances
+    measured here from its emulation forced to the truth's routing (2 x the largest score error)."""
+    from mla_ref.conformance.margins import RoutingRecorder, _near_ties
+    args = _case_args(select)
+    truth = RoutingRecorder()
+    getattr(ref, entry_point)(*args, trace=truth)
+    emulation = RoutingRecorder(profile, {i: (slice(None), call["expert_ids"]) for i, call in enumerate(truth.calls)})
+    getattr(ref, entry_point)(*args, trace=emulation)
+    allowed = [2 * max(np.abs(e[name] - t[name]).max() for e, t in zip(emulation.calls, truth.calls)) for name in ("selection", "group_scores")]
+    return args, _near_ties(from_dict(args[0]), truth.calls, np.inf, np.inf), allowed
+
+
+def _greedy_with_routing_flip(decision):
+    """Greedy decoding by the reference with one routing decision (margin, allowance, call, row, runner-up ids) flipped."""
+    _, _, index, row, ids = decision
+
+    def greedy(*args):
+        from mla_ref.conformance.margins import RoutingRecorder
+        return ref.greedy_decode(*args, trace=RoutingRecorder(None, {index: ([row], ids[None])}))
+    return greedy
+
+
+def test_a_model_level_routing_flip_within_the_allowance_is_explained_and_one_beyond_fails():
+    """fp16 model.greedy: the smallest routing margin of the run (prefill, 1.8e-3) is within the allowance, a flip there moves
+    the logits far past the fp16 bound, and the checker finds the flip; a flip beyond the allowance stays a failure."""
+    _, decisions, (expert_allowed, group_allowed) = _model_routing_decisions("model.greedy/", "greedy_decode", "fp16")
+    within = [d for d in decisions if d[0] <= min(expert_allowed, group_allowed)]
+    beyond = [d for d in decisions if d[0] > max(expert_allowed, group_allowed)]
+    assert within and beyond
+    case = verdict("model.greedy/", "fp16", greedy_decode=_greedy_with_routing_flip(within[0]))
+    assert case.status == "pass", case.reason
+    assert any(f"token row {within[0][3]}" in note and f"truth margin {within[0][0]:.3g}" in note for note in case.notes), case.notes
+    assert verdict("model.greedy/", "fp32", greedy_decode=_greedy_with_routing_flip(within[0])).status == "fail"
+    failures = [verdict("model.greedy/", "fp16", greedy_decode=_greedy_with_routing_flip(d)).status == "fail" for d in beyond[:3]]
+    assert any(failures)  # a flip at a clear margin that moves the logits is not explained away

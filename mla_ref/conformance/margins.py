@@ -7,14 +7,16 @@ Such a choice is accepted and everything after it is judged under it: the refere
 forced to the candidate's routing or tokens, and that run is the truth the candidate's other
 outputs and intermediates are compared with. A choice further below the optimum is a failure
 that names the token and its margin. An MoE layer that returns no routing has its rows at
-near-tie tokens compared with the reference under either routing, whichever is closer.
+near-tie tokens compared with the reference under either routing, whichever is closer; a
+failing model-level case is re-run with each near-tie routing decision of the truth flipped to
+its runner-up (:func:`explaining_routing_flip`, a :class:`RoutingRecorder` carries the flip).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -23,10 +25,11 @@ from ..moe import group_mask, group_scores, route
 from ..spec import load_spec_file
 from ..trace import Trace, storage_format
 from . import reference_adapter
-from .compare import Comparison, acceptance, unit_roundoff
-from .protocol import call
+from .compare import Comparison, acceptance, compare_tensor, unit_roundoff
+from .protocol import call, entry_points
 
 NOTES_SHOWN = 4  # accepted flips named one by one in a report; the rest are counted
+MAX_FLIPS_TRIED = 8  # near-tie decisions re-run, smallest margin first
 
 
 @dataclasses.dataclass
@@ -120,9 +123,10 @@ def judge_choices(entry: dict, case: dict, produced: Mapping, profile: str) -> J
         if "expert_ids" in produced:
             return _judge_routing(entry, case, produced, profile, noise_max)
         return _near_tie_rows(entry, case, produced, profile, noise_max)
-    if entry["entry_point"] in TOKEN_CHOICES:
-        return _judge_tokens(entry, case, produced, profile, noise_max)
-    return Judgement()
+    judgement = _judge_tokens(entry, case, produced, profile, noise_max) if entry["entry_point"] in TOKEN_CHOICES else Judgement()
+    if entry["entry_point"] in ("model_logits", "greedy_decode") and from_dict(entry["config"]).moe_layers:
+        return _with_routing_flip(entry, case, produced, profile, noise_max, judgement)
+    return judgement
 
 
 def _valid_ids(candidate, truth: np.ndarray, bound: int, distinct: bool) -> np.ndarray | None:
@@ -226,8 +230,9 @@ def _near_tie_rows(entry: dict, case: dict, produced: Mapping, profile: str, noi
     group_allowed, expert_allowed = _routing_allowances(entry, config, routing, profile, noise_max)
     judgement, rows = Judgement(), truth.reshape(-1, truth.shape[-1]).copy()
     explained = []
-    for near, alternative in ((routing.expert_margin <= expert_allowed, _runner_up_experts(config, routing)),
-                              (routing.group_margin <= group_allowed, _runner_up_groups(config, routing))):
+    for near, alternative in ((routing.expert_margin <= expert_allowed, runner_up_experts(config, routing.masked, routing.expert_ids)),
+                              (routing.group_margin <= group_allowed,
+                               runner_up_groups(config, routing.group_scores, routing.selection, routing.expert_ids))):
         if not near.any():
             continue
         forced = np.where(near[:, None], alternative, routing.expert_ids)
@@ -243,20 +248,19 @@ def _near_tie_rows(entry: dict, case: dict, produced: Mapping, profile: str, noi
     return judgement
 
 
-def _runner_up_experts(config: ModelConfig, routing) -> np.ndarray:
-    """Every token's routing with its K-th expert replaced by the (K+1)-th (MOE.7 order)."""
-    runner_up = np.argsort(-routing.masked, axis=-1, kind="stable")[:, config.num_experts_per_tok]
-    return np.concatenate([routing.expert_ids[:, :-1], runner_up[:, None]], axis=-1)
+def runner_up_experts(config: ModelConfig, masked: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
+    """Every token's routing with its K-th expert replaced by the (K+1)-th of the MOE.6 masked scores."""
+    runner_up = np.argsort(-masked, axis=-1, kind="stable")[:, config.num_experts_per_tok]
+    return np.concatenate([expert_ids[:, :-1], runner_up[:, None]], axis=-1)
 
 
-def _runner_up_groups(config: ModelConfig, routing) -> np.ndarray:
-    """Every token's routing with its last kept group replaced by the best dropped one (the truth routing where every group is kept)."""
+def runner_up_groups(config: ModelConfig, scores_of_groups: np.ndarray, selection: np.ndarray, expert_ids: np.ndarray) -> np.ndarray:
+    """Every token's routing with its last kept group replaced by the best dropped one (unchanged where every group is kept)."""
     if config.topk_group == config.n_group:
-        return routing.expert_ids
-    order = np.argsort(-routing.group_scores, axis=-1, kind="stable")
+        return expert_ids
+    order = np.argsort(-scores_of_groups, axis=-1, kind="stable")
     kept = np.concatenate([order[:, : config.topk_group - 1], order[:, config.topk_group: config.topk_group + 1]], axis=-1)
-    masked = group_mask(config, routing.selection, kept)
-    return np.argsort(-masked, axis=-1, kind="stable")[:, : config.num_experts_per_tok]
+    return np.argsort(-group_mask(config, selection, kept), axis=-1, kind="stable")[:, : config.num_experts_per_tok]
 
 
 TOKEN_CHOICES = {  # entry point -> (its output of greedy choices, the reference keyword that forces them, the label of axis 1)
@@ -293,8 +297,15 @@ def _judge_tokens(entry: dict, case: dict, produced: Mapping, profile: str, nois
     else:
         judgement.outputs = _rerun(entry, case, entry["entry_point"], **{keyword: candidate})
         logits, largest = judgement.outputs["logits"], noise_max.get("output:logits", 0.0)
-    deficit = token_deficits(logits, candidate)  # [batch, n]
     allowed = margin_allowance(profile, largest, logits, storage_format(profile, "MODEL.5", "logits"))
+    _token_verdict(judgement, name, axis, candidate, logits, allowed, profile)
+    return judgement
+
+
+def _token_verdict(judgement: Judgement, name: str, axis: str, candidate: np.ndarray, logits: np.ndarray, allowed: float,
+                   profile: str) -> None:
+    """Add to ``judgement`` the verdict on greedy choices ``candidate [batch, n]`` given the truth's ``logits`` along them."""
+    deficit = token_deficits(logits, candidate)  # [batch, n]
     own = np.argmax(logits, axis=-1)  # the reference's choice along the candidate's path
     flipped = candidate != own
     accepted, rejected = flipped & (deficit <= allowed), flipped & (deficit > allowed)
@@ -309,4 +320,110 @@ def _judge_tokens(entry: dict, case: dict, produced: Mapping, profile: str, nois
                              f"allowance; sequence {b} {axis} {k}: token {candidate[b, k]} instead of {own[b, k]} at margin "
                              f"{deficit[b, k]:.3g}, beyond the allowance {allowed:.3g}")
     judgement.comparisons.append(comparison)
-    return judgement
+
+
+def _with_routing_flip(entry: dict, case: dict, produced: Mapping, profile: str, noise_max: dict, judgement: Judgement) -> Judgement:
+    """Model level: outputs that fail under the truth (along the candidate's accepted tokens) may be explained by one
+    routing near tie flipped to its runner-up (:func:`explaining_routing_flip`); then they are judged under that run."""
+    if all(c.passed for c in judgement.comparisons) and _outputs_pass(entry, produced, {**case["output"], **judgement.outputs}, profile):
+        return judgement
+    forced, greedy = {}, entry["entry_point"] == "greedy_decode"
+    if greedy:
+        tokens = _valid_ids(produced["tokens"], case["output"]["tokens"], int(entry["config"]["vocab_size"]), distinct=False)
+        if tokens is None:
+            return judgement
+        forced["forced_tokens"] = tokens
+    allowed = margin_allowance(profile, noise_max.get("output:logits", 0.0), case["output"]["logits"], storage_format(profile, "MODEL.5", "logits"))
+
+    def explains(outputs: dict) -> Judgement | None:
+        flipped = Judgement(outputs=dict(outputs), notes=[])
+        if greedy:
+            _token_verdict(flipped, "tokens", "step", forced["forced_tokens"], outputs["logits"], allowed, profile)
+        passed = all(c.passed for c in flipped.comparisons) and _outputs_pass(entry, produced, flipped.outputs, profile)
+        return flipped if passed else None
+
+    found = explaining_routing_flip(entry, profile, lambda trace: _rerun(entry, case, entry["entry_point"], trace, **forced), explains)
+    if found is None:
+        return judgement
+    flipped, note = found
+    flipped.notes = [note] + flipped.notes
+    return flipped
+
+
+def _outputs_pass(entry: dict, produced: Mapping, truth: Mapping, profile: str) -> bool:
+    """Whether every float output the candidate returned passes TOLERANCE.3 against ``truth``."""
+    recorded = entry["profiles"].get(profile, {})
+    output_steps = entry_points()[entry["entry_point"]]["output_steps"]
+    return all(compare_tensor(name, produced[name], truth[name], recorded.get("noise", {}).get(f"output:{name}", 0.0), profile,
+                              fmt=storage_format(profile, output_steps[name], name),
+                              noise_max=recorded.get("noise_max", {}).get(f"output:{name}", 0.0)).passed
+               for name in truth if name in produced and np.asarray(truth[name]).dtype.kind == "f")
+
+
+# ------------------------------------------------------------------ routing near ties inside a model run
+
+class RoutingRecorder(Trace):
+    """A trace that records each MoE routing call of a run (MOE.3-MOE.7) and replaces the experts of chosen rows.
+
+    ``overrides``: MOE.7 call index (in the order of the run) -> (rows, expert ids [rows, K]).
+    ``precision``: emulate a profile as :class:`Trace` does (None: exact float64).
+    """
+
+    def __init__(self, precision: str | None = None, overrides: Mapping[int, tuple] | None = None) -> None:
+        super().__init__(precision, keep=False)
+        self.overrides = dict(overrides or {})
+        self.calls: list[dict[str, np.ndarray]] = []
+        self._current: dict[str, np.ndarray] = {}
+
+    def round(self, step_id: str, name: str, value: np.ndarray) -> np.ndarray:
+        value = super().round(step_id, name, value)
+        if step_id in ("MOE.3", "MOE.4", "MOE.6") or (step_id, name) == ("MOE.5", "group_margin"):
+            self._current[name] = np.asarray(value)
+        elif (step_id, name) == ("MOE.7", "expert_ids"):
+            if len(self.calls) in self.overrides:
+                rows, ids = self.overrides[len(self.calls)]
+                value = np.array(value)
+                value[rows] = ids
+            self.calls.append({**self._current, "expert_ids": value})
+        elif (step_id, name) == ("MOE.7", "expert_margin"):
+            self.calls[-1]["expert_margin"] = np.asarray(value)
+        return value
+
+
+def explaining_routing_flip(entry: dict, profile: str, rerun: Callable[[Trace], dict],
+                            explains: Callable[[dict], Judgement | None]) -> tuple[Judgement, str] | None:
+    """``explains``' judgement of the first reference run with one near-tie routing decision flipped that it accepts, and a note.
+
+    ``rerun(trace)`` runs the reference on the case (on the candidate's tokens if they were accepted).
+    The allowances come from the profile's emulation of the same run, forced to the truth's routing.
+    """
+    config = from_dict(entry["config"])
+    truth = RoutingRecorder()
+    rerun(truth)
+    if not truth.calls:
+        return None
+    emulation = RoutingRecorder(profile, {index: (slice(None), call["expert_ids"]) for index, call in enumerate(truth.calls)})
+    rerun(emulation)
+    expert_allowed, group_allowed = (
+        margin_allowance(profile, max(float(np.max(np.abs(e[name] - t[name]), initial=0.0)) for e, t in zip(emulation.calls, truth.calls)),
+                         np.concatenate([t[name].ravel() for t in truth.calls]), storage_format(profile, step, name))
+        for step, name in (("MOE.3", "selection"), ("MOE.4", "group_scores")))
+    for margin, allowed, index, row, ids in _near_ties(config, truth.calls, expert_allowed, group_allowed)[:MAX_FLIPS_TRIED]:
+        judgement = explains(rerun(RoutingRecorder(None, {index: ([row], ids[None])})))
+        if judgement is not None:
+            layers = config.moe_layers
+            return judgement, (f"MoE layer {layers[index % len(layers)]}, forward {index // len(layers)}, token row {row}: routed to "
+                             f"the runner-up (experts {sorted(ids.tolist())}; truth margin {margin:.3g}, within the {profile} "
+                             f"allowance {allowed:.3g}) explains the candidate: judged under that routing")
+    return None
+
+
+def _near_ties(config: ModelConfig, calls: list[dict], expert_allowed: float, group_allowed: float) -> list[tuple]:
+    """(margin, allowance, call index, row, runner-up expert ids) of every decision within its allowance, smallest margin first."""
+    found = []
+    for index, call in enumerate(calls):
+        experts = runner_up_experts(config, call["masked"], call["expert_ids"])
+        groups = runner_up_groups(config, call["group_scores"], call["selection"], call["expert_ids"])
+        for margins, allowed, alternatives in ((call["expert_margin"], expert_allowed, experts), (call["group_margin"], group_allowed, groups)):
+            found += [(float(margins[row]), allowed, index, int(row), alternatives[row]) for row in np.flatnonzero(margins <= allowed)]
+    return sorted(found, key=lambda item: item[0])
