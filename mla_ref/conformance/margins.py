@@ -140,7 +140,7 @@ def _valid_ids(candidate, truth: np.ndarray, bound: int, distinct: bool) -> np.n
     return ids.astype(np.int64)
 
 
-def _routing_allowances(entry: dict, config: ModelConfig, routing, profile: str, noise_max: dict) -> tuple[float, float]:
+def _routing_allowances(config: ModelConfig, routing, profile: str, noise_max: dict) -> tuple[float, float]:
     """The margin allowances of the group and the expert decisions, from the noise of the scores they are made on."""
     selection_key = "step:MOE.3:selection" if config.has_correction_bias else "step:MOE.2:scores"
     expert_noise = noise_max.get(selection_key, noise_max.get("step:MOE.2:scores", 0.0))
@@ -164,7 +164,7 @@ def _judge_routing(entry: dict, case: dict, produced: Mapping, profile: str, noi
     if candidate is None:
         return Judgement()  # wrong shape, dtype or range: the exact comparison says so
     routing = route(config, case["weight"], case["input"]["hidden"])
-    group_allowed, expert_allowed = _routing_allowances(entry, config, routing, profile, noise_max)
+    group_allowed, expert_allowed = _routing_allowances(config, routing, profile, noise_max)
     group_deficit, expert_deficit, kept_groups = routing_deficits(config, routing.selection, candidate, group_allowed, expert_allowed)
     flipped = np.any(np.sort(candidate, axis=-1) != np.sort(truth_ids, axis=-1), axis=-1)  # [tokens]
     within = (group_deficit <= group_allowed) & (expert_deficit <= expert_allowed)
@@ -227,7 +227,7 @@ def _near_tie_rows(entry: dict, case: dict, produced: Mapping, profile: str, noi
     if candidate.shape != truth.shape or candidate.dtype.kind not in "fiu":
         return Judgement()
     routing = route(config, case["weight"], case["input"]["hidden"])
-    group_allowed, expert_allowed = _routing_allowances(entry, config, routing, profile, noise_max)
+    group_allowed, expert_allowed = _routing_allowances(config, routing, profile, noise_max)
     judgement, rows = Judgement(), truth.reshape(-1, truth.shape[-1]).copy()
     explained = []
     for near, alternative in ((routing.expert_margin <= expert_allowed, runner_up_experts(config, routing.masked, routing.expert_ids)),
