@@ -94,7 +94,7 @@ def test_a_flip_at_a_clear_margin_fails_and_names_token_and_margin(profile):
     case = verdict("moe.route.v3/", profile, moe_route=flipped)
     assert case.status == "fail"
     assert f"1 of {len(hidden)} tokens routed differently" in case.reason and f"token {token}:" in case.reason, case.reason
-    assert f"at margin {margin:.3g}" in case.reason and "beyond the allowance" in case.reason, case.reason
+    assert f"at margin {margin:.3g}" in case.reason and f"beyond the {profile} allowance" in case.reason, case.reason
     assert f"(1 of {len(hidden) * from_dict(config).num_experts_per_tok} expert choices differ)" in case.reason  # not every slot
 
 

@@ -172,7 +172,7 @@ def _judge_routing(entry: dict, case: dict, produced: Mapping, profile: str, noi
     judgement = Judgement()
     for token in np.flatnonzero(accepted)[:NOTES_SHOWN]:
         judgement.notes.append(f"token {token}: routed differently ({_routing_text(candidate, truth_ids, token)}) at margin "
-                               f"{_margin_text(group_deficit, expert_deficit, group_allowed, expert_allowed, token)}: "
+                               f"{_margin_text(group_deficit, expert_deficit, group_allowed, expert_allowed, token, profile)}: "
                                "judged under the candidate's routing")
     if accepted.sum() > NOTES_SHOWN:
         judgement.notes.append(f"{int(accepted.sum()) - NOTES_SHOWN} more tokens routed differently within the {profile} allowance")
@@ -183,7 +183,7 @@ def _judge_routing(entry: dict, case: dict, produced: Mapping, profile: str, noi
         comparison.reason = (f"{int(rejected.sum())} of {len(truth_ids)} tokens routed differently beyond the {profile} margin allowance "
                              f"({differing} of {truth_ids.size} expert choices differ); token {token}: "
                              f"{_routing_text(candidate, truth_ids, token)} at margin "
-                             f"{_margin_text(group_deficit, expert_deficit, group_allowed, expert_allowed, token)}")
+                             f"{_margin_text(group_deficit, expert_deficit, group_allowed, expert_allowed, token, profile)}")
     judgement.comparisons.append(comparison)
     forced = np.where(rejected[:, None], truth_ids, candidate)  # the candidate's routing, in its order, wherever acceptable
     if not np.array_equal(forced, truth_ids):
@@ -207,14 +207,16 @@ def _routing_text(candidate: np.ndarray, truth: np.ndarray, token: int) -> str:
     return f"experts {sorted(candidate[token].tolist())} instead of {sorted(truth[token].tolist())}"
 
 
-def _margin_text(group_deficit, expert_deficit, group_allowed: float, expert_allowed: float, token: int) -> str:
+def _margin_text(group_deficit, expert_deficit, group_allowed: float, expert_allowed: float, token: int, profile: str) -> str:
     """The deciding margin of one token against its allowance: the groups' if they differ, else the experts'."""
-    if group_deficit[token] > 0:
+    if group_deficit[token] == 0 and expert_deficit[token] == 0:
+        return "0 (an exact tie)"
+    if _share(group_deficit[token], group_allowed) > _share(expert_deficit[token], expert_allowed):
         deficit, allowed, what = group_deficit[token], group_allowed, "group scores"
     else:
         deficit, allowed, what = expert_deficit[token], expert_allowed, "selection scores"
     relation = "within" if deficit <= allowed else "beyond"
-    return f"{deficit:.3g} ({what}), {relation} the allowance {allowed:.3g}"
+    return f"{deficit:.3g} ({what}), {relation} the {profile} allowance {allowed:.3g}"
 
 
 def _near_tie_rows(entry: dict, case: dict, produced: Mapping, profile: str, noise_max: dict) -> Judgement:
