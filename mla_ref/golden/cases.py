@@ -484,14 +484,15 @@ def call_reference(case: Case, trace: Trace | None) -> dict[str, np.ndarray]:
 
 def choice_margins(case: Case, trace: Trace) -> dict[str, np.ndarray]:
     """GOLDEN margins — the truth's margin of each discrete choice a case's outputs make (TOLERANCE.4): per token the
-    MOE.7 expert margin and the MOE.5 group margin of the routing, per step the gap between a greedy token's logit and
-    the next best."""
+    MOE.7 expert margin and the MOE.5 group margin of the routing, per greedy step or MTP draft the gap between the
+    chosen token's logit and the next best."""
     if "expert_ids" in case.outputs and "MOE.7" in trace:
         return {"expert_ids": trace["MOE.7"]["expert_margin"], "groups": trace["MOE.5"]["group_margin"]}
-    if case.entry_point == "greedy_decode":
-        best_two = np.sort(case.outputs["logits"], axis=-1)[..., -2:]  # [batch, steps, 2]
-        return {"tokens": best_two[..., 1] - best_two[..., 0]}
-    return {}
+    chosen = {"greedy_decode": "tokens", "mtp_draft": "drafts"}.get(case.entry_point)
+    if chosen is None:
+        return {}
+    best_two = np.sort(case.outputs["logits"], axis=-1)[..., -2:]  # [batch, steps or depths, 2]
+    return {chosen: best_two[..., 1] - best_two[..., 0]}
 
 
 def profiles_of(definition: dict) -> list[str]:
