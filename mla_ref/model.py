@@ -167,16 +167,23 @@ class GenerationResult:
 
 
 def greedy_generate(config: ModelConfig, weights: Mapping[str, np.ndarray], prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                    cache: ModelCache | None = None, *, attention: str | None = None, trace: Trace | None = None) -> GenerationResult:
+                    cache: ModelCache | None = None, *, attention: str | None = None,
+                    forced_tokens: np.ndarray | None = None, trace: Trace | None = None) -> GenerationResult:
     """Prefill ragged ``prompts`` in one batch, then cached greedy decode (MODEL.6) of ``max_new_tokens`` each.
 
     ``cache`` defaults to an empty LatentCache per layer; pass ``ModelCache.empty(..., kind=...)``
     for a naive or paged one. The returned cache holds the prompts and every new token but the last.
+    ``forced_tokens [batch, max_new_tokens]`` replace the argmax (teacher forcing: the logits along
+    another implementation's tokens, TOLERANCE.4).
     """
     tokens, lengths = pad_prompts(prompts)
     batch = tokens.shape[0]
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise InputError("max_new_tokens", f"expected an int >= 0, got {max_new_tokens!r}", "MODEL.6")
+    if forced_tokens is not None:
+        forced_tokens = check_tokens(config, forced_tokens, None)[0]
+        if forced_tokens.shape != (batch, max_new_tokens):
+            raise ShapeError("forced_tokens", f"expected [{batch}, {max_new_tokens}], got {list(forced_tokens.shape)}", "MODEL.6")
     cache = ModelCache.empty(config, batch) if cache is None else cache
     result = model_forward(config, weights, tokens, cache, query_lengths=lengths, attention=attention, trace=trace)
     last_logits = result.logits[np.arange(batch), lengths - 1]  # [batch, vocab_size]
@@ -185,7 +192,8 @@ def greedy_generate(config: ModelConfig, weights: Mapping[str, np.ndarray], prom
         if step:
             result = model_forward(config, weights, new_tokens[-1][:, None], result.cache, attention=attention, trace=trace)
             last_logits = result.logits[:, 0]  # [batch, vocab_size]
-        new_tokens.append(emit(trace, "MODEL.6", greedy_token(last_logits)))  # [batch]
+        chosen = greedy_token(last_logits) if forced_tokens is None else forced_tokens[:, step]  # [batch]
+        new_tokens.append(emit(trace, "MODEL.6", chosen))
         step_logits.append(last_logits)
     return GenerationResult(np.stack(new_tokens, axis=1) if new_tokens else np.zeros((batch, 0), np.int64),
                             np.stack(step_logits, axis=1) if step_logits else np.zeros((batch, 0, config.vocab_size)),

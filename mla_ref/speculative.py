@@ -62,12 +62,14 @@ class MTPDrafter:
 
     It keeps state across calls (the module caches and the outputs h^k the next depth reads):
     use a fresh drafter for each generation. ``cache_kind``: ``latent`` or ``naive``; ``trace``
-    records (and with a precision, emulates) the modules' MTP.2-MTP.4.
+    records (and with a precision, emulates) the modules' MTP.2-MTP.4. ``forced_drafts [batch, D]``
+    replace each depth's argmax (one call: the logits along another implementation's drafts).
     """
 
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], num_draft_tokens: int | None = None, cache_kind: str = "latent",
-                 trace: Trace | None = None) -> None:
+                 trace: Trace | None = None, forced_drafts: np.ndarray | None = None) -> None:
         self.num_draft_tokens = check_depths(config, num_draft_tokens, drafting=True)
+        self.forced_drafts = None if forced_drafts is None else np.asarray(forced_drafts)  # [batch, D]: teacher forcing (TOLERANCE.4)
         if config.mtp_rope_position != "hidden":
             raise ConfigError("mtp_rope_position", f"cached MTP drafting supports 'hidden' only (mla_forward places new rows at the "
                               f"cache length), got {config.mtp_rope_position!r}; both agree in exact arithmetic (spec/mtp.yaml)", "MTP.7")
@@ -111,13 +113,17 @@ class MTPDrafter:
             draft_logits.append(logits[np.arange(batch), last_row])  # [batch, vocab_size]: d_k = MODEL.6 of row n - 1
             module_caches.append(cache.truncate(np.clip(known - depth + 1, cached, known)))  # keep rows i <= n - k
             previous = self.outputs[depth - 1] = put_rows(self.outputs[depth - 1], cached, hidden, new_rows)  # h^k, rows 0 .. n - 1
-            tokens = put_rows(tokens, known + depth, greedy_token(draft_logits[-1])[:, None], np.ones(batch, np.int64))  # t_{n+k} = d_k
+            tokens = put_rows(tokens, known + depth, self._draft(draft_logits[-1], depth)[:, None], np.ones(batch, np.int64))  # t_{n+k} = d_k
         if chained < depths:
-            draft_logits += self._recurrent_logits(hidden[np.arange(batch), last_row][:, None], greedy_token(draft_logits[-1]),
+            draft_logits += self._recurrent_logits(hidden[np.arange(batch), last_row][:, None], self._draft(draft_logits[-1], 1),
                                                    module_caches[0], depths - 1)
         self.caches = ModelCache(tuple(module_caches))
         self.draft_logits = np.stack(draft_logits, axis=1)  # [batch, depths, vocab_size]
-        return greedy_token(self.draft_logits)  # MODEL.6: [batch, depths]
+        return greedy_token(self.draft_logits) if self.forced_drafts is None else self.forced_drafts  # MODEL.6: [batch, depths]
+
+    def _draft(self, logits: np.ndarray, depth: int) -> np.ndarray:
+        """d_k: the greedy token of depth k's logits (MODEL.6), or the forced draft."""
+        return greedy_token(logits) if self.forced_drafts is None else self.forced_drafts[:, depth - 1]
 
     def _recurrent_logits(self, hidden: np.ndarray, draft: np.ndarray, cache, steps: int) -> list[np.ndarray]:
         """MTP.7, recurrent reuse — the logits of d_2 .. d_D, one row of module 1 each.
@@ -127,11 +133,11 @@ class MTPDrafter:
         keeps none of these rows.
         """
         batch, draft_logits = len(draft), []
-        for _ in range(steps):
+        for step in range(steps):
             hidden, logits, cache = mtp_module(self.config, self.weights, 1, hidden, draft[:, None], cache=cache,
                                                query_lengths=np.ones(batch, np.int64), trace=self.trace)  # MTP.2-MTP.4
             draft_logits.append(logits[:, 0])  # [batch, vocab_size]
-            draft = greedy_token(logits[:, 0])  # MODEL.6: d_k
+            draft = self._draft(logits[:, 0], step + 2)  # MODEL.6: d_k
         return draft_logits
 
 
@@ -184,13 +190,15 @@ class SpeculativeResult:
 
 def speculative_generate(config: ModelConfig, weights: Mapping[str, np.ndarray], prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                          drafter: Drafter | None = None, num_draft_tokens: int | None = None, cache: ModelCache | None = None,
-                         trace: Trace | None = None) -> SpeculativeResult:
+                         forced_tokens=None, trace: Trace | None = None) -> SpeculativeResult:
     """Greedy speculative decoding of ragged ``prompts``: exactly the tokens of greedy decoding (spec/mtp.yaml conventions.speculative).
 
     ``drafter`` defaults to a fresh :class:`MTPDrafter` of ``num_draft_tokens`` (default
     config.mtp_num_depths) depths; another drafter needs ``num_draft_tokens``. ``cache``: the
     main model's, empty (default LatentCache per layer). A trace records the last step's MTP.7-MTP.10
-    (and the main model's steps, see model_forward) and the totals of MTP.11.
+    (and the main model's steps, see model_forward) and the totals of MTP.11. ``forced_tokens
+    [batch, max_new_tokens]`` replace the main model's greedy tokens (teacher forcing: the drafts and
+    acceptance counts along another implementation's tokens, TOLERANCE.4).
     """
     if drafter is None:
         drafter = MTPDrafter(config, weights, num_draft_tokens)
@@ -206,6 +214,12 @@ def speculative_generate(config: ModelConfig, weights: Mapping[str, np.ndarray],
                             query_lengths=lengths, trace=trace)
     cache = prefill.cache
     first = greedy_token(prefill.logits[np.arange(batch), lengths - 1])  # MODEL.6: t_n, [batch]
+    if forced_tokens is not None:
+        forced_tokens = np.asarray(forced_tokens)
+        if forced_tokens.shape != (batch, max_new_tokens) or forced_tokens.dtype.kind not in "iu":
+            raise ShapeError("forced_tokens", f"expected integers of shape [{batch}, {max_new_tokens}], got {forced_tokens.dtype} "
+                             f"{list(forced_tokens.shape)}", "MTP.9")
+        first = forced_tokens[:, 0]
     history = put_rows(tokens, lengths, first[:, None], np.ones(batch, np.int64))  # [batch, context]
     known = lengths + 1
     main_hidden = main_hidden_for_mtp(config, prefill)  # MTP.1: [batch, context - 1, hidden_size]
@@ -214,6 +228,8 @@ def speculative_generate(config: ModelConfig, weights: Mapping[str, np.ndarray],
     while (active := emitted < max_new_tokens).any():
         drafts = emit(trace, "MTP.7", check_drafts(config, drafter(DraftContext(history, known, main_hidden, depths)), batch, depths))
         verified, greedy = verify_drafts(config, weights, history[np.arange(batch), known - 1], drafts, cache, active, trace)
+        if forced_tokens is not None:  # g_j is emitted token emitted + j (those past max_new_tokens are never emitted)
+            greedy = forced_tokens[np.arange(batch)[:, None], np.minimum(emitted[:, None] + np.arange(depths + 1), max_new_tokens - 1)]
         emit(trace, "MTP.8", verified.logits, greedy)
         accepted = emit(trace, "MTP.9", np.where(active, accept_drafts(drafts, greedy), 0))  # [batch]
         new_counts = np.where(active, accepted + 1, 0)  # g_0 .. g_a

@@ -98,6 +98,17 @@ def test_checker_accepts_a_float64_rope_table(profile):
 
 
 @pytest.mark.parametrize("profile", list(DTYPES))
+@pytest.mark.parametrize("variant", mutate.correct_variants(), ids=lambda entry: entry["name"])
+def test_checker_accepts_correct_variants(variant, profile):
+    """torch.topk's tie order (TOLERANCE.4): accepted in every profile, with the accepted choice noted where it differs."""
+    result = check(mutate.load(variant, DTYPES[profile]), profile=profile, select="moe.", waivers=KNOWN_CHECKER_ISSUES.get(profile))
+    assert result.failed == [], result.table()
+    if "chooses_differently_in" in variant:
+        case = next(case for case in result.cases if case.case_id == variant["chooses_differently_in"])
+        assert any("margin 0 " in note for note in case.notes), case.notes
+
+
+@pytest.mark.parametrize("profile", list(DTYPES))
 def test_torch_adapter_errors_stay_within_the_allowed_l2(profile):
     over = {case: used for case, used in case_strengths(report(None, profile)).items()
             if used > 1.0 and case not in KNOWN_CHECKER_ISSUES.get(profile, {})}

@@ -273,7 +273,7 @@ def test_catalogue_has_at_least_25_named_mutants():
         assert entry["find"].strip() != entry["replace"].strip(), entry["name"]
 
 
-@pytest.mark.parametrize("entry", mutate.catalogue(), ids=lambda entry: entry["name"])
+@pytest.mark.parametrize("entry", mutate.catalogue() + mutate.correct_variants(), ids=lambda entry: entry["name"])
 def test_mutant_applies_cleanly(entry):
     source = mutate.ADAPTER.read_text()
     assert len(mutate.matching_lines(source, entry["find"])) == 1

@@ -39,6 +39,7 @@ from .compare import Comparison, compare_tensor, unit_roundoff
 from .isolate import ConvertedOutputs, IsolatedFailure, adapter_reference, isolated_caller
 from .protocol import call, entry_points
 from .diagnose import diagnose
+from .margins import judge_choices
 from .selection import check_waivers, nearest_entry_points, require_runnable, select_cases
 
 REPORT_SCHEMA = "mla-ref-check-report/1"  # spec/schemas/check-report.schema.json
@@ -55,6 +56,7 @@ class CaseResult:
     comparisons: list[Comparison] = dataclasses.field(default_factory=list)
     first_divergent_step: str | None = None
     diagnosis: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # choices accepted by margin (TOLERANCE.4)
     repro: str = ""
     seconds: float = 0.0
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -115,6 +117,7 @@ class Report:
             if case.diagnosis:
                 detail += " | looks like: " + "; ".join(case.diagnosis)
             lines.append(f"{case.case_id:58s} {case.status:7s} {used:>8s}  {detail}")
+            lines += [f"{'':58s}   {note}" for note in case.notes]
             lines += [f"{'':58s}   warning: {warning}" for warning in case.warnings]
             if case.status in ("fail", "xpass") and case.repro:
                 lines.append(f"{'':58s}   repro: {case.repro}")
@@ -305,7 +308,7 @@ def _judged(module, directory: Path, case_id: str, entry: dict, profile: str, ad
 
 
 def load_case(directory: Path, entry: dict) -> dict[str, dict[str, np.ndarray]]:
-    """A case file split by kind: inputs, weights, outputs, steps ("MLA.2/q_nope"), emulated, acceptable.
+    """A case file split by kind: inputs, weights, outputs, steps ("MLA.2/q_nope"), emulated, margins.
 
     Every tensor is checked against the manifest's sha256 first (GoldenError: tampered golden).
     A model-level case stores the recipe of its weights instead of the weights: they are
@@ -313,7 +316,7 @@ def load_case(directory: Path, entry: dict) -> dict[str, dict[str, np.ndarray]]:
     """
     tensors = read_npz(directory / entry["file"])
     verify_case_tensors(entry, tensors)
-    parts: dict[str, dict[str, np.ndarray]] = {"input": {}, "weight": {}, "output": {}, "step": {}, "emulated": {}, "acceptable": {}}
+    parts: dict[str, dict[str, np.ndarray]] = {"input": {}, "weight": {}, "output": {}, "step": {}, "emulated": {}, "margin": {}}
     for name, value in tensors.items():
         kind, _, rest = name.partition(":")
         if kind == "step":
@@ -372,21 +375,19 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
     if missing:
         result.status, result.reason = "fail", f"missing outputs {missing} (returned {sorted(produced)})"
         return result
-    truth_outputs = dict(case["output"])
-    produced = _align_expert_order(produced, truth_outputs, case["step"])
-    forced = _teacher_forcing(entry, case, produced)
-    if forced is not None:  # an acceptable near-tie choice: judge the output under the candidate's routing
-        truth_outputs["weights" if entry["entry_point"] == "moe_route" else "output"] = forced
-        truth_outputs["expert_ids"] = np.asarray(produced["expert_ids"])
+    produced = _align_expert_order(produced, case["output"], case["step"])
+    judgement = judge_choices(entry, case, produced, profile)  # TOLERANCE.4: ties and near ties, the truth under accepted choices
+    result.notes, result.comparisons = judgement.notes, list(judgement.comparisons)
+    truth_outputs, truth_steps = {**case["output"], **judgement.outputs}, {**case["step"], **judgement.steps}
     output_steps = entry_points()[entry["entry_point"]]["output_steps"]
-    for name in [name for name in truth_outputs if name in produced]:
+    for name in [name for name in truth_outputs if name in produced and name not in judgement.judged]:
         fmt = storage_format(profile, output_steps[name], name)
         result.comparisons.append(compare_tensor(name, produced[name], truth_outputs[name], noise.get(f"output:{name}", 0.0), profile,
                                                  fmt=fmt, noise_max=noise_max.get(f"output:{name}", 0.0)))
     step_results = []
-    for key, truth in case["step"].items():
-        if key in produced and not (forced is not None and key.startswith("MOE.") and int(key.split("/")[0][4:]) >= 7):
-            step, tensor = key.split("/")  # under teacher forcing only the outputs are judged past the routing choice
+    for key, truth in truth_steps.items():
+        if key in produced:
+            step, tensor = key.split("/")
             truth, produced_value = _without_padding(entry, case, step, tensor, truth, produced[key])
             comparison = compare_tensor(key, produced_value, truth, noise.get(f"step:{step}:{tensor}", 0.0), profile,
                                         fmt=storage_format(profile, step, tensor), noise_max=noise_max.get(f"step:{step}:{tensor}", 0.0))
@@ -452,25 +453,6 @@ def _align_expert_order(produced: Mapping, outputs: Mapping, steps: Mapping) -> 
         if weights_name is not None and weights_name in produced and np.shape(produced[weights_name]) == truth.shape:
             produced[weights_name] = np.take_along_axis(np.asarray(produced[weights_name]), permutation, axis=-1)
     return produced
-
-
-def _teacher_forcing(entry: dict, case: dict, produced: Mapping):
-    """For a near-tie MoE case: the truth under the candidate's routing, when its choice is an acceptable one."""
-    if "expert_ids" not in produced or "expert_ids" not in case["acceptable"]:
-        return None
-    candidate_ids = np.asarray(produced["expert_ids"])
-    acceptable = case["acceptable"]["expert_ids"]  # [alternatives, tokens, k]
-    if candidate_ids.shape != acceptable.shape[1:]:
-        return None
-    ok = np.any(np.all(np.sort(acceptable, axis=-1) == np.sort(candidate_ids, axis=-1)[None], axis=-1), axis=0)
-    if not ok.all():
-        return None
-    from . import reference_adapter
-    weights = {name: value for name, value in case["weight"].items()}
-    if entry["entry_point"] == "moe_route":
-        return reference_adapter.moe_route(dict(entry["config"]), weights, case["input"]["hidden"], forced_expert_ids=candidate_ids)["weights"]
-    return reference_adapter.moe_layer(dict(entry["config"]), weights, case["input"]["hidden"], entry["args"]["layer"],
-                                       forced_expert_ids=candidate_ids)["output"]
 
 
 def adapter_failure(error: BaseException) -> str:

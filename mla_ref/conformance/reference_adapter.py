@@ -98,9 +98,11 @@ def model_logits(config, weights, tokens, query_lengths, trace=None):
     return {"logits": model_forward(from_dict(config), weights, tokens, query_lengths=query_lengths, trace=trace).logits}
 
 
-def greedy_decode(config, weights, prompt_tokens, prompt_lengths, steps, trace=None):
-    """MODEL.6 — prefill the prompts, then ``steps`` cached greedy tokens and the logits each was chosen from."""
-    result = greedy_generate(from_dict(config), weights, _prompts(prompt_tokens, prompt_lengths), int(steps), trace=trace)
+def greedy_decode(config, weights, prompt_tokens, prompt_lengths, steps, forced_tokens=None, trace=None):
+    """MODEL.6 — prefill the prompts, then ``steps`` cached greedy tokens and the logits each was chosen from
+    (``forced_tokens``: teacher forcing, the logits along another implementation's tokens)."""
+    result = greedy_generate(from_dict(config), weights, _prompts(prompt_tokens, prompt_lengths), int(steps),
+                             forced_tokens=forced_tokens, trace=trace)
     return {"tokens": result.tokens, "logits": result.logits}
 
 
@@ -115,18 +117,21 @@ def mtp_forward(config, weights, tokens, mtp_lambda, trace=None):
             "depth_losses": result.depth_losses, "mtp_loss": np.asarray(result.mtp_loss)}
 
 
-def mtp_draft(config, weights, prompt_tokens, prompt_lengths, trace=None):
-    """MTP.7 — the D drafts after the known tokens t_0 .. t_n (the main model reads t_0 .. t_{n-1}) and their logits."""
+def mtp_draft(config, weights, prompt_tokens, prompt_lengths, forced_drafts=None, trace=None):
+    """MTP.7 — the D drafts after the known tokens t_0 .. t_n (the main model reads t_0 .. t_{n-1}) and their logits
+    (``forced_drafts``: teacher forcing, the logits along another implementation's drafts)."""
     config = from_dict(config)
     tokens, lengths = np.asarray(prompt_tokens), np.asarray(prompt_lengths)
     main = model_forward(config, weights, tokens[:, :-1], query_lengths=lengths - 1, trace=trace)
-    drafter = MTPDrafter(config, weights, trace=trace)
+    drafter = MTPDrafter(config, weights, trace=trace, forced_drafts=forced_drafts)
     main_hidden = emit(trace, "MTP.1", main_hidden_for_mtp(config, main))  # h^0 [batch, n, hidden_size]
     drafts = emit(trace, "MTP.7", drafter(DraftContext(tokens, lengths, main_hidden, drafter.num_draft_tokens)))
     return {"drafts": drafts, "logits": drafter.draft_logits}
 
 
-def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps, trace=None):
-    """MTP.7-MTP.11 — greedy speculative decoding with the MTP drafter: the tokens and acceptance counts per depth."""
-    result = speculative_generate(from_dict(config), weights, _prompts(prompt_tokens, prompt_lengths), int(steps), trace=trace)
+def speculative_decode(config, weights, prompt_tokens, prompt_lengths, steps, forced_tokens=None, trace=None):
+    """MTP.7-MTP.11 — greedy speculative decoding with the MTP drafter: the tokens and acceptance counts per depth
+    (``forced_tokens``: teacher forcing, the acceptance counts along another implementation's tokens)."""
+    result = speculative_generate(from_dict(config), weights, _prompts(prompt_tokens, prompt_lengths), int(steps),
+                                  forced_tokens=forced_tokens, trace=trace)
     return {"tokens": result.tokens, "accepted_per_depth": result.accepted_per_depth, "proposed_per_depth": result.proposed_per_depth}

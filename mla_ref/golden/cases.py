@@ -45,7 +45,7 @@ class Case:
     emulated: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
     noise: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # profile -> tensor -> L2 noise
     noise_max: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # profile -> tensor -> largest |emulated - truth|
-    acceptable: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    margins: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # discrete output -> the truth's margin of each choice
 
     @property
     def entry_point(self) -> str:
@@ -63,7 +63,7 @@ class Case:
             named.update({f"weight:{k}": v for k, v in self.weights.items()})
         named.update({f"output:{k}": v for k, v in self.outputs.items()})
         named.update({f"step:{k.replace('/', ':')}": v for k, v in self.steps.items()})
-        named.update({f"acceptable:{k}": v for k, v in self.acceptable.items()})
+        named.update({f"margin:{k}": v for k, v in self.margins.items()})
         for profile, outputs in self.emulated.items():
             named.update({f"emulated:{profile}:{k}": v for k, v in outputs.items()})
         return named
@@ -281,17 +281,6 @@ def build_moe_layer(definition: dict, config: ModelConfig):
     return {"hidden": hidden}, weights
 
 
-def acceptable_expert_ids(config: ModelConfig, weights: dict, hidden: np.ndarray, max_margin: float) -> np.ndarray:
-    """``[2, tokens, K]``: the reference's choice, and the choice with the K-th and (K+1)-th swapped where they nearly tie."""
-    from ..moe import route
-    routing = route(config, weights, hidden)
-    alternative = routing.expert_ids.copy()
-    runner_up = np.argsort(-routing.masked, axis=-1, kind="stable")[:, config.num_experts_per_tok]
-    near = routing.expert_margin < max_margin
-    alternative[near, -1] = runner_up[near]
-    return np.stack([routing.expert_ids, alternative])
-
-
 def build_moe_balance(definition: dict, config: ModelConfig):
     """MOE.14-MOE.17 on routing decisions of whole sequences: load, bias update, balance losses."""
     from ..moe import route
@@ -495,11 +484,24 @@ def call_reference(case: Case, trace: Trace | None) -> dict[str, np.ndarray]:
     kwargs = dict(case.args)
     if "attention" in case.definition.get("layout", {}):
         kwargs["attention"] = case.definition["layout"]["attention"]
-    if "expert_ids" in case.acceptable and trace is not None and trace.precision is not None:
-        kwargs["forced_expert_ids"] = case.acceptable["expert_ids"][0]  # emulate rounding, not a flip of a near tie
+    if "expert_ids" in case.outputs and trace is not None and trace.precision is not None:
+        kwargs["forced_expert_ids"] = case.outputs["expert_ids"]  # emulate rounding, not a flip of a near tie (TOLERANCE.4)
     available = {**case.inputs, **case.args, "config": case.config.to_dict(), "weights": case.weights}
     extra = {name: value for name, value in kwargs.items() if name not in case.args}
     return call(function, case.entry_point, available, **extra, trace=trace)
+
+
+def choice_margins(case: Case, trace: Trace) -> dict[str, np.ndarray]:
+    """GOLDEN margins — the truth's margin of each discrete choice a case's outputs make (TOLERANCE.4): per token the
+    MOE.7 expert margin and the MOE.5 group margin of the routing, per greedy step or MTP draft the gap between the
+    chosen token's logit and the next best."""
+    if "expert_ids" in case.outputs and "MOE.7" in trace:
+        return {"expert_ids": trace["MOE.7"]["expert_margin"], "groups": trace["MOE.5"]["group_margin"]}
+    chosen = {"greedy_decode": "tokens", "mtp_draft": "drafts"}.get(case.entry_point)
+    if chosen is None:
+        return {}
+    best_two = np.sort(case.outputs["logits"], axis=-1)[..., -2:]  # [batch, steps or depths, 2]
+    return {chosen: best_two[..., 1] - best_two[..., 0]}
 
 
 def profiles_of(definition: dict) -> list[str]:
@@ -511,11 +513,9 @@ def build_case(definition: dict) -> Case:
     config = case_config(definition)
     inputs, weights = BUILDERS[definition["entry_point"]](definition, config)
     case = Case(definition["id"], definition, config, case_args(definition, config), inputs, weights)
-    if definition["layout"].get("near_ties"):
-        gate = {name: value for name, value in weights.items() if name.startswith("mlp.gate.")}
-        case.acceptable["expert_ids"] = acceptable_expert_ids(config, gate, inputs["hidden"], definition["layout"]["max_near_margin"])
     trace = Trace()
     case.outputs = {name: np.asarray(value) for name, value in call_reference(case, trace).items()}
+    case.margins = choice_margins(case, trace)
     covered = set(definition["steps"])
     case.steps = {f"{step}/{name}": value for step, arrays in trace.steps.items() if step in covered for name, value in arrays.items()}
     for profile in profiles_of(definition):

@@ -27,6 +27,12 @@ def mutant(name: str) -> dict:
     return next(entry for entry in catalogue() if entry["name"] == name)
 
 
+@functools.lru_cache(maxsize=None)
+def correct_variants() -> tuple[dict, ...]:
+    """One-line changes that keep the adapter correct: ``{name, why, find, replace}``; the checker must accept them."""
+    return tuple(yaml.safe_load(CATALOGUE.read_text())["correct_variants"])
+
+
 def matching_lines(source: str, find: str) -> list[int]:
     """Indices of the lines whose text, indentation stripped, is ``find``."""
     return [index for index, line in enumerate(source.splitlines()) if line.strip() == find.strip()]
