@@ -190,7 +190,7 @@ class SpeculativeResult:
 
 def speculative_generate(config: ModelConfig, weights: Mapping[str, np.ndarray], prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                          drafter: Drafter | None = None, num_draft_tokens: int | None = None, cache: ModelCache | None = None,
-                         forced_tokens=None, trace: Trace | None = None) -> SpeculativeResult:
+                         forced_tokens: np.ndarray | None = None, trace: Trace | None = None) -> SpeculativeResult:
     """Greedy speculative decoding of ragged ``prompts``: exactly the tokens of greedy decoding (spec/mtp.yaml conventions.speculative).
 
     ``drafter`` defaults to a fresh :class:`MTPDrafter` of ``num_draft_tokens`` (default
