@@ -25,7 +25,8 @@ import hashlib
 import numpy as np
 
 from .config import ModelConfig
-from .errors import CacheError, ShapeError
+from .checks import check_allocation
+from .errors import CacheError, ShapeError, shown
 
 
 def config_fingerprint(config: ModelConfig) -> str:
@@ -94,9 +95,14 @@ class LatentCache:
     fingerprint: str | None = None
     _written: _Written | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        _check_rows("rows", self.rows, 3, self.lengths)
+
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, dtype=np.float64, capacity: int = 0) -> "LatentCache":
         """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
+        _check_size(batch, capacity)
+        check_allocation("LatentCache", (batch, capacity, config.latent_cache_width), dtype, "MLA.18")
         lengths = np.zeros(batch, np.int64)
         cache = cls(np.zeros((batch, capacity, config.latent_cache_width), dtype), lengths, config_fingerprint(config))
         return _shared(cache, _Written(lengths))
@@ -155,10 +161,13 @@ class PagedLatentCache:
     def empty(cls, config: ModelConfig, batch: int, max_tokens: int, block_size: int = 64,
               extra_blocks: int = 0, shuffle_seed: int | None = None, dtype=np.float64) -> "PagedLatentCache":
         """A pool with room for ``max_tokens`` per sequence; ``shuffle_seed`` scatters the block table."""
-        if block_size < 1:
-            raise CacheError("block_size", f"expected >= 1, got {block_size}", "MLA.19")
+        for name, value, least in (("block_size", block_size, 1), ("max_tokens", max_tokens, 0), ("extra_blocks", extra_blocks, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise CacheError(name, f"expected an int >= {least}, got {shown(value)}", "MLA.19")
+        _check_size(batch, 0)
         per_sequence = -(-max_tokens // block_size)
         num_blocks = batch * per_sequence + extra_blocks
+        check_allocation("PagedLatentCache", (num_blocks, block_size, 1, config.latent_cache_width), dtype, "MLA.19")
         order = np.arange(num_blocks)
         if shuffle_seed is not None:
             order = np.random.default_rng(shuffle_seed).permutation(num_blocks)
@@ -221,9 +230,17 @@ class NaiveCache:
     fingerprint: str | None = None
     _written: _Written | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        _check_rows("keys", self.keys, 4, self.lengths)
+        _check_rows("values", self.values, 4, self.lengths)
+        if self.values.shape[:3] != self.keys.shape[:3]:
+            raise CacheError("values", f"expected [batch, capacity, heads] = {list(self.keys.shape[:3])} as keys, got {list(self.values.shape[:3])}", "MLA.18")
+
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, dtype=np.float64, capacity: int = 0) -> "NaiveCache":
         """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
+        _check_size(batch, capacity)
+        check_allocation("NaiveCache", (2, batch, capacity, config.num_attention_heads, max(config.qk_head_dim, config.v_head_dim)), dtype, "MLA.18")
         heads, lengths = config.num_attention_heads, np.zeros(batch, np.int64)
         cache = cls(np.zeros((batch, capacity, heads, config.qk_head_dim), dtype), np.zeros((batch, capacity, heads, config.v_head_dim), dtype),
                     lengths, config_fingerprint(config))
@@ -266,6 +283,23 @@ class NaiveCache:
     def truncate(self, lengths) -> "NaiveCache":
         """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
         return _shared(NaiveCache(self.keys, self.values, _shrink(self.lengths, lengths), self.fingerprint), self._written)
+
+
+def _check_size(batch, capacity) -> None:
+    for name, value, least in (("batch", batch, 1), ("capacity", capacity, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise CacheError(name, f"expected an int >= {least}, got {shown(value)}", "MLA.18")
+
+
+def _check_rows(name: str, rows, ndim: int, lengths) -> None:
+    """A cache's array: an ndarray of ``ndim`` axes ``[batch, capacity, ...]`` whose lengths never exceed its capacity."""
+    if not isinstance(rows, np.ndarray) or rows.ndim != ndim or rows.dtype.kind != "f":
+        described = f"{rows.dtype} {list(rows.shape)}" if isinstance(rows, np.ndarray) else type(rows).__name__
+        raise CacheError(name, f"expected a float array of {ndim} axes [batch, capacity, ...], got {described}", "MLA.18")
+    held = _lengths(lengths, rows.shape[0], "lengths")
+    if (held > rows.shape[1]).any():
+        bad = int(np.argmax(held > rows.shape[1]))
+        raise CacheError("lengths", f"sequence {bad} holds {int(held[bad])} positions but the cache stores {rows.shape[1]} rows", "MLA.18")
 
 
 def _shrink(current: np.ndarray, lengths) -> np.ndarray:
