@@ -299,11 +299,13 @@ def detect_format(values: Mapping[str, Any]) -> str:
         return "hf"
     if "spec_version" in values and isinstance(values.get("config"), Mapping):
         return "preset"
-    keys = set(values)
     known = {"mla-ref": set(field_specs()), "hf": _hf_top_level_keys(), "official": _official_keys()}
-    only = {name: sorted(keys & (names - set().union(*(other for key, other in known.items() if key != name))))
-            for name, names in known.items()}
-    deciding = {name: found for name, found in only.items() if found}
+    deciding = {}
+    for name, names in known.items():
+        others = set().union(*(other_names for other, other_names in known.items() if other != name))
+        only_this_format = sorted(key for key in values if key in names and key not in others)
+        if only_this_format:
+            deciding[name] = only_this_format
     if len(deciding) > 1:
         listed = "; ".join(f"{name}: {found[:4]}" for name, found in deciding.items())
         raise ConfigError("config", f"mixes the key sets of several formats ({listed}); pass format= to say which", "CONFIG.format")
