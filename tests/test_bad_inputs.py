@@ -8,6 +8,7 @@ as ``setup`` left it (no file written, changed or removed).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -312,12 +313,18 @@ def _manifest(folder: Path, text: str) -> Path:
     return folder / "golden"
 
 
-def _real_manifest(folder: Path, **changes) -> Path:
+@functools.lru_cache(maxsize=1)
+def _committed_entry() -> tuple[dict, dict]:
     from mla_ref.golden.generate import default_golden_dir
     document = read_manifest(default_golden_dir() / "manifest.yaml")
-    document.update(changes)
+    return {key: value for key, value in document.items() if key != "cases"}, document["cases"]["mla.prefill/tiny/seed0"]
+
+
+def _real_manifest(folder: Path, **changes) -> Path:
+    """A valid mla-ref manifest listing one committed case, with ``changes``."""
     import yaml
-    return _manifest(folder, yaml.safe_dump(document, sort_keys=False))
+    header, entry = _committed_entry()
+    return _manifest(folder, yaml.safe_dump({**header, "cases": {"mla.prefill/tiny/seed0": entry}, **changes}, sort_keys=False))
 
 
 scenario("manifest-alias-bomb", GoldenError, r"manifest\.yaml$", lambda folder: (lambda d: lambda: read_manifest(d / "manifest.yaml"))(_manifest(folder, YAML_BOMB)))
@@ -331,7 +338,7 @@ scenario("generate-foreign-manifest-all-cases", GoldenError, r"manifest\.yaml$",
 scenario("generate-over-on-demand-manifest", GoldenError, r"manifest\.yaml$",
          lambda folder: (lambda d: lambda: generate(d, "mla.prefill/tiny/seed0"))(_real_manifest(folder, on_demand=True)))
 def _other_cases(folder: Path):
-    entry = read_manifest(_real_manifest(folder) / "manifest.yaml")["cases"]["mla.prefill/tiny/seed0"]
+    entry = _committed_entry()[1]
     directory = _real_manifest(folder, cases={"someone.elses/case": dict(entry, file="someone.elses__case.npz")})
     return lambda: generate(directory, "mla.prefill/tiny/seed0")
 
