@@ -387,3 +387,34 @@ def test_bad_input(tmp_path, error, field, setup, capsys):
     else:
         assert len(str(caught.value)) < 2500 and str(caught.value).endswith(")")  # bounded, with its spec id
     assert _snapshot(tmp_path) == before, "the failed call wrote, changed or removed a file"
+
+
+# ----------------------------------------------------------------------------- documented correct results of measured scenarios
+
+def test_a_weight_scaled_in_place_is_used_scaled_in_float32():
+    """Issue 14: a float32 run kept the stale cast of a weight changed in place (ratio 1.0 where 2.0 is right)."""
+    weights = {name: value.copy() for name, value in generate_attention_weights(TINY).items()}
+    hidden = np.random.default_rng(0).standard_normal((1, 3, TINY.hidden_size))
+    before = mla_forward(TINY, weights, hidden, dtype=np.float32).output
+    weights["o_proj.weight"] *= 2.0
+    after = mla_forward(TINY, weights, hidden, dtype=np.float32).output
+    assert np.array_equal(after, 2.0 * before)  # o_proj is the last, linear step: exactly twice, power-of-two scaling
+
+
+def test_generated_weights_refuse_in_place_changes():
+    weight = generate_attention_weights(TINY)["o_proj.weight"]
+    with pytest.raises(ValueError, match="read-only"):
+        weight *= 2.0
+
+
+def test_info_of_a_huge_valid_config_counts_without_listing_tensors():
+    """Issue 14: mla-ref info on 10^8 experts x 1000 layers asked for memory; the count is per layer, analytic."""
+    from mla_ref.info import parameter_counts
+    config = TINY.replace(n_routed_experts=10**8, n_group=1, topk_group=1, num_hidden_layers=1000)
+    small = TINY.replace(n_routed_experts=16, n_group=1, topk_group=1, num_hidden_layers=1000)
+    per_expert = 3 * config.moe_intermediate_size * config.hidden_size + config.hidden_size + 1  # w1, w2, w3, gate row, bias
+    extra = (10**8 - 16) * per_expert * (len(config.moe_layers) + config.num_nextn_predict_layers)
+    listed = sum(int(np.prod(shape)) for shape in weight_shapes(small).values())  # the small config's tensors, listed one by one
+    counted = parameter_counts(config)
+    assert counted["main"] + counted["mtp"] == listed + extra
+    assert parameter_counts(small)["main"] + parameter_counts(small)["mtp"] == listed
