@@ -109,7 +109,7 @@ class LatentCache:
 
     def check(self, config: ModelConfig, batch: int) -> None:
         """Raise ``CacheError`` if this cache was built for another config or batch."""
-        _check_common(self.fingerprint, self.lengths, self.rows.shape[0], self.rows.shape[-1], config, batch)
+        _check_common(self, self.lengths, self.rows.shape[0], self.rows.shape[-1], config, batch)
 
     def append(self, new_rows: np.ndarray, query_lengths: np.ndarray) -> "LatentCache":
         """MLA.18 — write ``new_rows [batch, seq, width]`` after each sequence's last position."""
@@ -186,7 +186,7 @@ class PagedLatentCache:
 
     def check(self, config: ModelConfig, batch: int) -> None:
         """Raise ``CacheError`` if this cache was built for another config or batch."""
-        _check_common(self.fingerprint, self.lengths, self.block_table.shape[0], self.blocks.shape[-1], config, batch)
+        _check_common(self, self.lengths, self.block_table.shape[0], self.blocks.shape[-1], config, batch)
 
     def _slots(self, batch_index: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         block_column = position // self.block_size
@@ -248,7 +248,7 @@ class NaiveCache:
 
     def check(self, config: ModelConfig, batch: int) -> None:
         """Raise ``CacheError`` if this cache was built for another config or batch."""
-        _check_common(self.fingerprint, self.lengths, self.keys.shape[0], self.keys.shape[-1], config, batch,
+        _check_common(self, self.lengths, self.keys.shape[0], self.keys.shape[-1], config, batch,
                       width_name="qk_head_dim", width=config.qk_head_dim)
         if self.keys.shape[2] != config.num_attention_heads or self.values.shape[-1] != config.v_head_dim:
             raise CacheError("NaiveCache", f"expected heads {config.num_attention_heads} and value width {config.v_head_dim}, "
@@ -309,15 +309,20 @@ def _shrink(current: np.ndarray, lengths) -> np.ndarray:
     return lengths
 
 
-def _check_common(fingerprint, lengths, batch_of_cache, width_of_cache, config, batch, width_name="latent_cache_width", width=None) -> None:
+def _check_common(cache, lengths, batch_of_cache, width_of_cache, config, batch, width_name="latent_cache_width", width=None) -> None:
+    """Fingerprint, width, batch and lengths of ``cache``; a cache built from arrays (no fingerprint) is bound to the
+    first config it is checked against, so that it refuses any other afterwards."""
     width = config.latent_cache_width if width is None else width
-    if fingerprint is not None and fingerprint != config_fingerprint(config):
-        raise CacheError("cache", f"built for another config (fingerprint {fingerprint}, expected {config_fingerprint(config)} for {config.name})", "MLA.18")
+    fingerprint = config_fingerprint(config)
+    if cache.fingerprint is not None and cache.fingerprint != fingerprint:
+        raise CacheError("cache", f"built for another config (fingerprint {cache.fingerprint}, expected {fingerprint} for {shown(config.name)})", "MLA.18")
     if width_of_cache != width:
         raise CacheError("cache", f"expected rows of {width_name} = {width}, got {width_of_cache}", "MLA.18")
     if batch_of_cache != batch:
         raise CacheError("cache", f"expected batch {batch}, got {batch_of_cache}", "MLA.18")
     _lengths(lengths, batch, "cache.lengths")
+    if cache.fingerprint is None:
+        object.__setattr__(cache, "fingerprint", fingerprint)
 
 
 def validate_block_table(block_table: np.ndarray, num_blocks: int, block_size: int, lengths: np.ndarray) -> None:

@@ -222,6 +222,14 @@ scenario("naive-cache-keys-values-disagree", CacheError, r"^values$",
 scenario("cache-of-another-config", CacheError, r"^cache$",
          call(mla_forward, load_preset("tiny-yarn"), generate_attention_weights(load_preset("tiny-yarn")),
               np.ones((1, 1, load_preset("tiny-yarn").hidden_size)), cache=LatentCache.empty(TINY, 1)))
+def _cache_from_arrays_reused(folder: Path):
+    weights, hidden = generate_attention_weights(TINY), np.ones((1, 1, TINY.hidden_size))
+    cache = LatentCache(np.zeros((1, 4, WIDTH)), np.array([0]))  # no fingerprint: bound by its first use
+    mla_forward(TINY, weights, hidden, cache=cache)
+    return lambda: mla_forward(TINY.replace(rope_theta=20000.0), weights, hidden, cache=cache)
+
+
+scenario("cache-from-arrays-then-another-config", CacheError, r"^cache$", _cache_from_arrays_reused)
 scenario("cache-empty-7-pib", ResourceError, r"^LatentCache$", call(LatentCache.empty, TINY, 10**5, capacity=10**6))
 scenario("cache-empty-negative-capacity", CacheError, r"^capacity$", call(LatentCache.empty, TINY, 1, capacity=-1))
 scenario("naive-cache-empty-huge", ResourceError, r"^NaiveCache$", call(NaiveCache.empty, TINY, 10**4, capacity=10**7))
