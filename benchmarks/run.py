@@ -1,15 +1,18 @@
 """mla-ref benchmark: the reference against the machine's own matmul rate and against torch (issue 6).
 
-    python benchmarks/run.py            # full run, about 15 minutes on 2 cores
-    python benchmarks/run.py --quick    # smoke test, a few minutes
+    python benchmarks/run.py                                # full run, about 25 minutes on 2 cores
+    python benchmarks/run.py --quick --out /tmp/quick.md    # smoke test, a few minutes
+    python benchmarks/run.py --out benchmarks/results.md    # update the committed results (asked for by name)
 
 Every figure is a ratio measured side by side in the same run (absolute times drift on shared
 machines): MLA prefill at deepseek-v3 attention shapes against a float32 matmul of comparable
 size, numpy against torch on CPU with the same threads, decode per token against the cached
 length (naive, absorbed, paged-absorbed), the MoE layer, the peak resident memory of a long
 prefill (in a fresh process) and the wall time of the golden commands and the test suite.
-Writes benchmarks/results.md (the tables) and benchmarks/decode_vs_length.png (if matplotlib
-imports). Not part of the test suite; needs ``pip install -e ".[bench]"`` (threadpoolctl;
+Writes the tables to ``--out`` (default benchmarks/results.local.md, git-ignored: the committed
+benchmarks/results.md is written only when named) and the plot beside it as
+<out stem>_decode_vs_length.png (benchmarks/decode_vs_length.png for the committed results),
+if matplotlib imports. Not part of the test suite; needs ``pip install -e ".[bench]"`` (threadpoolctl;
 torch and matplotlib are optional: their rows are skipped with a note).
 
 OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, when set, are removed for this process only (the run
@@ -601,16 +604,39 @@ def plot(decode: list[dict], path: Path) -> str:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return f"plot: {path.relative_to(ROOT)}"
+    return f"plot: {_shown(path)}"
 
 
-def main(argv: list[str] | None = None) -> int:
+COMMITTED_RESULTS = Path(__file__).resolve().with_name("results.md")
+
+
+def _shown(path: Path) -> Path:
+    """``path`` relative to the checkout when inside it (as the committed results name it), else absolute."""
+    path = path.resolve()
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def plot_path(out: Path) -> Path:
+    """The plot beside the results: decode_vs_length.png for the committed results, <stem>_decode_vs_length.png otherwise."""
+    if out.resolve() == COMMITTED_RESULTS:
+        return COMMITTED_RESULTS.with_name("decode_vs_length.png")
+    return out.with_name(f"{out.stem}_decode_vs_length.png")
+
+
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a few minutes (smoke test)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="BLAS and torch threads (default: the usable cores)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"), help="Markdown file to write")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results.local.md"),
+                        help="Markdown file to write, anywhere (default benchmarks/results.local.md; "
+                             "benchmarks/results.md, the committed results, only when named)")
     parser.add_argument("--keep-openblas-env", action="store_true", help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE if set")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # fail now, not after the run
     plan = QUICK if args.quick else FULL
     from threadpoolctl import threadpool_limits
     try:
@@ -636,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = bench_commands(plan.run_tests)
     info["load_end"] = load_average()
     text = report(info, prefill, decode, moe, peak, commands, args.quick)
-    note = plot(decode, args.out.with_name("decode_vs_length.png"))
+    note = plot(decode, plot_path(args.out))
     text += f"\n{note}\n"
     args.out.write_text(text)
     print()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import numpy.typing as npt
 
 from .config import ModelConfig
 from .errors import ConfigError, InputError, ShapeError, WeightError
@@ -18,13 +19,14 @@ from .moe import BIAS, check_expert_ids
 from .trace import Trace, emit
 
 
-def expert_load(config: ModelConfig, expert_ids, *, trace: Trace | None = None) -> np.ndarray:
+def expert_load(config: ModelConfig, expert_ids: npt.ArrayLike, *, trace: Trace | None = None) -> np.ndarray:
     """MOE.14 — assignments per expert over a batch of routing decisions (V3R section 2.1.2); int64 ``[n_routed_experts]``."""
     ids = check_expert_ids(config, expert_ids, ("tokens",), "MOE.14")  # [tokens, num_experts_per_tok]
     return emit(trace, "MOE.14", np.bincount(ids.reshape(-1), minlength=config.n_routed_experts))  # [n_routed_experts]
 
 
-def bias_update(config: ModelConfig, bias, load, *, speed: float | None = None, trace: Trace | None = None) -> np.ndarray:
+def bias_update(config: ModelConfig, bias: npt.ArrayLike, load: npt.ArrayLike, *, speed: float | None = None,
+                trace: Trace | None = None) -> np.ndarray:
     """MOE.15 — ``b + gamma * sign(mean(load) - load)``: overloaded experts down, underloaded up (V3R section 2.1.2).
 
     Our formalisation of the report's wording; sign(0) = 0. The comparison is made as
@@ -57,7 +59,7 @@ class SequenceBalance:
     p: np.ndarray
 
 
-def sequence_balance_loss(config: ModelConfig, scores, expert_ids=None, *, indicator: str = "unbiased_topk",
+def sequence_balance_loss(config: ModelConfig, scores: npt.ArrayLike, expert_ids: npt.ArrayLike | None = None, *, indicator: str = "unbiased_topk",
                           alpha: float | None = None, trace: Trace | None = None) -> SequenceBalance:
     """MOE.16 — the V3 complementary sequence-wise balance loss ``alpha * sum_i f_i P_i`` (V3R eqs. 17-20).
 
@@ -96,9 +98,9 @@ class V2Balance:
     p: np.ndarray
 
 
-def v2_balance_losses(config: ModelConfig, scores, expert_ids, *, devices: int | None = None, max_devices: int | None = None,
-                      alpha_expert: float | None = None, alpha_device: float = 0.05, alpha_comm: float = 0.02,
-                      trace: Trace | None = None) -> V2Balance:
+def v2_balance_losses(config: ModelConfig, scores: npt.ArrayLike, expert_ids: npt.ArrayLike, *, devices: int | None = None,
+                      max_devices: int | None = None, alpha_expert: float | None = None, alpha_device: float = 0.05,
+                      alpha_comm: float = 0.02, trace: Trace | None = None) -> V2Balance:
     """MOE.17 — the DeepSeek-V2 expert-, device- and communication-level balance losses (V2R section 2.2.3).
 
     Devices are contiguous partitions of the experts: ``devices`` (D, default n_group) must

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 
 import numpy as np
+import numpy.typing as npt
 
 from .config import ModelConfig
 from .checks import check_allocation
@@ -99,7 +100,7 @@ class LatentCache:
         _check_rows("rows", self.rows, 3, self.lengths)
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, dtype=np.float64, capacity: int = 0) -> "LatentCache":
+    def empty(cls, config: ModelConfig, batch: int, dtype: npt.DTypeLike = np.float64, capacity: int = 0) -> "LatentCache":
         """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
         _check_size(batch, capacity)
         check_allocation("LatentCache", (batch, capacity, config.latent_cache_width), dtype, "MLA.18")
@@ -133,7 +134,7 @@ class LatentCache:
         """All cached rows ``[batch, max(lengths), width]``; rows past a sequence's length are padding."""
         return self.rows[:, : int(self.lengths.max(initial=0))]
 
-    def truncate(self, lengths) -> "LatentCache":
+    def truncate(self, lengths: npt.ArrayLike) -> "LatentCache":
         """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
         lengths = _shrink(self.lengths, lengths)
         return _shared(LatentCache(self.rows, lengths, self.fingerprint), self._written)
@@ -159,7 +160,7 @@ class PagedLatentCache:
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, max_tokens: int, block_size: int = 64,
-              extra_blocks: int = 0, shuffle_seed: int | None = None, dtype=np.float64) -> "PagedLatentCache":
+              extra_blocks: int = 0, shuffle_seed: int | None = None, dtype: npt.DTypeLike = np.float64) -> "PagedLatentCache":
         """A pool with room for ``max_tokens`` per sequence; ``shuffle_seed`` scatters the block table."""
         for name, value, least in (("block_size", block_size, 1), ("max_tokens", max_tokens, 0), ("extra_blocks", extra_blocks, 0)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
@@ -215,7 +216,7 @@ class PagedLatentCache:
         """MLA.19 — gather ``[batch, max(lengths), width]``; slots past a length read as 0."""
         return gather_paged_rows(self.blocks, self.block_table, self.lengths)
 
-    def truncate(self, lengths) -> "PagedLatentCache":
+    def truncate(self, lengths: npt.ArrayLike) -> "PagedLatentCache":
         """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
         return _shared(PagedLatentCache(self.blocks, self.block_table, _shrink(self.lengths, lengths), self.fingerprint), self._written)
 
@@ -237,7 +238,7 @@ class NaiveCache:
             raise CacheError("values", f"expected [batch, capacity, heads] = {list(self.keys.shape[:3])} as keys, got {list(self.values.shape[:3])}", "MLA.18")
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, dtype=np.float64, capacity: int = 0) -> "NaiveCache":
+    def empty(cls, config: ModelConfig, batch: int, dtype: npt.DTypeLike = np.float64, capacity: int = 0) -> "NaiveCache":
         """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
         _check_size(batch, capacity)
         check_allocation("NaiveCache", (2, batch, capacity, config.num_attention_heads, max(config.qk_head_dim, config.v_head_dim)), dtype, "MLA.18")
@@ -280,7 +281,7 @@ class NaiveCache:
         used = int(self.lengths.max(initial=0))
         return self.keys[:, :used], self.values[:, :used]
 
-    def truncate(self, lengths) -> "NaiveCache":
+    def truncate(self, lengths: npt.ArrayLike) -> "NaiveCache":
         """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
         return _shared(NaiveCache(self.keys, self.values, _shrink(self.lengths, lengths), self.fingerprint), self._written)
 
@@ -363,3 +364,6 @@ def gather_paged_rows(blocks: np.ndarray, block_table: np.ndarray, lengths: np.n
     rows = blocks[np.maximum(block, 0), positions[None, :] % block_size, 0]  # [batch, keys, width], a new array
     rows[~valid] = 0.0
     return rows
+
+
+LayerCache = LatentCache | PagedLatentCache | NaiveCache  # the cache of one attention layer

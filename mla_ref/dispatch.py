@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import numpy.typing as npt
 
 from .config import ModelConfig
 from .errors import InputError
@@ -40,7 +41,7 @@ class DispatchPlan:
         return [self.for_rank(rank) for rank in range(self.ranks)]
 
 
-def dispatch_plan(config: ModelConfig, expert_ids, ranks: int, *, enforce_node_limit: bool = True,
+def dispatch_plan(config: ModelConfig, expert_ids: npt.ArrayLike, ranks: int, *, enforce_node_limit: bool = True,
                   trace: Trace | None = None) -> DispatchPlan:
     """MOE.18 — per-rank (token, slot, expert) lists, per-rank counts and the node-limit check (V3R section 2.1.2).
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Mapping
 
 import numpy as np
+import numpy.typing as npt
 
 from .cache import LatentCache, NaiveCache, PagedLatentCache, gather_paged_rows, validate_block_table
 from .config import ModelConfig
@@ -275,9 +277,10 @@ def latent_attention(q_latent: np.ndarray, key_rows: np.ndarray, visible: np.nda
     return out, lse
 
 
-def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.ndarray, cache_seqlens: np.ndarray,
-                          head_dim_v: int, softmax_scale: float, causal: bool = False, *, query_chunk: int | None = None,
-                          dtype=np.float64, allow_nonfinite: bool = False, trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
+def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.ndarray, cache_seqlens: np.ndarray, head_dim_v: int,
+                          softmax_scale: float, causal: bool = False, *, query_chunk: int | None = None,
+                          dtype: npt.DTypeLike = np.float64, allow_nonfinite: bool = False,
+                          trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MLA.17 — the latent attention kernel in the FlashMLA layout (``flash_mla_with_kvcache``).
 
     ``q [batch, s_q, heads, width]`` (width = kv_lora_rank + qk_rope_head_dim = 576 for V3:
@@ -330,9 +333,10 @@ class MLAResult:
     lse: np.ndarray
 
 
-def mla_forward(config: ModelConfig, weights: dict, hidden: np.ndarray, start_positions=None, cache=None, *,
-                attention: str | None = None, query_lengths=None, query_chunk: int | None = None,
-                dtype=np.float64, allow_nonfinite: bool = False, trace: Trace | None = None) -> MLAResult:
+def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray,
+                start_positions: npt.ArrayLike | None = None, cache: LatentCache | PagedLatentCache | NaiveCache | None = None, *,
+                attention: str | None = None, query_lengths: npt.ArrayLike | None = None, query_chunk: int | None = None,
+                dtype: npt.DTypeLike = np.float64, allow_nonfinite: bool = False, trace: Trace | None = None) -> MLAResult:
     """One MLA layer: prefill, prefill after a cached prefix, or cached decode (spec/mla.yaml).
 
     ``weights``: the attention tensors under names relative to ``self_attn.``.

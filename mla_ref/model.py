@@ -14,8 +14,9 @@ import functools
 from typing import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
-from .cache import LatentCache, NaiveCache, PagedLatentCache
+from .cache import LatentCache, LayerCache, NaiveCache, PagedLatentCache
 from .checks import checked_weight, finite_output
 from .config import ModelConfig
 from .errors import CacheError, InputError, ShapeError, WeightError
@@ -87,7 +88,7 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray, normaliser: int) -> f
 class ModelCache:
     """One cache per decoder layer (or per MTP module), all holding the same positions; immutable."""
 
-    layers: tuple
+    layers: tuple[LayerCache, ...]
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, *, num_layers: int | None = None, kind: str = "latent",
@@ -115,7 +116,7 @@ class ModelCache:
         """Positions held per sequence ``[batch]`` (equal in every layer)."""
         return self.layers[0].lengths
 
-    def truncate(self, lengths) -> "ModelCache":
+    def truncate(self, lengths: npt.ArrayLike) -> "ModelCache":
         """Forget positions >= ``lengths`` in every layer (a rollback); lengths may only shrink."""
         return ModelCache(tuple(layer_cache.truncate(lengths) for layer_cache in self.layers))
 
@@ -130,8 +131,9 @@ class ModelResult:
     cache: ModelCache | None
 
 
-def model_forward(config: ModelConfig, weights: Mapping, tokens, cache: ModelCache | None = None, *, query_lengths=None,
-                  start_positions=None, attention: str | None = None, trace: Trace | None = None) -> ModelResult:
+def model_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], tokens: npt.ArrayLike, cache: ModelCache | None = None, *,
+                  query_lengths: npt.ArrayLike | None = None, start_positions: npt.ArrayLike | None = None,
+                  attention: str | None = None, trace: Trace | None = None) -> ModelResult:
     """The decoder stack on new tokens ``[batch, seq]`` (spec/model.yaml MODEL.1-MODEL.5).
 
     ``weights``: the full model under Hugging Face names. With a ``cache`` the new tokens follow
@@ -166,7 +168,7 @@ class GenerationResult:
     cache: ModelCache
 
 
-def greedy_generate(config: ModelConfig, weights: Mapping, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def greedy_generate(config: ModelConfig, weights: Mapping[str, np.ndarray], prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     cache: ModelCache | None = None, *, attention: str | None = None, trace: Trace | None = None) -> GenerationResult:
     """Prefill ragged ``prompts`` in one batch, then cached greedy decode (MODEL.6) of ``max_new_tokens`` each.
 

@@ -15,6 +15,7 @@ import re
 from typing import Mapping
 
 import numpy as np
+import numpy.typing as npt
 
 from .config import ModelConfig
 from .errors import InputError, NumericError, ShapeError, WeightError
@@ -136,8 +137,8 @@ class Routing:
     weights: np.ndarray  # [tokens, num_experts_per_tok]
 
 
-def route(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden, *, dtype=np.float64,
-          allow_nonfinite: bool = False, forced_expert_ids=None, trace: Trace | None = None) -> Routing:
+def route(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: npt.ArrayLike, *, dtype: npt.DTypeLike = np.float64,
+          allow_nonfinite: bool = False, forced_expert_ids: npt.ArrayLike | None = None, trace: Trace | None = None) -> Routing:
     """MOE.1-MOE.8 — route ``hidden [..., hidden_size]`` (leading axes flattened into tokens).
 
     ``weights`` holds ``mlp.gate.weight`` and, iff the config has a correction bias,
@@ -246,8 +247,8 @@ class FFNResult:
     routing: Routing | None
 
 
-def ffn_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden, layer: int, *, dtype=np.float64,
-                allow_nonfinite: bool = False, forced_expert_ids=None, trace: Trace | None = None) -> FFNResult:
+def ffn_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: npt.ArrayLike, layer: int, *, dtype: npt.DTypeLike = np.float64,
+                allow_nonfinite: bool = False, forced_expert_ids: npt.ArrayLike | None = None, trace: Trace | None = None) -> FFNResult:
     """The feed-forward block of ``layer``: MoE (MOE.1-MOE.12) or dense (MOE.13) per ``config.is_moe_layer``.
 
     ``weights``: the layer's tensors relative to ``model.layers.{layer}.`` (only ``mlp.`` names
@@ -278,7 +279,7 @@ def ffn_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden, 
 
 # ------------------------------------------------------------------ weight names
 
-def needed_expert_weight_names(config: ModelConfig, layer: int, expert_ids) -> list[str]:
+def needed_expert_weight_names(config: ModelConfig, layer: int, expert_ids: npt.ArrayLike) -> list[str]:
     """Full names ``model.layers.{layer}.mlp.experts.{e}.*`` of the experts in ``expert_ids``, by expert id.
 
     Route first, then ``generate_weights(config, seed, names=..., shapes=layer_weight_shapes(config, layer))``

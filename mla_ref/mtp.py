@@ -12,7 +12,9 @@ import dataclasses
 from typing import Mapping
 
 import numpy as np
+import numpy.typing as npt
 
+from .cache import LayerCache
 from .config import ModelConfig
 from .errors import ConfigError, InputError
 from .model import ModelResult, check_model_weights, check_tokens, cross_entropy, decoder_block, embed_tokens, \
@@ -72,8 +74,9 @@ def mtp_total_loss(depth_losses: np.ndarray, mtp_lambda: float) -> float:
     return float(mtp_lambda * np.sum(depth_losses) / len(depth_losses))
 
 
-def mtp_module(config: ModelConfig, weights: Mapping, depth: int, previous_hidden: np.ndarray, next_tokens: np.ndarray, *,
-               cache=None, query_lengths=None, start_positions=None, trace: Trace | None = None):
+def mtp_module(config: ModelConfig, weights: Mapping[str, np.ndarray], depth: int, previous_hidden: np.ndarray, next_tokens: np.ndarray, *,
+               cache: LayerCache | None = None, query_lengths: npt.ArrayLike | None = None, start_positions: npt.ArrayLike | None = None,
+               trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray, LayerCache]:
     """MTP.2 -> MTP.3 -> MTP.4 for module ``depth`` on rows ``previous_hidden [batch, rows, hidden_size]``.
 
     ``next_tokens [batch, rows]`` holds ``t_{i+k}`` of each row; ``query_lengths`` marks right
@@ -101,11 +104,11 @@ class MTPLosses:
     mtp_loss: float  # L_MTP (MTP.6)
     total_loss: float  # main_loss + mtp_loss
     main_logits: np.ndarray  # [batch, seq, vocab_size]
-    depth_logits: tuple
-    depth_hidden: tuple  # h^k [batch, seq - k, hidden_size]
+    depth_logits: tuple[np.ndarray, ...]
+    depth_hidden: tuple[np.ndarray, ...]  # h^k [batch, seq - k, hidden_size]
 
 
-def mtp_losses(config: ModelConfig, weights: Mapping, tokens, *, depths: int | None = None, mtp_lambda: float = 0.3,
+def mtp_losses(config: ModelConfig, weights: Mapping[str, np.ndarray], tokens: npt.ArrayLike, *, depths: int | None = None, mtp_lambda: float = 0.3,
                trace: Trace | None = None) -> MTPLosses:
     """The main model and the MTP chain on ``tokens [batch, seq + 1]``: per-depth logits and losses (V3R eqs. 21-25).
 

@@ -15,12 +15,18 @@ def _round_float32_mantissa(x: np.ndarray, dropped_bits: int) -> np.ndarray:
     """Round float32 values to ``23 - dropped_bits`` mantissa bits, nearest-even; NaN and inf pass through."""
     with np.errstate(over="ignore"):
         single = np.asarray(x, dtype=np.float32)
-    bits = single.view(np.uint32).astype(np.uint64)
-    half = np.uint64(1 << (dropped_bits - 1)) - np.uint64(1)
-    lowest_kept = (bits >> np.uint64(dropped_bits)) & np.uint64(1)
-    mask = np.uint64((0xFFFFFFFF >> dropped_bits) << dropped_bits)
-    rounded = ((bits + half + lowest_kept) & mask).astype(np.uint32).view(np.float32)
-    return np.where(np.isfinite(single), rounded, single).astype(np.float64)
+    flat = np.ascontiguousarray(single).reshape(-1)  # 1-D, so that a 0-d input stays an array
+    bits = flat.view(np.uint32)
+    # in place on one uint32 array (a weight of 10^8 values rounds in ~2 x its float64 size, not ~5 x):
+    # a finite value's bits stay below 0xFF800000, so adding at most 2^dropped_bits cannot wrap
+    rounded = bits >> np.uint32(dropped_bits)
+    rounded &= np.uint32(1)  # the lowest kept bit: ties go to even
+    rounded += np.uint32((1 << (dropped_bits - 1)) - 1)
+    rounded += bits
+    rounded &= np.uint32((0xFFFFFFFF >> dropped_bits) << dropped_bits)
+    rounded_float = rounded.view(np.float32)
+    np.copyto(rounded_float, flat, where=~np.isfinite(flat))  # NaN and inf pass through
+    return rounded_float.astype(np.float64).reshape(single.shape)
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:

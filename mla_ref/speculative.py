@@ -65,8 +65,8 @@ class MTPDrafter:
     records (and with a precision, emulates) the modules' MTP.2-MTP.4.
     """
 
-    def __init__(self, config: ModelConfig, weights: Mapping, num_draft_tokens: int | None = None, cache_kind: str = "latent",
-                 trace: Trace | None = None):
+    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], num_draft_tokens: int | None = None, cache_kind: str = "latent",
+                 trace: Trace | None = None) -> None:
         self.num_draft_tokens = check_depths(config, num_draft_tokens, drafting=True)
         if config.mtp_rope_position != "hidden":
             raise ConfigError("mtp_rope_position", f"cached MTP drafting supports 'hidden' only (mla_forward places new rows at the "
@@ -182,7 +182,7 @@ class SpeculativeResult:
             return self.accepted_per_depth / self.proposed_per_depth
 
 
-def speculative_generate(config: ModelConfig, weights: Mapping, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+def speculative_generate(config: ModelConfig, weights: Mapping[str, np.ndarray], prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                          drafter: Drafter | None = None, num_draft_tokens: int | None = None, cache: ModelCache | None = None,
                          trace: Trace | None = None) -> SpeculativeResult:
     """Greedy speculative decoding of ragged ``prompts``: exactly the tokens of greedy decoding (spec/mtp.yaml conventions.speculative).

@@ -12,6 +12,7 @@ import math
 from typing import Iterable, Mapping
 
 import numpy as np
+import numpy.typing as npt
 
 from .checks import check_allocation, checked_weight
 from .config import ModelConfig
@@ -155,7 +156,7 @@ def generate_tensor(seed: int, name: str, shape: tuple[int, ...], rule: str, dty
 
 
 def generate_weights(config: ModelConfig, seed: int = 0, names: Iterable[str] | None = None,
-                     shapes: Mapping[str, tuple[int, ...]] | None = None, dtype=np.float64) -> dict[str, np.ndarray]:
+                     shapes: Mapping[str, tuple[int, ...]] | None = None, dtype: npt.DTypeLike = np.float64) -> dict[str, np.ndarray]:
     """Deterministic weights under Hugging Face names.
 
     ``shapes`` defaults to the whole model (:func:`weight_shapes`); pass
@@ -173,7 +174,7 @@ def generate_weights(config: ModelConfig, seed: int = 0, names: Iterable[str] | 
     return {name: generate_tensor(seed, name, shape, _init_rule(name, rules), dtype) for name, shape in table.items()}
 
 
-def generate_attention_weights(config: ModelConfig, seed: int = 0, layer: int = 0, dtype=np.float64) -> dict[str, np.ndarray]:
+def generate_attention_weights(config: ModelConfig, seed: int = 0, layer: int = 0, dtype: npt.DTypeLike = np.float64) -> dict[str, np.ndarray]:
     """The MLA tensors of ``layer`` under relative names (values equal to the full model's)."""
     prefix = f"model.layers.{layer}.self_attn."
     full = generate_weights(config, seed, shapes={prefix + name: shape for name, shape in attention_weight_shapes(config).items()}, dtype=dtype)

@@ -338,7 +338,7 @@ def _real_manifest(folder: Path, **changes) -> Path:
 scenario("manifest-alias-bomb", GoldenError, r"manifest\.yaml$", lambda folder: (lambda d: lambda: read_manifest(d / "manifest.yaml"))(_manifest(folder, YAML_BOMB)))
 scenario("export-manifest-alias-bomb", GoldenError, r"manifest\.yaml$",
          lambda folder: (lambda d: lambda: export(d, folder / "out"))(_manifest(folder, YAML_BOMB)))
-scenario("generate-select-nothing", GoldenError, r"^--select$", lambda folder: lambda: generate(folder / "g", "no-case-has-this-name"))
+scenario("generate-select-nothing", InputError, r"^select$", lambda folder: lambda: generate(folder / "g", "no-case-has-this-name"))
 scenario("generate-foreign-manifest", GoldenError, r"manifest\.yaml$",
          lambda folder: (lambda d: lambda: generate(d, "mla.prefill/tiny/seed0"))(_manifest(folder, "title: my notes\n")))
 scenario("generate-foreign-manifest-all-cases", GoldenError, r"manifest\.yaml$",
@@ -356,7 +356,7 @@ scenario("generate-dir-is-a-file", GoldenError, r"golden$", in_file("golden", "x
 scenario("generate-dir-unwritable", GoldenError, r"^/proc/", call(generate, Path("/proc/mla-ref-test/golden"), "mla.prefill/tiny/seed0"))
 scenario("export-out-is-a-file", GoldenError, r"out$", in_file("out", "x", lambda path: export(None, path, "mla.prefill/tiny/seed0")))
 scenario("export-out-unwritable", GoldenError, r"^/proc/", call(export, None, Path("/proc/mla-ref-test/out"), "mla.prefill/tiny/seed0"))
-scenario("export-select-nothing", GoldenError, r"^--select$", lambda folder: lambda: export(None, folder / "out", "no-case-has-this-name"))
+scenario("export-select-nothing", InputError, r"^select$", lambda folder: lambda: export(None, folder / "out", "no-case-has-this-name"))
 scenario("write-safetensors-unwritable", GoldenError, r"^/proc/", call(write_safetensors, Path("/proc/mla-ref-test/x.safetensors"), {"x": np.ones(2)}))
 
 

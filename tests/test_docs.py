@@ -1,4 +1,8 @@
-"""Every ``>>>`` example in docs/ runs and prints what the page says; generated pages match their generator."""
+"""Every ``>>>`` example in docs/ runs and prints what the page says; generated pages match their generator.
+
+The examples sit in fenced ``python`` blocks, so that GitHub renders them as code; the blocks
+are extracted (tests/markdown_blocks.py) and run by doctest, one namespace per page.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,31 @@ from pathlib import Path
 
 import pytest
 
+from markdown_blocks import doctest_text, prompts_outside_blocks
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
+README = DOCS.parent / "README.md"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[page.name for page in PAGES])
 def test_examples_run(page):
     import numpy as np
     saved = np.get_printoptions()
+    test = doctest.DocTestParser().get_doctest(doctest_text(page), {}, page.name, str(page), 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     try:
-        result = doctest.testfile(str(page), module_relative=False, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-                                  verbose=False, report=True)
+        runner.run(test)
     finally:
         np.set_printoptions(**saved)
+    result = runner.summarize(verbose=False)
     assert result.failed == 0, f"{page}: {result.failed} of {result.attempted} examples failed (doctest output above)"
+
+
+@pytest.mark.parametrize("page", [*PAGES, README], ids=[page.name for page in [*PAGES, README]])
+def test_examples_are_fenced_python_blocks(page):
+    """A ``>>>`` line outside a fence renders on GitHub as nested block quotes, prompts stripped."""
+    assert prompts_outside_blocks(page) == [], f"{page.name}: >>> outside a ```python block at lines {prompts_outside_blocks(page)}"
 
 
 def test_conventions_page_is_generated_from_the_spec():

@@ -45,3 +45,15 @@ def test_tf32_keeps_ten_mantissa_bits():
     assert round_tf32(np.array(1.0 + 2.0 ** -10)) == 1.0 + 2.0 ** -10
     assert round_tf32(np.array(1.0 + 2.0 ** -11)) == 1.0  # tie to even
     assert round_tf32(np.array(1.0 + 3 * 2.0 ** -11)) == 1.0 + 2.0 ** -9
+
+
+@pytest.mark.parametrize("rounding, precision_bits", [(round_bf16, 8), (round_tf32, 11)])
+def test_rounding_equals_frexp_round_half_even_on_normal_floats(rounding, precision_bits):
+    """Independent derivation: significand scaled to the kept bits, np.round (half to even), scaled back."""
+    rng = np.random.default_rng(7)
+    single = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    tiny, huge = np.finfo(np.float32).tiny, np.finfo(np.float32).max / 2
+    normal = single[np.isfinite(single) & (np.abs(single) >= tiny) & (np.abs(single) <= huge)].astype(np.float64)
+    significand, exponent = np.frexp(normal)  # significand in [0.5, 1)
+    expected = np.ldexp(np.round(significand * 2.0 ** precision_bits), exponent - precision_bits)
+    np.testing.assert_array_equal(rounding(normal.astype(np.float32)), expected)

@@ -8,20 +8,35 @@ variants marked ``expect: reject`` show how far a wrong precision lands.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 
 from ..spec import load_spec_file
 from ..trace import Trace
 from .cases import build_case, call_reference, case_definitions
+from .manifest import read_manifest
 
 
-def calibrate(pattern: str | None = None) -> list[dict]:
-    """Rows ``{case, variant, base, tensor, ratio, expect}``, one per case, variant and float output."""
+def calibrate(pattern: str | None = None, directory: Path | None = None,
+              progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """Rows ``{case, variant, base, tensor, ratio, expect}``, one per case, variant and float output.
+
+    The committed cases, or with ``directory`` the cases its manifest lists (``golden-on-demand/``:
+    the DeepSeek-V3 shapes), rebuilt from the spec. ``progress(done, total, case_id)`` before each case.
+    """
     variants = {name: spec for name, spec in load_spec_file("tolerance.yaml")["calibration_variants"].items() if name != "doc"}
+    if directory is None:
+        definitions = case_definitions()
+    else:
+        manifest = read_manifest(Path(directory) / "manifest.yaml")
+        definitions = [d for d in case_definitions(bool(manifest.get("on_demand", False))) if d["id"] in manifest["cases"]]
+    definitions = [d for d in definitions if not pattern or pattern in d["id"]]
     rows = []
-    for definition in case_definitions():
-        if pattern and pattern not in definition["id"]:
-            continue
+    for done, definition in enumerate(definitions):
+        if progress is not None:
+            progress(done, len(definitions), definition["id"])
         case = build_case(definition)
         for name, variant in variants.items():
             base = variant["base"]
