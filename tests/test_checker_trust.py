@@ -96,7 +96,7 @@ def test_golden_verify_of_nothing_is_an_error(capsys):
 
 
 def test_a_missing_golden_folder_is_an_error(tmp_path, capsys):
-    assert main(["check", "mla_ref.conformance.reference_adapter", "--dir", str(tmp_path / "absent")]) == 2
+    assert main(["check", "mla_ref.conformance.reference_adapter", "--dir", str(tmp_path / "absent")]) == 3  # GoldenError: README exit status 3
     assert "manifest is missing" in capsys.readouterr().err
 
 
