@@ -26,7 +26,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import ModelConfig
-from .errors import CacheError, ShapeError
+from .checks import check_allocation
+from .errors import CacheError, ShapeError, shown
 
 
 def config_fingerprint(config: ModelConfig) -> str:
@@ -95,16 +96,21 @@ class LatentCache:
     fingerprint: str | None = None
     _written: _Written | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        _check_rows("rows", self.rows, 3, self.lengths)
+
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, dtype: npt.DTypeLike = np.float64, capacity: int = 0) -> "LatentCache":
         """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
+        _check_size(batch, capacity)
+        check_allocation("LatentCache", (batch, capacity, config.latent_cache_width), dtype, "MLA.18")
         lengths = np.zeros(batch, np.int64)
         cache = cls(np.zeros((batch, capacity, config.latent_cache_width), dtype), lengths, config_fingerprint(config))
         return _shared(cache, _Written(lengths))
 
     def check(self, config: ModelConfig, batch: int) -> None:
         """Raise ``CacheError`` if this cache was built for another config or batch."""
-        _check_common(self.fingerprint, self.lengths, self.rows.shape[0], self.rows.shape[-1], config, batch)
+        _check_common(self, self.lengths, self.rows.shape[0], self.rows.shape[-1], config, batch)
 
     def append(self, new_rows: np.ndarray, query_lengths: np.ndarray) -> "LatentCache":
         """MLA.18 — write ``new_rows [batch, seq, width]`` after each sequence's last position."""
@@ -156,10 +162,13 @@ class PagedLatentCache:
     def empty(cls, config: ModelConfig, batch: int, max_tokens: int, block_size: int = 64,
               extra_blocks: int = 0, shuffle_seed: int | None = None, dtype: npt.DTypeLike = np.float64) -> "PagedLatentCache":
         """A pool with room for ``max_tokens`` per sequence; ``shuffle_seed`` scatters the block table."""
-        if block_size < 1:
-            raise CacheError("block_size", f"expected >= 1, got {block_size}", "MLA.19")
+        for name, value, least in (("block_size", block_size, 1), ("max_tokens", max_tokens, 0), ("extra_blocks", extra_blocks, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise CacheError(name, f"expected an int >= {least}, got {shown(value)}", "MLA.19")
+        _check_size(batch, 0)
         per_sequence = -(-max_tokens // block_size)
         num_blocks = batch * per_sequence + extra_blocks
+        check_allocation("PagedLatentCache", (num_blocks, block_size, 1, config.latent_cache_width), dtype, "MLA.19")
         order = np.arange(num_blocks)
         if shuffle_seed is not None:
             order = np.random.default_rng(shuffle_seed).permutation(num_blocks)
@@ -178,7 +187,7 @@ class PagedLatentCache:
 
     def check(self, config: ModelConfig, batch: int) -> None:
         """Raise ``CacheError`` if this cache was built for another config or batch."""
-        _check_common(self.fingerprint, self.lengths, self.block_table.shape[0], self.blocks.shape[-1], config, batch)
+        _check_common(self, self.lengths, self.block_table.shape[0], self.blocks.shape[-1], config, batch)
 
     def _slots(self, batch_index: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         block_column = position // self.block_size
@@ -222,9 +231,17 @@ class NaiveCache:
     fingerprint: str | None = None
     _written: _Written | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        _check_rows("keys", self.keys, 4, self.lengths)
+        _check_rows("values", self.values, 4, self.lengths)
+        if self.values.shape[:3] != self.keys.shape[:3]:
+            raise CacheError("values", f"expected [batch, capacity, heads] = {list(self.keys.shape[:3])} as keys, got {list(self.values.shape[:3])}", "MLA.18")
+
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, dtype: npt.DTypeLike = np.float64, capacity: int = 0) -> "NaiveCache":
         """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
+        _check_size(batch, capacity)
+        check_allocation("NaiveCache", (2, batch, capacity, config.num_attention_heads, max(config.qk_head_dim, config.v_head_dim)), dtype, "MLA.18")
         heads, lengths = config.num_attention_heads, np.zeros(batch, np.int64)
         cache = cls(np.zeros((batch, capacity, heads, config.qk_head_dim), dtype), np.zeros((batch, capacity, heads, config.v_head_dim), dtype),
                     lengths, config_fingerprint(config))
@@ -232,7 +249,7 @@ class NaiveCache:
 
     def check(self, config: ModelConfig, batch: int) -> None:
         """Raise ``CacheError`` if this cache was built for another config or batch."""
-        _check_common(self.fingerprint, self.lengths, self.keys.shape[0], self.keys.shape[-1], config, batch,
+        _check_common(self, self.lengths, self.keys.shape[0], self.keys.shape[-1], config, batch,
                       width_name="qk_head_dim", width=config.qk_head_dim)
         if self.keys.shape[2] != config.num_attention_heads or self.values.shape[-1] != config.v_head_dim:
             raise CacheError("NaiveCache", f"expected heads {config.num_attention_heads} and value width {config.v_head_dim}, "
@@ -269,6 +286,23 @@ class NaiveCache:
         return _shared(NaiveCache(self.keys, self.values, _shrink(self.lengths, lengths), self.fingerprint), self._written)
 
 
+def _check_size(batch, capacity) -> None:
+    for name, value, least in (("batch", batch, 1), ("capacity", capacity, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise CacheError(name, f"expected an int >= {least}, got {shown(value)}", "MLA.18")
+
+
+def _check_rows(name: str, rows, ndim: int, lengths) -> None:
+    """A cache's array: an ndarray of ``ndim`` axes ``[batch, capacity, ...]`` whose lengths never exceed its capacity."""
+    if not isinstance(rows, np.ndarray) or rows.ndim != ndim or rows.dtype.kind != "f":
+        described = f"{rows.dtype} {list(rows.shape)}" if isinstance(rows, np.ndarray) else type(rows).__name__
+        raise CacheError(name, f"expected a float array of {ndim} axes [batch, capacity, ...], got {described}", "MLA.18")
+    held = _lengths(lengths, rows.shape[0], "lengths")
+    if (held > rows.shape[1]).any():
+        bad = int(np.argmax(held > rows.shape[1]))
+        raise CacheError("lengths", f"sequence {bad} holds {int(held[bad])} positions but the cache stores {rows.shape[1]} rows", "MLA.18")
+
+
 def _shrink(current: np.ndarray, lengths) -> np.ndarray:
     lengths = _lengths(lengths, current.shape[0], "lengths")
     if (lengths > current).any():
@@ -276,15 +310,20 @@ def _shrink(current: np.ndarray, lengths) -> np.ndarray:
     return lengths
 
 
-def _check_common(fingerprint, lengths, batch_of_cache, width_of_cache, config, batch, width_name="latent_cache_width", width=None) -> None:
+def _check_common(cache, lengths, batch_of_cache, width_of_cache, config, batch, width_name="latent_cache_width", width=None) -> None:
+    """Fingerprint, width, batch and lengths of ``cache``; a cache built from arrays (no fingerprint) is bound to the
+    first config it is checked against, so that it refuses any other afterwards."""
     width = config.latent_cache_width if width is None else width
-    if fingerprint is not None and fingerprint != config_fingerprint(config):
-        raise CacheError("cache", f"built for another config (fingerprint {fingerprint}, expected {config_fingerprint(config)} for {config.name})", "MLA.18")
+    fingerprint = config_fingerprint(config)
+    if cache.fingerprint is not None and cache.fingerprint != fingerprint:
+        raise CacheError("cache", f"built for another config (fingerprint {cache.fingerprint}, expected {fingerprint} for {shown(config.name)})", "MLA.18")
     if width_of_cache != width:
         raise CacheError("cache", f"expected rows of {width_name} = {width}, got {width_of_cache}", "MLA.18")
     if batch_of_cache != batch:
         raise CacheError("cache", f"expected batch {batch}, got {batch_of_cache}", "MLA.18")
     _lengths(lengths, batch, "cache.lengths")
+    if cache.fingerprint is None:
+        object.__setattr__(cache, "fingerprint", fingerprint)
 
 
 def validate_block_table(block_table: np.ndarray, num_blocks: int, block_size: int, lengths: np.ndarray) -> None:

@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="print the derived constants of a preset or a Hugging Face config.json")
     info.add_argument("config", help=f"a preset ({', '.join(preset_names())}) or a config.json / yaml path")
+    info.add_argument("--no-strict", dest="strict", action="store_false",
+                      help="load a Hugging Face / official config with unknown keys (listed as a warning) instead of refusing it")
 
     explain = commands.add_parser("explain", help="print a spec step: equation, shapes for a preset, the implementing function, pitfalls")
     explain.add_argument("step", help="a step id, e.g. MLA.13 or MOE.4")
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "info":
-        print(info_text(load_config(args.config)))
+        print(info_text(load_config(args.config, strict=args.strict)))
         return 0
     if args.command == "explain":
         from .explain import explain

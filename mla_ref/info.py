@@ -8,7 +8,7 @@ from .config import ModelConfig, cache_values_per_token
 from .moe import renormalises_topk
 from .rope import (base_inverse_frequencies, rope_amplitude, rope_frequencies, softmax_scale, yarn_correction_range,
                    yarn_get_mscale, yarn_ramp)
-from .weights import weight_shapes
+from .weights import parameter_count
 
 BYTES_PER_VALUE = {"bf16": 2, "fp32": 4}
 
@@ -59,17 +59,16 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     """Parameters from the checkpoint shapes: main model, MTP modules, and those active for one token.
 
     Active = everything of the main model except the routed experts, plus num_experts_per_tok
-    routed experts in every MoE layer (embedding and LM head included).
+    routed experts in every MoE layer (embedding and LM head included). Counted per layer
+    (weights.parameter_count), never by listing every expert's tensors.
     """
-    shapes = weight_shapes(config)
-    mtp_prefixes = tuple(f"model.layers.{layer}." for layer in range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers))
-    main = {name: shape for name, shape in shapes.items() if not name.startswith(mtp_prefixes)}
-    size = lambda shape: int(np.prod(shape))  # noqa: E731
-    routed = sum(size(shape) for name, shape in main.items() if ".mlp.experts." in name)
+    main, routed = parameter_count(config)
+    for layer in range(config.num_hidden_layers):
+        total, experts = parameter_count(config, layer)
+        main, routed = main + total, routed + experts
+    mtp = sum(parameter_count(config, layer)[0] for layer in range(config.num_hidden_layers, config.num_hidden_layers + config.num_nextn_predict_layers))
     per_expert = 3 * config.moe_intermediate_size * config.hidden_size
-    total = sum(size(shape) for shape in main.values())
-    return {"main": total, "mtp": sum(size(shape) for name, shape in shapes.items() if name.startswith(mtp_prefixes)),
-            "active": total - routed + config.num_experts_per_tok * per_expert * len(config.moe_layers)}
+    return {"main": main, "mtp": mtp, "active": main - routed + config.num_experts_per_tok * per_expert * len(config.moe_layers)}
 
 
 def info_text(config: ModelConfig) -> str:

@@ -9,6 +9,7 @@ FlashMLA-layout kernel contract on its own. Shapes use the config's names; ``bat
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping
 
 import numpy as np
@@ -16,8 +17,8 @@ import numpy.typing as npt
 
 from .cache import LatentCache, NaiveCache, PagedLatentCache, gather_paged_rows, validate_block_table
 from .config import ModelConfig
-from .checks import check_int_vector, check_tensor, compute_dtype
-from .errors import CacheError, InputError, ShapeError
+from .checks import all_finite, check_int_vector, check_tensor, compute_dtype, finite_output
+from .errors import CacheError, InputError, ShapeError, shown
 from .norm import rms_norm
 from .rope import apply_rope, rope_angles, softmax_scale
 from .trace import Trace, emit
@@ -305,10 +306,13 @@ def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.nd
     if table.ndim != 2 or table.shape[0] != batch:
         raise ShapeError("block_table", f"expected [{batch}, max_blocks], got {list(table.shape)}", "MLA.19")
     validate_block_table(table, cache.shape[0], cache.shape[1], seqlens)
-    if not isinstance(head_dim_v, (int, np.integer)) or not 0 < head_dim_v <= width:
-        raise InputError("head_dim_v", f"expected an int in 1 .. {width}, got {head_dim_v!r}", "MLA.17")
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (float, int, np.floating, np.integer)) or not softmax_scale > 0:
-        raise InputError("softmax_scale", f"expected a float > 0 (the model's scale, e.g. 0.1352337788608801 for V3), got {softmax_scale!r}", "MLA.17")
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, (int, np.integer)) or not 0 < head_dim_v <= width:
+        raise InputError("head_dim_v", f"expected an int in 1 .. {width}, got {shown(head_dim_v)}", "MLA.17")
+    if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (float, int, np.floating, np.integer))
+            or not (math.isfinite(softmax_scale) and softmax_scale > 0)):
+        raise InputError("softmax_scale", f"expected a finite float > 0 (the model's scale, e.g. 0.1352337788608801 for V3), got {shown(softmax_scale)}", "MLA.17")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise InputError("causal", f"expected a bool, got {shown(causal)} ({type(causal).__name__})", "MLA.17")
     q = q if trace is None else trace.round_input(q)
     cache = cache if trace is None else trace.round_input(cache)
     key_rows = emit(trace, "MLA.19", gather_paged_rows(cache, table.astype(np.int64), seqlens))  # [batch, keys, width]
@@ -320,6 +324,7 @@ def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.nd
         visible = np.broadcast_to((np.arange(keys)[None, :] < seqlens[:, None])[:, None, :], (batch, s_q, keys))
     visible = emit(trace, "MLA.8", visible)
     out, lse = latent_attention(q, key_rows, visible, float(softmax_scale), int(head_dim_v), query_chunk, trace)
+    out = out if allow_nonfinite else finite_output("out", out, "MLA.17")
     return emit(trace, "MLA.17", out, lse)
 
 
@@ -384,7 +389,17 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     else:
         attn, lse = naive_attention_from_latent(config, w, q_nope, q_pe, key_rows, visible, scale, query_chunk, trace)  # MLA.6-7, MLA.9-11
     output = emit(trace, "MLA.12", output_projection(attn, w))  # [batch, seq, hidden_size]
+    if not allow_nonfinite:
+        _finite_steps(("MLA.2", q_nope), ("MLA.3", kv_latent), ("MLA.16" if attention == "absorbed" else "MLA.11", attn), ("MLA.12", output))
     return MLAResult(output, cache, lse)
+
+
+def _finite_steps(*outputs: tuple[str, np.ndarray]) -> None:
+    """NumericError naming the first step whose output is not finite, when the last one is not (finite inputs were checked)."""
+    if all_finite(outputs[-1][1]):
+        return
+    step, array = next((step, array) for step, array in outputs if not all_finite(array))
+    finite_output("output" if step == outputs[-1][0] else f"{step} output", array, step)
 
 
 def _prepare(config, weights, hidden, start_positions, cache, attention, query_lengths, dtype, allow_nonfinite, trace):

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .cache import LatentCache, LayerCache, NaiveCache, PagedLatentCache
+from .checks import checked_weight, finite_output
 from .config import ModelConfig
 from .errors import CacheError, InputError, ShapeError, WeightError
 from .mla import mla_forward
@@ -154,6 +155,7 @@ def model_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], tokens
         layer_caches.append(layer_cache)
     post_norm_hidden = emit(trace, "MODEL.4", final_norm(config, weights, hidden, trace))  # [batch, seq, hidden_size]
     logits = emit(trace, "MODEL.5", lm_head_logits(model_tensor(weights, "lm_head.weight", trace), post_norm_hidden))  # [.., vocab]
+    finite_output("logits", logits, "MODEL.5")
     return ModelResult(logits, hidden, post_norm_hidden, None if cache is None else ModelCache(tuple(layer_caches)))
 
 
@@ -202,9 +204,12 @@ def greedy_generate(config: ModelConfig, weights: Mapping[str, np.ndarray], prom
 
 # ------------------------------------------------------------------ validation and plumbing
 
+_READING_STEP = {"model.embed_tokens.weight": "MODEL.1", "model.norm.weight": "MODEL.4", "lm_head.weight": "MODEL.5"}
+
+
 def model_tensor(weights: Mapping, name: str, trace: Trace | None = None) -> np.ndarray:
-    """A float64 tensor of ``weights`` (checked by :func:`check_model_weights`), rounded as the trace's profile stores weights."""
-    value = np.asarray(weights[name], dtype=np.float64)
+    """A float64 tensor of ``weights`` (shape checked by :func:`check_model_weights`), checked finite, rounded as the trace's profile stores weights."""
+    value = checked_weight(name, np.asarray(weights[name]), np.float64, _READING_STEP.get(name, "MODEL.1"))
     return value if trace is None else trace.round_input(value, "weights")
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import ModelConfig
-from .errors import InputError, ShapeError, WeightError
-from .checks import all_finite, check_tensor, checked_weight, compute_dtype, first_nonfinite
+from .errors import InputError, NumericError, ShapeError, WeightError
+from .checks import all_finite, check_tensor, checked_weight, compute_dtype, finite_output, first_nonfinite
 from .spec import evaluate_shape, load_spec_file
 from .trace import Trace, emit
 
@@ -110,7 +110,14 @@ def routing_weights(config: ModelConfig, scores: np.ndarray, expert_ids: np.ndar
     """MOE.8 — unbiased scores of the chosen experts, optionally renormalised, times routed_scaling_factor (V3R eq. 13, 16)."""
     chosen = np.take_along_axis(scores, expert_ids, axis=-1)  # [tokens, num_experts_per_tok]
     if renormalises_topk(config):
-        chosen = chosen / (chosen.sum(axis=-1, keepdims=True) + config.topk_norm_epsilon)
+        total = chosen.sum(axis=-1, keepdims=True) + config.topk_norm_epsilon  # [tokens, 1]
+        zero = (total[:, 0] == 0) & np.isfinite(chosen).all(axis=-1)
+        if zero.any():
+            token = int(np.argmax(zero))
+            raise NumericError("weights", f"token {token}: every chosen score is 0 (underflow: sigmoid of logits below about -745 in "
+                               "float64, -104 in float32), so renormalising is 0/0. The spec divides as is (OFF, vLLM); HF3 adds "
+                               "1e-20 to the denominator and gets weights 0: set topk_norm_epsilon = 1e-20 for that", "MOE.8")
+        chosen = chosen / total
     return chosen * config.routed_scaling_factor
 
 
@@ -258,6 +265,7 @@ def ffn_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     leading = np.shape(hidden)[:-1]
     if not config.is_moe_layer(layer):
         output = emit(trace, "MOE.13", dense_mlp(config, weights, x, dtype, trace))  # [tokens, hidden_size]
+        output = output if allow_nonfinite else finite_output("output", output, "MOE.13")
         return FFNResult(output.reshape(leading + (config.hidden_size,)), None)
     gate, bias = _router_tensors(config, weights, dtype, trace)
     routing = _route_tokens(config, gate, bias, x, allow_nonfinite, trace, forced_expert_ids)  # MOE.1-MOE.8
@@ -265,6 +273,7 @@ def ffn_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     routed = emit(trace, "MOE.10", combine_experts(expert_out, routing.expert_ids, routing.weights))  # [tokens, hidden_size]
     shared = emit(trace, "MOE.11", shared_experts(config, weights, x, dtype, trace)) if config.n_shared_experts else None
     output = emit(trace, "MOE.12", moe_output(routed, shared))  # [tokens, hidden_size]
+    output = output if allow_nonfinite else finite_output("output", output, "MOE.12")
     return FFNResult(output.reshape(leading + (config.hidden_size,)), routing)
 
 

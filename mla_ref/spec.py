@@ -31,19 +31,73 @@ def spec_dir() -> Path:
     raise SpecError("spec/", f"spec.yaml not found in {here / 'spec'} or {here.parent / 'spec'}", "SPEC")
 
 
+MAX_YAML_NODES = 5_000_000  # nodes after alias expansion; golden/manifest.yaml has ~60 000
+MAX_YAML_BYTES = 256 * 2**20
+
+
 def read_yaml(path: Path) -> Any:
-    """Parse one YAML file with ``safe_load``; errors name the file (and line)."""
+    """Parse one YAML file with the safe loader; errors name the file (and line). See :func:`parse_yaml`."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        size = Path(path).stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise SpecError(str(path), f"{size} bytes; a YAML file here is at most {MAX_YAML_BYTES}", "SPEC")
+        text = Path(path).read_bytes().decode("utf-8")
     except OSError as exc:
-        raise SpecError(str(path), f"cannot be read: {exc}", "SPEC") from None
+        raise SpecError(str(path), f"cannot be read: {exc.strerror or exc}", "SPEC") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), f"not UTF-8 text (byte {exc.start})", "SPEC") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``safe_load`` of ``text``, refusing documents whose aliases expand to more than MAX_YAML_NODES nodes.
+
+    Aliases are shared, not copied, by the loader; a reader that walks the result (a message,
+    a dump, a comparison) expands them: nine levels of nine aliases are 387 million nodes.
+    The expanded count is computed on the composed node graph (each node once) before
+    constructing Python objects.
+    """
+    loader = SAFE_LOADER(text)
     try:
-        return yaml.load(text, Loader=SAFE_LOADER)  # the C build of the safe loader where libyaml exists
+        node = loader.get_single_node()
+        if node is not None:
+            expanded = _expanded_nodes(node)
+            if expanded > MAX_YAML_NODES:
+                raise SpecError(where, f"aliases expand to more than {MAX_YAML_NODES} nodes (an alias bomb?)", "SPEC")
+        return None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(str(path), f"malformed YAML{where}: {problem}", "SPEC") from None
+        raise SpecError(where, f"malformed YAML{at}: {problem}", "SPEC") from None
+    except RecursionError:
+        raise SpecError(where, "nested too deeply", "SPEC") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_nodes(root) -> int:
+    """Nodes of the document with every alias expanded, computed once per distinct node."""
+    counts: dict[int, int] = {}
+    order, stack = [], [root]
+    while stack:  # post-order without recursion
+        node = stack.pop()
+        if id(node) in counts:
+            continue
+        counts[id(node)] = -1
+        order.append(node)
+        stack.extend(_children(node))
+    for node in reversed(order):
+        counts[id(node)] = min(1 + sum(counts[id(child)] for child in _children(node)), MAX_YAML_NODES + 1)
+    return counts[id(root)]
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def require_keys(mapping: Any, keys: tuple[str, ...], where: str) -> None:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from typing import Iterable, Mapping
 
 import numpy as np
 import numpy.typing as npt
 
-from .checks import checked_weight
+from .checks import check_allocation, checked_weight
 from .config import ModelConfig
-from .errors import WeightError
+from .errors import ResourceError, WeightError
 from .rope import half_layout_permutation
 from .spec import evaluate_shape, load_spec_file
 
@@ -36,19 +37,49 @@ def _group_shapes(config: ModelConfig, group: str, prefix: str = "") -> dict[str
 
 
 @functools.lru_cache(maxsize=256)
+def _group_entries(config: ModelConfig, group: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape) of one group for ``config``, routed-expert names kept as ``{expert}`` templates."""
+    symbols = config.symbols()
+    return tuple((entry["name"], evaluate_shape(entry["shape"], symbols)) for entry in load_spec_file("weights.yaml")["tensors"][group]
+                 if _condition(config, entry.get("when")))
+
+
+MAX_TENSORS = 10_000_000  # a name table beyond this is refused, not built (DeepSeek-V3: 91,991 tensors)
+
+
+@functools.lru_cache(maxsize=256)
 def _group_table(config: ModelConfig, group: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """(name, shape) of one group for ``config``, evaluated once per config (every layer call reads it)."""
-    symbols = config.symbols()
+    entries = _group_entries(config, group)
+    _check_tensor_count(sum(config.n_routed_experts if "{expert}" in name else 1 for name, _ in entries), f"weights.yaml {group}")
     table = []
-    for entry in load_spec_file("weights.yaml")["tensors"][group]:
-        if not _condition(config, entry.get("when")):
-            continue
-        shape = evaluate_shape(entry["shape"], symbols)
-        if "{expert}" in entry["name"]:
-            table += [(entry["name"].format(expert=expert), shape) for expert in range(config.n_routed_experts)]
+    for name, shape in entries:
+        if "{expert}" in name:
+            table += [(name.format(expert=expert), shape) for expert in range(config.n_routed_experts)]
         else:
-            table.append((entry["name"], shape))
+            table.append((name, shape))
     return tuple(table)
+
+
+def _check_tensor_count(count: int, what: str) -> None:
+    if count > MAX_TENSORS:
+        raise ResourceError(what, f"{count} tensors, more than the {MAX_TENSORS} a name table is built for; "
+                            "count parameters with parameter_count(config) instead", "WEIGHTS.tensors")
+
+
+@functools.lru_cache(maxsize=256)
+def _group_parameters(config: ModelConfig, group: str) -> tuple[int, int]:
+    """(parameters without, parameters of) the routed experts in one group."""
+    sizes = [(math.prod(shape), "{expert}" in name) for name, shape in _group_entries(config, group)]
+    return sum(size for size, routed in sizes if not routed), config.n_routed_experts * sum(size for size, routed in sizes if routed)
+
+
+def parameter_count(config: ModelConfig, layer: int | None = None) -> tuple[int, int]:
+    """(parameters, of which routed experts) of decoder layer (or MTP module) ``layer``, or of the model-level tensors (None); no table is built."""
+    groups = ("model",) if layer is None else ("layer", "attention", "moe_mlp" if config.is_moe_layer(layer) else "dense_mlp") + (
+        ("mtp",) if layer >= config.num_hidden_layers else ())
+    counted = [_group_parameters(config, group) for group in groups]
+    return sum(plain + routed for plain, routed in counted), sum(routed for _, routed in counted)
 
 
 def attention_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -69,6 +100,8 @@ def layer_weight_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int,
 
 def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of the model, MTP modules included (spec/weights.yaml ``layout``)."""
+    layers = config.num_hidden_layers + config.num_nextn_predict_layers
+    _check_tensor_count(layers * (config.n_routed_experts * 3 + 32), "weight_shapes")
     shapes = _group_shapes(config, "model")
     for layer in range(config.num_hidden_layers + config.num_nextn_predict_layers):
         shapes.update(layer_weight_shapes(config, layer))
@@ -104,7 +137,8 @@ def tensor_seed(seed: int, name: str, shape: tuple[int, ...]) -> int:
 
 
 def generate_tensor(seed: int, name: str, shape: tuple[int, ...], rule: str, dtype=np.float64) -> np.ndarray:
-    """One tensor by its init rule (spec/weights.yaml ``generator.init``)."""
+    """One tensor by its init rule (spec/weights.yaml ``generator.init``), read-only (copy it to edit it)."""
+    check_allocation(name, shape, np.float64, "WEIGHTS.generator")
     z = np.random.Generator(np.random.PCG64(tensor_seed(seed, name, shape))).standard_normal(shape)
     if rule == "linear":
         values = np.divide(z, np.sqrt(shape[-1]), out=z)
@@ -116,7 +150,9 @@ def generate_tensor(seed: int, name: str, shape: tuple[int, ...], rule: str, dty
         values = 0.1 * z
     else:
         raise WeightError(name, f"unknown init rule {rule!r}", "WEIGHTS.generator")
-    return values.astype(dtype, copy=False)
+    values = values.astype(dtype, copy=False)
+    values.setflags(write=False)  # a generated tensor never changes: its checks are remembered (checks.checked_weight)
+    return values
 
 
 def generate_weights(config: ModelConfig, seed: int = 0, names: Iterable[str] | None = None,

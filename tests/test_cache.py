@@ -111,11 +111,25 @@ def test_truncate_then_append_does_not_grow_the_buffer(config):
     assert cache.rows.shape[1] == 32
 
 
-def test_checked_weights_are_remembered_per_array(config):
+def test_checked_weights_are_remembered_only_while_they_cannot_change(config):
     weight = np.ones((4, 4))
     assert checked_weight("w", weight, np.float64, "T") is weight
     cast = checked_weight("w", weight, np.float32, "T")
-    assert cast.dtype == np.float32 and checked_weight("w", weight, np.float32, "T") is cast
+    assert checked_weight("w", weight, np.float32, "T") is not cast  # writeable: cast again, never a stale copy
+    changing = np.ones((4, 4))
+    checked_weight("w", changing, np.float32, "T")
+    changing *= 2.0
+    assert checked_weight("w", changing, np.float32, "T")[0, 0] == 2.0
+    changing[0, 0] = np.nan
+    with pytest.raises(WeightError, match=r"w: contains nan at index \(0, 0\)"):
+        checked_weight("w", changing, np.float32, "T")
+    frozen = np.ones((4, 4))
+    frozen.setflags(write=False)
+    cast = checked_weight("w", frozen, np.float32, "T")
+    assert cast.dtype == np.float32 and checked_weight("w", frozen, np.float32, "T") is cast and not cast.flags.writeable
+    view = np.ones((4, 4))[1:]
+    view.setflags(write=False)  # its base is writeable: it can still change
+    assert checked_weight("w", view, np.float32, "T") is not checked_weight("w", view, np.float32, "T")
     bad = weight.copy()
     bad[1, 2] = np.inf
     with pytest.raises(WeightError, match=r"w: contains inf at index \(1, 2\); expected finite values \(T\)"):

@@ -25,7 +25,7 @@ def test_info_deepseek_v3_prints_the_facts_sheet_constants(capsys):
 
 def test_info_reads_a_hugging_face_config_json(tmp_path, capsys):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(dict(HF_V3, num_attention_heads=64)))
+    path.write_text(json.dumps(dict(HF_V3, num_attention_heads=64, num_key_value_heads=64)))
     assert main(["info", str(path)]) == 0
     assert "heads                      64" in capsys.readouterr().out
 

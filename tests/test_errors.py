@@ -188,7 +188,7 @@ def test_core_requires_the_model_scale_and_valid_shapes():
     q = rng.standard_normal((1, 1, 2, 8))
     blocks = rng.standard_normal((2, 4, 1, 8))
     table, lengths = np.array([[0, 1]]), np.array([5])
-    with pytest.raises(InputError, match=r"softmax_scale: expected a float > 0 .*got None \(MLA.17\)"):
+    with pytest.raises(InputError, match=r"softmax_scale: expected a finite float > 0 .*got None \(MLA.17\)"):
         latent_attention_core(q, blocks, table, lengths, 6, None)
     with pytest.raises(ShapeError, match=r"k_cache: expected \[num_blocks, block_size, 1, 8\], got \(2, 4, 1, 9\)"):
         latent_attention_core(q, rng.standard_normal((2, 4, 1, 9)), table, lengths, 6, 0.1)

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GoldenError, InputError
+from ..errors import GoldenError, InputError, shown
 from ..precision import UNIT_ROUNDOFF
 from ..spec import spec_dir, spec_version
 from ..trace import arithmetic
 from .cases import build_case, case_definitions, file_name, stored_recipe_weights
 from .integrity import definition_differences
 from .manifest import case_entry, read_manifest, write_manifest
-from .storage import read_npz, tensor_digest, write_npz
+from .storage import TEMPORARY_MARK, make_folder, read_npz, tensor_digest, write_npz
 
 FLOAT64_ULPS = 64  # truth rebuilt with another summation order (BLAS kernel, product shape) moves: a 1500-key sum by 18 u
 FLOAT32_ARITHMETIC_ULPS = 256  # an emulation computed in float32 (fp32, tf32) reorders ~sqrt(K)-u sums with the BLAS kernel
@@ -57,20 +57,64 @@ def generate(directory: Path | None = None, pattern: str | None = None, on_deman
 
     ``on_demand``: the cases marked on_demand in spec/golden.yaml (DeepSeek-V3 shapes), into
     ``golden-on-demand/`` by default, with a manifest of their own.
+
+    Atomic (spec/golden.yaml GOLDEN.writes): every case is written to a temporary file first;
+    only when all are built are they renamed into place, then the manifest (itself via a
+    temporary file), so an interrupted run leaves the previous golden folder as it was. A
+    manifest that is not mla-ref's, of the other kind (on-demand or not) or listing a case that
+    spec/golden.yaml does not define is never overwritten; a pattern selecting nothing is an error.
     """
     directory = Path(directory or (default_on_demand_dir() if on_demand else default_golden_dir()))
-    directory.mkdir(parents=True, exist_ok=True)
+    definitions = selected(pattern, on_demand)
+    if not definitions:
+        raise InputError("select", f"{shown(pattern)} matches no {'on-demand ' if on_demand else ''}case of spec/golden.yaml", "GOLDEN.select")
+    make_folder(directory)
     manifest_path = directory / "manifest.yaml"
-    entries = read_manifest(manifest_path)["cases"] if pattern and manifest_path.exists() else {}
-    known = {d["id"] for d in case_definitions(on_demand)}
-    entries = {case_id: entry for case_id, entry in entries.items() if case_id in known}
-    for definition in selected(pattern, on_demand):
-        case = build_case(definition)
-        write_npz(directory / file_name(case.id), case.tensors())
-        entries[case.id] = case_entry(case)
+    kept = _replaceable_manifest(manifest_path, on_demand)  # checked even when every case is rewritten
+    entries = kept if pattern else {}
+    _remove_stale_temporaries(directory)
+    written: list[tuple[Path, Path]] = []
+    try:
+        for definition in definitions:
+            case = build_case(definition)
+            target = directory / file_name(case.id)
+            written.append((write_npz(target, case.tensors(), atomic=False), target))
+            entries[case.id] = case_entry(case)
+        for temporary, target in written:
+            os.replace(temporary, target)
+        written.clear()
+    finally:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
     ordered = {d["id"]: entries[d["id"]] for d in case_definitions(on_demand) if d["id"] in entries}
     write_manifest(manifest_path, spec_version(), ordered, on_demand)
     return ordered
+
+
+def _replaceable_manifest(path: Path, on_demand: bool) -> dict[str, dict]:
+    """The entries of the manifest at ``path`` (none if absent), or GoldenError if generate must not overwrite it."""
+    if not path.exists() and not path.is_symlink():
+        return {}
+    try:
+        manifest = read_manifest(path)
+    except GoldenError as error:
+        raise GoldenError(str(path), f"refusing to overwrite a manifest that is not a readable mla-ref manifest ({error.problem}); "
+                          "choose another --dir or remove it", "GOLDEN.writes") from None
+    if bool(manifest.get("on_demand", False)) != on_demand:
+        kind = "on-demand" if manifest.get("on_demand") else "committed"
+        raise GoldenError(str(path), f"refusing to overwrite the manifest of the {kind} cases; choose another --dir", "GOLDEN.writes")
+    unknown = sorted(set(manifest["cases"]) - {d["id"] for d in case_definitions(on_demand)})
+    if unknown:
+        raise GoldenError(str(path), f"refusing to overwrite a manifest listing cases spec/golden.yaml does not define: {unknown[:5]}"
+                          f"{' ...' if len(unknown) > 5 else ''}; remove those entries (or the manifest) if they are retired", "GOLDEN.writes")
+    return dict(manifest["cases"])
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files a killed generate left behind (``.<case>.npz.tmp-<pid>``)."""
+    for path in directory.glob(f".*.npz{TEMPORARY_MARK}*"):
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 @dataclasses.dataclass
@@ -176,19 +220,24 @@ def _same_noise(recorded: float, rebuilt: float, float32_arithmetic: bool) -> bo
 
 
 def export(directory: Path | None, out: Path, pattern: str | None = None) -> int:
-    """Write every committed (selected) case as ``<file>.safetensors``, its manifest entry in the metadata."""
+    """Write every committed (selected) case as ``<file>.safetensors``, its manifest entry in the metadata.
+
+    Each file is written to a temporary name and renamed into place; ``out`` must be a folder
+    (created if missing); a pattern selecting nothing is an error.
+    """
     import json
     from .storage import write_safetensors
     directory = Path(directory or default_golden_dir())
     manifest = read_manifest(directory / "manifest.yaml")
-    count = 0
-    for case_id, entry in manifest["cases"].items():
-        if pattern and not (fnmatch.fnmatch(case_id, pattern) or pattern in case_id):
-            continue
-        tensors = read_npz(directory / entry["file"])
+    chosen = {case_id: entry for case_id, entry in manifest["cases"].items()
+              if not pattern or fnmatch.fnmatch(case_id, pattern) or pattern in case_id}
+    if not chosen:
+        raise InputError("select", f"{shown(pattern)} matches no case of {directory / 'manifest.yaml'}", "GOLDEN.select")
+    make_folder(Path(out))
+    for case_id, entry in chosen.items():
+        tensors = read_npz(directory / entry["file"], declared=entry["tensors"])
         if "weights" in entry:  # a model-level case stores its weights' recipe: the export holds the weights themselves
             tensors.update({f"weight:{name}": value for name, value in stored_recipe_weights(entry).items()})
         metadata = {"case_id": case_id, "spec_version": manifest["spec_version"], "entry": json.dumps(entry, default=str)}
         write_safetensors(Path(out) / entry["file"].replace(".npz", ".safetensors"), tensors, metadata)
-        count += 1
-    return count
+    return len(chosen)

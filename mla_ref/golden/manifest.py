@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..errors import GoldenError
+from ..errors import GoldenError, SpecError, shown
 from ..spec import read_yaml
 from .cases import Case, case_args, case_config, file_name
-from .storage import tensor_digest
+from .storage import atomic_file, tensor_digest
 
 SCHEMA = "mla-ref-golden-manifest/1"
 GENERATOR_VERSION = 1
@@ -53,9 +53,12 @@ def case_entry(case: Case) -> dict:
 
 
 def write_manifest(path: Path, spec_version: str, entries: dict[str, dict], on_demand: bool = False) -> None:
+    """Write the manifest via a temporary file renamed into place (a reader never sees half of it)."""
     document = {"schema": SCHEMA, "spec_version": spec_version, "generator_version": GENERATOR_VERSION,
                 "numpy_version": np.__version__, **({"on_demand": True} if on_demand else {}), "cases": entries}
-    Path(path).write_text(yaml.safe_dump(document, sort_keys=False, width=120), encoding="utf-8")
+    text = yaml.safe_dump(document, sort_keys=False, width=120)
+    with atomic_file(Path(path)) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def read_manifest(path: Path) -> dict:
@@ -65,9 +68,13 @@ def read_manifest(path: Path) -> dict:
         raise GoldenError(str(path), "manifest is missing: golden data is not installed with the package; build it with "
                           "`mla-ref golden generate --dir DIR` (10-30 s; the same files as the repository's golden/) and pass --dir DIR or set MLA_REF_GOLDEN_DIR=DIR, "
                           "or run from a clone of the repository (its golden/)", "GOLDEN.manifest")
-    document = read_yaml(path)
+    try:
+        document = read_yaml(path)
+    except SpecError as error:  # unreadable, not UTF-8, malformed or an alias bomb
+        raise GoldenError(str(path), error.problem, "GOLDEN.manifest") from None
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
-        raise GoldenError(str(path), f"expected schema {SCHEMA!r}, got {document.get('schema') if isinstance(document, dict) else document!r}", "GOLDEN.manifest")
+        found = document.get("schema") if isinstance(document, dict) else document
+        raise GoldenError(str(path), f"expected schema {SCHEMA!r}, got {shown(found)}", "GOLDEN.manifest")
     for key in ("spec_version", "generator_version", "numpy_version", "cases"):
         if key not in document:
             raise GoldenError(f"{path.name}: {key}", "required key is missing", "GOLDEN.manifest")
