@@ -12,6 +12,7 @@ import os
 import pytest
 
 from mla_ref.conformance.check import load_adapter, run_case
+from mla_ref.errors import MlaRefError
 from mla_ref.golden.generate import default_golden_dir
 from mla_ref.golden.manifest import read_manifest
 
@@ -19,13 +20,22 @@ ADAPTER = os.environ.get("MLA_REF_ADAPTER")
 pytestmark = pytest.mark.skipif(not ADAPTER, reason="set MLA_REF_ADAPTER to the adapter module to check")
 
 
-def _case_ids() -> list[str]:
+def _selected_cases() -> tuple[list[str], str | None]:
+    """The case ids to parametrize over, and why there are none when the golden folder cannot be read."""
     try:
         cases = read_manifest(default_golden_dir() / "manifest.yaml")["cases"]
-    except Exception:  # noqa: BLE001 - without goldens there is nothing to parametrize
-        return []
+    except MlaRefError as error:
+        return [], str(error)
     pattern = os.environ.get("MLA_REF_SELECT")
-    return [case_id for case_id in cases if not pattern or pattern in case_id]
+    return [case_id for case_id in cases if not pattern or pattern in case_id], None
+
+
+CASE_IDS, GOLDEN_PROBLEM = _selected_cases()
+
+
+def test_golden_folder_is_readable():
+    """Without golden data there would be no case to run: say so, and how to get one, instead of "no tests ran"."""
+    assert GOLDEN_PROBLEM is None, GOLDEN_PROBLEM
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +43,7 @@ def adapter():
     return load_adapter(ADAPTER)
 
 
-@pytest.mark.parametrize("case_id", _case_ids())
+@pytest.mark.parametrize("case_id", CASE_IDS)
 def test_golden_case(adapter, case_id):
     directory = default_golden_dir()
     entry = read_manifest(directory / "manifest.yaml")["cases"][case_id]
