@@ -195,6 +195,8 @@ def _check(args: argparse.Namespace) -> int:
         raise InputError(f"--waivers {args.waivers}", error.problem, "GOLDEN.adapter") from None
     if waivers is not None and not isinstance(waivers, dict):
         raise InputError(f"--waivers {args.waivers}", "expected a mapping case-id pattern -> reason", "GOLDEN.adapter")
+    if args.report is not None and not args.report.parent.is_dir():  # now, not after the run
+        raise InputError(f"--report {args.report}", f"folder {args.report.parent} does not exist", "GOLDEN.adapter")
     try:
         with Progress(quiet=args.quiet) as progress:
             report = check(args.adapter, args.profile, args.select, step=args.step, level=args.level, waivers=waivers,
