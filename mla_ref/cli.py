@@ -51,15 +51,21 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--format", choices=["safetensors"], default="safetensors")
             sub.add_argument("--out", type=Path, required=True, help="output folder")
 
-    check = commands.add_parser("check", help="run an adapter on the golden cases (exit 1 on any failure)", parents=[quiet])
+    check = commands.add_parser("check", help="run an adapter on the golden cases (exit 0: every selected case passed; "
+                                "1: a case failed; 2: refused, nothing checked: bad option, selection or adapter; 3: bad golden folder)",
+                                parents=[quiet])
     check.add_argument("adapter", help="module name (the current directory is searched), dotted module, path to a .py file, "
                                        "any of them with :attribute")
     check.add_argument("--profile", default=None, help="precision profile of spec/tolerance.yaml (default: the adapter's PROFILE, else fp32)")
     check.add_argument("--select", default=None, help="case id pattern (glob or substring)")
     check.add_argument("--step", default=None, help="only cases covering this spec step, e.g. MLA.9")
     check.add_argument("--level", choices=["kernel", "layer", "model"], default=None)
-    check.add_argument("--waivers", type=Path, default=None, help="YAML mapping case-id pattern -> reason")
-    check.add_argument("--report", type=Path, default=None, help="write the JSON report here")
+    check.add_argument("--waivers", type=Path, default=None, help="YAML mapping case-id glob -> reason (each must name specific cases)")
+    check.add_argument("--report", type=Path, default=None, help="write the JSON report here (spec/schemas/check-report.schema.json)")
+    check.add_argument("--isolate", action="store_true", help="call the adapter in a child process per case: a crash or a hang fails "
+                       "that case and the run goes on")
+    check.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help="per-case time limit of an isolated call (implies --isolate; default 600)")
     check.add_argument("--dir", type=Path, default=None, help="golden folder (default: golden/ next to spec/)")
     return parser
 
@@ -195,12 +201,14 @@ def _check(args: argparse.Namespace) -> int:
         raise InputError(f"--waivers {args.waivers}", error.problem, "GOLDEN.adapter") from None
     if waivers is not None and not isinstance(waivers, dict):
         raise InputError(f"--waivers {args.waivers}", "expected a mapping case-id pattern -> reason", "GOLDEN.adapter")
-    if args.report is not None and not args.report.parent.is_dir():  # now, not after the run
-        raise InputError(f"--report {args.report}", f"folder {args.report.parent} does not exist", "GOLDEN.adapter")
+    if args.report:
+        from .conformance.check import check_report_path
+        check_report_path(args.report)
     try:
         with Progress(quiet=args.quiet) as progress:
             report = check(args.adapter, args.profile, args.select, step=args.step, level=args.level, waivers=waivers,
-                           directory=args.dir, progress=progress)
+                           directory=args.dir, progress=progress,
+                           isolate=args.isolate, timeout=args.timeout)
     except CheckInterrupted as interrupted:
         _write_report(args.report, interrupted.report)
         print(interrupted.report.table())

@@ -96,7 +96,7 @@ def test_the_readme_commands_find_a_module_in_the_current_directory(tmp_path):
     assert check.returncode == 0 and "1 passed, 0 failed" in check.stdout, check.stdout + check.stderr
     plugin = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "mla_ref.conformance"],
                             cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert plugin.returncode == 0 and "2 passed" in plugin.stdout  # the golden folder and the case, plugin.stdout + plugin.stderr
+    assert plugin.returncode == 0 and "2 passed" in plugin.stdout, plugin.stdout + plugin.stderr  # the case and the selection check
 
 
 def test_the_pytest_plugin_without_golden_data_says_how_to_get_it(tmp_path):

@@ -93,12 +93,16 @@ def test_model_cases_store_the_recipe_of_their_weights_and_export_them_in_full(g
     assert np.array_equal(exported["weight:lm_head.weight"], weights["lm_head.weight"])
     path = golden_copy / "manifest.yaml"
     manifest = yaml.safe_load(path.read_text())
-    manifest["cases"][case_id]["weights"]["seed"] = 1  # another generator output than the one the truth was computed with
+    manifest["cases"][case_id]["weights"]["digest"] = "0" * 64  # weights other than the ones the truth was computed with
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    case = check(reference_adapter, "fp64", case_id, directory=golden_copy).cases[0]
-    assert case.status == "fail" and "differ from the manifest's digest" in case.reason
+    with pytest.raises(GoldenError, match="differ from the manifest's digest"):  # a golden problem, never the adapter's failure
+        check(reference_adapter, "fp64", case_id, directory=golden_copy)
+    manifest["cases"][case_id]["weights"]["seed"] = 1  # a recipe other than the definition's
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    with pytest.raises(GoldenError, match=r"model.logits/tiny/seed0: weights.seed: manifest 1, spec 0"):
+        check(reference_adapter, "fp64", case_id, directory=golden_copy)
     row = _status(verify(golden_copy, case_id), case_id)
-    assert row.status == "FAIL" and "weights recipe: manifest" in row.detail
+    assert row.status == "FAIL" and "weights recipe: manifest" in row.detail and "weights.seed: manifest 1, spec 0" in row.detail
 
 
 @pytest.mark.parametrize("bad", ["../escape", "/abs/path", "a\\b", "Upper/case", "a//b", ""])

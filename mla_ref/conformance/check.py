@@ -1,17 +1,22 @@
 """The conformance checker: run an adapter on the golden cases and say what is right and which step is wrong.
 
 One engine behind three ways in: ``mla-ref check ADAPTER``, ``pytest --pyargs
-mla_ref.conformance`` (adapter named by ``MLA_REF_ADAPTER``) and :func:`check`.
+mla_ref.conformance`` (adapter named by ``MLA_REF_ADAPTER``) and :func:`check`. A run that
+would check nothing is refused (selection.py), a golden folder that is not what the spec and
+the generator made is refused (golden/integrity.py), and whatever an adapter does or returns
+fails its own case only (arrays.py; isolate.py runs it in a child process).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import importlib
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -24,13 +29,19 @@ import numpy as np
 from ..errors import GoldenError, InputError
 from ..golden.cases import stored_recipe_weights
 from ..golden.generate import default_golden_dir
+from ..golden.integrity import require_manifest_matches_spec, verify_case_tensors
 from ..golden.manifest import read_manifest
 from ..golden.storage import read_npz
 from ..spec import load_spec_file
 from ..trace import storage_format
-from .compare import Comparison, compare_tensor
+from .arrays import as_array, dtype_unit_roundoff
+from .compare import Comparison, compare_tensor, unit_roundoff
+from .isolate import ConvertedOutputs, IsolatedFailure, adapter_reference, isolated_caller
 from .protocol import call, entry_points
 from .diagnose import diagnose
+from .selection import check_waivers, nearest_entry_points, require_runnable, select_cases
+
+REPORT_SCHEMA = "mla-ref-check-report/1"  # spec/schemas/check-report.schema.json
 
 @dataclasses.dataclass
 class CaseResult:
@@ -46,6 +57,7 @@ class CaseResult:
     diagnosis: list[str] = dataclasses.field(default_factory=list)
     repro: str = ""
     seconds: float = 0.0
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def used(self) -> float:
@@ -87,21 +99,23 @@ class Report:
                 f"{self.count('waived')} waived ({self.adapter}, profile {self.profile})")
 
     def to_json(self) -> str:
-        return json.dumps({"adapter": self.adapter, "profile": self.profile, "summary": self.summary(),
-                           "passed": self.count("pass"), "failed": len(self.failed), "skipped": self.count("skip"),
-                           "waived": self.count("waived"), "cases": [case.to_dict() for case in self.cases]},
-                          indent=1, default=_json_default)
+        """The report as strict JSON (schema ``REPORT_SCHEMA``): a non-finite number is written as the string "inf", "-inf" or "nan"."""
+        document = {"schema": REPORT_SCHEMA, "adapter": self.adapter, "profile": self.profile, "summary": self.summary(),
+                    "passed": self.count("pass"), "failed": len(self.failed), "skipped": self.count("skip"),
+                    "waived": self.count("waived"), "cases": [case.to_dict() for case in self.cases]}
+        return json.dumps(_finite_json(document), indent=1, default=_json_default, allow_nan=False)
 
     def table(self) -> str:
         lines = [f"{'case':58s} {'status':7s} {'used':>8s}  detail"]
         for case in self.cases:
-            used = "" if case.status == "skip" else f"{100 * case.used:7.1f}%" if math.isfinite(case.used) else "    inf"
+            used = "" if case.status == "skip" else format_used(case.used)
             detail = case.reason
             if case.first_divergent_step:
                 detail = f"first divergent step {case.first_divergent_step}; {detail}"
             if case.diagnosis:
                 detail += " | looks like: " + "; ".join(case.diagnosis)
             lines.append(f"{case.case_id:58s} {case.status:7s} {used:>8s}  {detail}")
+            lines += [f"{'':58s}   warning: {warning}" for warning in case.warnings]
             if case.status in ("fail", "xpass") and case.repro:
                 lines.append(f"{'':58s}   repro: {case.repro}")
         lines.append(self.summary())
@@ -117,12 +131,45 @@ class CheckInterrupted(KeyboardInterrupt):
         self.total = total
 
 
+def format_used(used: float) -> str:
+    """The share of the allowed error: ``37.2%`` up to 10x, then a multiple (``x94.6``, ``x4.8e12``); ``inf`` for an exact mismatch."""
+    if not math.isfinite(used):
+        return "inf"
+    if used < 10:
+        return f"{100 * used:.1f}%"
+    if used < 1000:
+        return f"x{used:.3g}"
+    mantissa, exponent = f"{used:.1e}".split("e")
+    return f"x{mantissa}e{int(exponent)}"
+
+
+def _finite_json(value: Any):
+    """``value`` with every non-finite float (Python or NumPy) replaced by "inf", "-inf" or "nan" (strict JSON has none)."""
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(item) for item in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
 def _json_default(value: Any):
-    if isinstance(value, (np.integer, np.floating)):
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
         return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
     raise TypeError(type(value).__name__)
+
+
+def check_report_path(path: Path) -> None:
+    """An InputError now, before a long run, if the JSON report could not be written to ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError("report", f"{path} is a folder, expected a file path", "GOLDEN.report")
+    if not path.parent.is_dir():
+        raise InputError("report", f"folder {path.parent} does not exist", "GOLDEN.report")
+    writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK)
+    if not writable:
+        raise InputError("report", f"{path} is not writable", "GOLDEN.report")
 
 
 def load_adapter(name: str | Any) -> Any:
@@ -202,19 +249,15 @@ def _import_file(path: Path) -> ModuleType:
     return module
 
 
-def _select(case_id: str, entry: dict, select: str | None, step: str | None, level: str | None) -> bool:
-    if select and not (fnmatch.fnmatch(case_id, select) or select in case_id):
-        return False
-    if step and step not in entry["steps"]:
-        return False
-    return not level or entry["level"] == level
-
-
 def check(adapter, profile: str | None = None, select: str | None = None, *, step: str | None = None,
           level: str | None = None, waivers: Mapping[str, str] | None = None, directory: Path | None = None,
-          adapter_name: str | None = None, progress: Callable[[int, int, str], None] | None = None) -> Report:
+          adapter_name: str | None = None, isolate: bool = False, timeout: float | None = None,
+          progress: Callable[[int, int, str], None] | None = None) -> Report:
     """Run ``adapter`` on every selected golden case under ``profile`` (default: the adapter's PROFILE, else fp32).
 
+    Refused with an InputError where the run would check nothing (selection.py) and with a
+    GoldenError where the golden folder is not what spec/golden.yaml and the generator made.
+    ``isolate`` (implied by ``timeout``, seconds per case): each adapter call in a child process.
     ``progress(done, total, case_id)`` is called before each case (mla_ref.progress.Progress
     draws it). Interrupted (Ctrl-C), it raises :class:`CheckInterrupted` holding the report of
     the cases finished so far.
@@ -226,14 +269,19 @@ def check(adapter, profile: str | None = None, select: str | None = None, *, ste
         raise InputError("profile", f"unknown profile {profile!r}; expected one of {sorted(profiles)}", "TOLERANCE.2")
     directory = Path(directory or default_golden_dir())
     manifest = read_manifest(directory / "manifest.yaml")
+    require_manifest_matches_spec(manifest, directory / "manifest.yaml")
     name = adapter_name or (adapter if isinstance(adapter, str) else getattr(module, "__name__", type(module).__name__))
-    chosen = [(case_id, entry) for case_id, entry in manifest["cases"].items() if _select(case_id, entry, select, step, level)]
+    chosen = select_cases(manifest["cases"], select, step, level)
+    require_runnable(module, name, manifest["cases"], chosen, profile)
+    check_waivers(waivers or {}, manifest["cases"])
+    caller = isolated_caller(adapter_reference(adapter), timeout) if isolate or timeout is not None else _call
     results: list[CaseResult] = []
-    for done, (case_id, entry) in enumerate(chosen):
+    for done, case_id in enumerate(chosen):
+        entry = manifest["cases"][case_id]
         if progress is not None:
             progress(done, len(chosen), case_id)
         try:
-            result = run_case(module, directory, case_id, entry, profile, name)
+            result = _judged(module, directory, case_id, entry, profile, name, caller)
         except KeyboardInterrupt:
             raise CheckInterrupted(Report(name, profile, results), len(chosen)) from None
         waiver = next((reason for pattern, reason in (waivers or {}).items() if fnmatch.fnmatch(case_id, pattern)), None)
@@ -244,13 +292,27 @@ def check(adapter, profile: str | None = None, select: str | None = None, *, ste
     return Report(name, profile, results)
 
 
+def _judged(module, directory: Path, case_id: str, entry: dict, profile: str, adapter_name: str, caller) -> CaseResult:
+    """run_case, with any error of the checker on this adapter's output failing the case instead of the run (a golden error aborts)."""
+    try:
+        return run_case(module, directory, case_id, entry, profile, adapter_name, caller=caller)
+    except GoldenError:
+        raise
+    except Exception as error:  # noqa: BLE001 - an output the checker cannot judge is the case's failure
+        return CaseResult(case_id, entry["entry_point"], entry["level"], "fail",
+                          f"the checker could not judge the adapter's output: {type(error).__name__}: {error}",
+                          repro=f"mla-ref check {adapter_name} --profile {profile} --select '{case_id}'")
+
+
 def load_case(directory: Path, entry: dict) -> dict[str, dict[str, np.ndarray]]:
     """A case file split by kind: inputs, weights, outputs, steps ("MLA.2/q_nope"), emulated, acceptable.
 
+    Every tensor is checked against the manifest's sha256 first (GoldenError: tampered golden).
     A model-level case stores the recipe of its weights instead of the weights: they are
     rebuilt here and checked against the manifest's digest.
     """
     tensors = read_npz(directory / entry["file"])
+    verify_case_tensors(entry, tensors)
     parts: dict[str, dict[str, np.ndarray]] = {"input": {}, "weight": {}, "output": {}, "step": {}, "emulated": {}, "acceptable": {}}
     for name, value in tensors.items():
         kind, _, rest = name.partition(":")
@@ -271,33 +333,39 @@ def _call(module, entry: dict, case: dict) -> Mapping:
     return call(getattr(module, entry["entry_point"]), entry["entry_point"], available)
 
 
-def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, adapter_name: str = "ADAPTER") -> CaseResult:
-    """Run one case and compare every output (and every intermediate the adapter returns)."""
+def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, adapter_name: str = "ADAPTER", *,
+             caller=None) -> CaseResult:
+    """Run one case and compare every output (and every intermediate the adapter returns).
+
+    ``caller(module, entry, case)`` calls the adapter (default: in this process; isolate.py: in a child).
+    A golden file that does not match its manifest raises GoldenError: a tampered truth is never the adapter's failure.
+    """
     started = time.perf_counter()
     result = CaseResult(case_id, entry["entry_point"], entry["level"], "pass",
                         repro=f"mla-ref check {adapter_name} --profile {profile} --select '{case_id}'")
     if not callable(getattr(module, entry["entry_point"], None)):
-        result.status, result.reason = "skip", f"adapter has no entry point {entry['entry_point']}"
+        result.status, result.reason = "skip", f"adapter has no entry point {entry['entry_point']}" + _misspelled(module, entry["entry_point"])
         return result
-    try:
-        case = load_case(directory, entry)
-    except GoldenError as error:
-        result.status, result.reason = "fail", f"golden case unreadable: {error}"
-        return result
+    case = load_case(directory, entry)
     noise = entry["profiles"].get(profile, {}).get("noise")
     noise_max = entry["profiles"].get(profile, {}).get("noise_max", {})
     if noise is None:
         result.status, result.reason = "skip", f"case has no {profile} profile"
         return result
     try:
-        produced = _call(module, entry, case)
-    except Exception as error:  # noqa: BLE001 - a broken adapter must not crash the checker
-        result.status = "fail"
-        result.reason = f"adapter raised {type(error).__name__}: {error}"
-        result.diagnosis = [traceback.format_exception_only(type(error), error)[-1].strip()]
+        produced = (caller or _call)(module, entry, case)
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - a broken adapter (even one that exits) must not end the run
+        result.status, result.reason = "fail", adapter_failure(error)
         return result
     if not isinstance(produced, Mapping):
         result.status, result.reason = "fail", f"adapter returned {type(produced).__name__}, expected a dict of arrays"
+        return result
+    produced, source_dtypes, unconvertible = _as_arrays(produced, case)
+    result.warnings = _unknown_names(entry, case, produced, unconvertible)
+    judged = [name for name in unconvertible if _is_judged(entry, case, name)]
+    if judged:
+        result.status = "fail"
+        result.reason = "; ".join(f"{name}: cannot convert to an array: {unconvertible[name]}" for name in judged)
         return result
     outputs = entry_points()[entry["entry_point"]]["outputs"]
     missing = [name for name in outputs if name not in produced]
@@ -327,7 +395,8 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
     failures = [c for c in result.comparisons if not c.passed]
     if failures:
         result.status = "fail"
-        result.reason = "; ".join(f"{c.name}: {c.reason}" for c in failures[:3])
+        result.reason = _failure_reason(entry, failures)
+        result.warnings += _dtype_hints(entry, failures, source_dtypes, profile)
         order = entry["steps"]
         diverged = [step for step, c in step_results if not c.passed]
         if not diverged:  # no intermediate returned, or none failing: blame the step that yields the failing output
@@ -402,3 +471,93 @@ def _teacher_forcing(entry: dict, case: dict, produced: Mapping):
         return reference_adapter.moe_route(dict(entry["config"]), weights, case["input"]["hidden"], forced_expert_ids=candidate_ids)["weights"]
     return reference_adapter.moe_layer(dict(entry["config"]), weights, case["input"]["hidden"], entry["args"]["layer"],
                                        forced_expert_ids=candidate_ids)["output"]
+
+
+def adapter_failure(error: BaseException) -> str:
+    """An adapter's exception as its case reports it, once: type, message and where it was raised."""
+    if isinstance(error, IsolatedFailure):
+        return str(error)
+    if isinstance(error, SystemExit):
+        return f"adapter called sys.exit({error.code!r}) (raised SystemExit): an adapter returns its outputs, it never exits"
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"adapter raised {type(error).__name__}: {error}{where}"
+
+
+def _misspelled(module, entry_point: str) -> str:
+    guesses = [name for name, entry in nearest_entry_points(module).items() if entry == entry_point]
+    return f" (it defines {guesses[0]!r}: misspelled?)" if guesses else ""
+
+
+def _as_arrays(produced: Mapping, case: dict) -> tuple[dict, dict[str, str], dict[str, str]]:
+    """Every returned value as a NumPy array, the dtype each came in, and why others could not be converted.
+
+    Integral floats where the truth holds integers (expert ids as float64) become int64, as the comparison accepts them.
+    """
+    if isinstance(produced, ConvertedOutputs):  # converted in the child process already
+        arrays, sources, unconvertible = dict(produced), produced.source_dtypes, produced.unconvertible
+    else:
+        arrays, sources, unconvertible = {}, {}, {}
+        for name, value in produced.items():
+            try:
+                arrays[name], sources[name] = as_array(value)
+            except Exception as error:  # noqa: BLE001 - an adapter may return anything
+                unconvertible[name] = f"{type(error).__name__}: {error}"
+    truths = {**case["output"], **case["step"]}
+    for name, array in arrays.items():
+        truth = truths.get(name)
+        if (truth is not None and truth.dtype.kind in "iu" and array.dtype.kind == "f" and np.isfinite(array).all()
+                and np.array_equal(array, np.round(array))):
+            arrays[name] = array.astype(np.int64)
+    return arrays, sources, unconvertible
+
+
+def _is_judged(entry: dict, case: dict, name) -> bool:
+    """Would the checker compare a returned value under this name (an output of the entry point, or a stored intermediate)?"""
+    protocol = entry_points()[entry["entry_point"]]
+    return name in protocol["outputs"] or name in protocol.get("optional", []) or name in case["step"]
+
+
+def _unknown_names(entry: dict, case: dict, produced: Mapping, unconvertible: Mapping) -> list[str]:
+    """Warnings for returned names that are neither an output of the entry point nor ``<STEP>/<name>`` of a spec step (not compared)."""
+    from ..explain import all_steps
+    protocol = entry_points()[entry["entry_point"]]
+    outputs = [*protocol["outputs"], *protocol.get("optional", [])]
+    steps = all_steps()
+    warnings = []
+    for name in [*produced, *unconvertible]:
+        step, _, tensor = str(name).partition("/")
+        if name in outputs or (tensor and tensor in steps.get(step, {}).get("outputs", {})):
+            continue  # an output, or an intermediate the spec names (compared where the case stores it)
+        known = outputs + list(case["step"]) + [f"{step}/{output}" for output in steps.get(step, {}).get("outputs", {})]
+        nearest = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+        warnings.append(f"returned {str(name)!r}, which is no output of {entry['entry_point']} ({', '.join(outputs)}) nor a spec "
+                        f"intermediate '<STEP>/<name>'; not compared" + (f" (did you mean {nearest[0]!r}?)" if nearest else ""))
+    return warnings
+
+
+def _failure_reason(entry: dict, failures: list[Comparison]) -> str:
+    """What failed: the first three failures, said to be intermediates or optional outputs only where the required outputs pass."""
+    detail = "; ".join(f"{c.name}: {c.reason}" for c in failures[:3])
+    required = entry_points()[entry["entry_point"]]["outputs"]
+    if any(c.name in required for c in failures):
+        return detail
+    named = ", ".join(("intermediate " if "/" in c.name else "optional output ") + c.name for c in failures)
+    return f"required outputs pass, {named} {'fails' if len(failures) == 1 else 'fail'}: {detail}"
+
+
+def _dtype_hints(entry: dict, failures: list[Comparison], source_dtypes: Mapping[str, str], profile: str) -> list[str]:
+    """For a failing tensor returned in a dtype coarser than the profile stores it in: say so (float16 under fp32)."""
+    output_steps = entry_points()[entry["entry_point"]]["output_steps"]
+    hints = []
+    for comparison in failures:
+        source = source_dtypes.get(comparison.name)
+        coarse = dtype_unit_roundoff(source) if source else None
+        step, _, tensor = comparison.name.partition("/")
+        fmt = storage_format(profile, step, tensor) if tensor else storage_format(profile, output_steps[comparison.name], comparison.name)
+        expected = unit_roundoff(profile, fmt)
+        if coarse is not None and coarse > 1.5 * expected:
+            hints.append(f"{comparison.name} came as {source} (unit roundoff {coarse:.1e}), coarser than the {fmt} that profile "
+                         f"{profile} expects for it ({expected:.1e}): return it in {fmt} or wider, or check under a profile of "
+                         "that precision")
+    return hints

@@ -1,9 +1,10 @@
 """GOLDEN — the golden cases of spec/golden.yaml, built from the spec by the reference.
 
-A builder turns a case definition (preset, seed, layout) into the arguments of one
-adapter entry point; :func:`build_case` then runs the reference adapter on them for the
-float64 truth (with every intermediate of the steps the case covers) and once per
-precision profile for the emulated outputs and the noise scale of every tensor.
+A builder turns a case definition (preset, seed, layout) into the inputs and weights of
+one adapter entry point, :func:`case_args` into its scalar arguments; :func:`build_case`
+then runs the reference adapter on them for the float64 truth (with every intermediate of
+the steps the case covers) and once per precision profile for the emulated outputs and the
+noise scale of every tensor.
 """
 
 from __future__ import annotations
@@ -103,6 +104,18 @@ def _rng(definition: dict, purpose: str) -> np.random.Generator:
 
 # ------------------------------------------------------------------ builders: arguments of one call
 
+def case_args(definition: dict, config: ModelConfig) -> dict:
+    """The scalar arguments of a case's entry point (the manifest's ``args``), from its definition alone."""
+    layout, entry_point = definition["layout"], definition["entry_point"]
+    if entry_point == "latent_attention_core":
+        causal = bool(layout.get("causal", layout.get("s_q", 1) > 1))
+        return {"head_dim_v": config.kv_lora_rank, "softmax_scale": softmax_scale(config), "causal": causal}
+    if entry_point == "mtp_forward":
+        return {"mtp_lambda": layout.get("mtp_lambda", 0.3)}
+    from_layout = {"moe_layer": "layer", "dispatch_plan": "ranks", "greedy_decode": "steps", "speculative_decode": "steps"}
+    return {from_layout[entry_point]: layout[from_layout[entry_point]]} if entry_point in from_layout else {}
+
+
 def build_paged_core(definition: dict, config: ModelConfig):
     """Kernel level (MLA.17): FlashMLA layout, shuffled block table, NaN poison, a canary key past each length."""
     layout = definition["layout"]
@@ -127,9 +140,7 @@ def build_paged_core(definition: dict, config: ModelConfig):
         if layout.get("canary", True):  # a large key aligned with the queries in the first slot past the length
             direction = q[b].reshape(-1, width).mean(axis=0)
             k_cache[table[b, seqlens[b] // block_size], seqlens[b] % block_size, 0] = 50.0 * direction / np.linalg.norm(direction)
-    inputs = {"q": q, "k_cache": k_cache, "block_table": table, "cache_seqlens": seqlens}
-    args = {"head_dim_v": config.kv_lora_rank, "softmax_scale": softmax_scale(config), "causal": bool(layout.get("causal", s_q > 1))}
-    return inputs, {}, args
+    return {"q": q, "k_cache": k_cache, "block_table": table, "cache_seqlens": seqlens}, {}
 
 
 def _layer_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -150,7 +161,7 @@ def build_mla_prefill(definition: dict, config: ModelConfig):
     layout = definition["layout"]
     starts = np.array(layout["start_positions"], dtype=np.int64)
     hidden = _rng(definition, "hidden").standard_normal((len(starts), layout["seq"], config.hidden_size))
-    return {"hidden": hidden, "start_positions": starts}, _layer_weights(definition, config), {}
+    return {"hidden": hidden, "start_positions": starts}, _layer_weights(definition, config)
 
 
 def build_mla_extend(definition: dict, config: ModelConfig):
@@ -166,8 +177,7 @@ def build_mla_extend(definition: dict, config: ModelConfig):
                                            prefixes)
     hidden = rng.standard_normal((len(prefixes), layout["seq"], config.hidden_size))  # padding holds random values too:
     # a padded token that leaks into the cache or the outputs must change something
-    inputs = {"hidden": hidden, "cache_rows": prefill["rows"], "cache_lengths": prefixes, "query_lengths": query_lengths}
-    return inputs, weights, {}
+    return {"hidden": hidden, "cache_rows": prefill["rows"], "cache_lengths": prefixes, "query_lengths": query_lengths}, weights
 
 
 def _gate_weights(definition: dict, config: ModelConfig, layer: int, experts: bool = True) -> dict[str, np.ndarray]:
@@ -237,7 +247,7 @@ def build_moe_route(definition: dict, config: ModelConfig):
         weights, hidden = _tied_router(definition, config, weights)
     else:
         hidden = _tokens_with_margins(definition, config, weights, layout["tokens"])
-    return {"hidden": hidden}, weights, {}
+    return {"hidden": hidden}, weights
 
 
 def _tied_router(definition: dict, config: ModelConfig, weights: dict):
@@ -267,7 +277,7 @@ def build_moe_layer(definition: dict, config: ModelConfig):
         hidden = _tokens_with_margins(definition, config, weights, layout["tokens"])
     else:
         hidden = _rng(definition, "hidden").standard_normal((layout["tokens"], config.hidden_size))
-    return {"hidden": hidden}, weights, {"layer": layer}
+    return {"hidden": hidden}, weights
 
 
 def acceptable_expert_ids(config: ModelConfig, weights: dict, hidden: np.ndarray, max_margin: float) -> np.ndarray:
@@ -291,7 +301,7 @@ def build_moe_balance(definition: dict, config: ModelConfig):
     routing = route(config, weights, hidden)
     inputs = {"scores": routing.scores.reshape(batch, seq, -1), "expert_ids": routing.expert_ids.reshape(batch, seq, -1),
               "bias": weights["mlp.gate.e_score_correction_bias"]}
-    return inputs, {}, {}
+    return inputs, {}
 
 
 def build_dispatch_plan(definition: dict, config: ModelConfig):
@@ -300,7 +310,7 @@ def build_dispatch_plan(definition: dict, config: ModelConfig):
     layout = definition["layout"]
     weights = _gate_weights(definition, config, layout["layer"], experts=False)
     hidden = _rng(definition, "hidden").standard_normal((layout["tokens"], config.hidden_size))
-    return {"expert_ids": route(config, weights, hidden).expert_ids}, {}, {"ranks": layout["ranks"]}
+    return {"expert_ids": route(config, weights, hidden).expert_ids}, {}
 
 
 class MarginTrace(Trace):
@@ -344,10 +354,10 @@ def build_model_logits(definition: dict, config: ModelConfig):
     for b, length in enumerate(lengths):
         for position in range(int(length)):
             tokens[b, position] = _token_with_margins(definition, config, weights, tokens[b, :position], rng.permutation(config.vocab_size))
-    return {"tokens": tokens, "query_lengths": lengths}, weights, {}
+    return {"tokens": tokens, "query_lengths": lengths}, weights
 
 
-def _stable_prompts(definition: dict, config: ModelConfig, weights: dict, entry_point: str, args: dict):
+def _stable_prompts(definition: dict, config: ModelConfig, weights: dict, args: dict):
     """Prompts whose discrete outcome (tokens, acceptance) is the same in float64 and in every profile's emulation."""
     layout = definition["layout"]
     rng = _rng(definition, "prompts")
@@ -369,8 +379,7 @@ def _stable_prompts(definition: dict, config: ModelConfig, weights: dict, entry_
 def build_greedy_decode(definition: dict, config: ModelConfig):
     """Model level: cached greedy steps from ragged prompts whose greedy tokens no precision profile changes."""
     weights = model_weights(definition, config)
-    args = {"steps": definition["layout"]["steps"]}
-    return _stable_prompts(definition, config, weights, "greedy_decode", args), weights, args
+    return _stable_prompts(definition, config, weights, case_args(definition, config)), weights
 
 
 def build_mtp_forward(definition: dict, config: ModelConfig):
@@ -378,7 +387,7 @@ def build_mtp_forward(definition: dict, config: ModelConfig):
     layout = definition["layout"]
     weights = model_weights(definition, config)
     tokens = _rng(definition, "tokens").integers(0, config.vocab_size, (layout["batch"], layout["seq"] + 1))
-    return {"tokens": tokens}, weights, {"mtp_lambda": layout.get("mtp_lambda", 0.3)}
+    return {"tokens": tokens}, weights
 
 
 def weights_recipe(definition: dict) -> dict | None:
@@ -461,14 +470,13 @@ def echo_weights(config: ModelConfig, seed: int, block_scale: float) -> dict[str
 def build_mtp_draft(definition: dict, config: ModelConfig):
     """Model level: one MTP drafting step (MTP.7) from known tokens whose drafts no profile changes."""
     weights = model_weights(definition, config)
-    return _stable_prompts(definition, config, weights, "mtp_draft", {}), weights, {}
+    return _stable_prompts(definition, config, weights, case_args(definition, config)), weights
 
 
 def build_speculative_decode(definition: dict, config: ModelConfig):
     """Model level: speculative decoding with the MTP drafter from prompts whose outcome no profile changes."""
     weights = model_weights(definition, config)
-    args = {"steps": definition["layout"]["steps"]}
-    return _stable_prompts(definition, config, weights, "speculative_decode", args), weights, args
+    return _stable_prompts(definition, config, weights, case_args(definition, config)), weights
 
 
 BUILDERS = {"latent_attention_core": build_paged_core, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
@@ -500,8 +508,8 @@ def profiles_of(definition: dict) -> list[str]:
 def build_case(definition: dict) -> Case:
     """GOLDEN — arguments, float64 truth with intermediates, and per-profile emulation of one case."""
     config = case_config(definition)
-    inputs, weights, args = BUILDERS[definition["entry_point"]](definition, config)
-    case = Case(definition["id"], definition, config, args, inputs, weights)
+    inputs, weights = BUILDERS[definition["entry_point"]](definition, config)
+    case = Case(definition["id"], definition, config, case_args(definition, config), inputs, weights)
     if definition["layout"].get("near_ties"):
         gate = {name: value for name, value in weights.items() if name.startswith("mlp.gate.")}
         case.acceptable["expert_ids"] = acceptable_expert_ids(config, gate, inputs["hidden"], definition["layout"]["max_near_margin"])
@@ -519,16 +527,18 @@ def build_case(definition: dict) -> Case:
             step, name = key.split("/")
             if step in emulation.steps and name in emulation[step] and truth.dtype.kind == "f":
                 pairs[f"step:{step}:{name}"] = (emulation[step][name], truth)
-        case.noise[profile] = {name: _l2(*pair) for name, pair in pairs.items()}
-        case.noise_max[profile] = {name: _largest(*pair) for name, pair in pairs.items()}
+        case.noise[profile] = {name: noise_l2(*pair) for name, pair in pairs.items()}
+        case.noise_max[profile] = {name: noise_largest(*pair) for name, pair in pairs.items()}
     return case
 
 
-def _largest(emulated: np.ndarray, truth: np.ndarray) -> float:
+def noise_largest(emulated: np.ndarray, truth: np.ndarray) -> float:
+    """The largest |emulated - truth| over the positions finite in both (a manifest's ``noise_max``)."""
     finite = np.isfinite(truth) & np.isfinite(emulated)
     return float(np.max(np.abs(np.where(finite, emulated, 0.0) - np.where(finite, truth, 0.0)), initial=0.0))
 
 
-def _l2(emulated: np.ndarray, truth: np.ndarray) -> float:
+def noise_l2(emulated: np.ndarray, truth: np.ndarray) -> float:
+    """||emulated - truth||_2 over the positions finite in both (a manifest's ``noise``)."""
     finite = np.isfinite(truth) & np.isfinite(emulated)
     return float(np.linalg.norm(np.where(finite, emulated, 0.0) - np.where(finite, truth, 0.0)))

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GoldenError
+from ..errors import GoldenError, InputError
 from ..precision import UNIT_ROUNDOFF
 from ..spec import spec_dir, spec_version
 from ..trace import arithmetic
 from .cases import build_case, case_definitions, file_name, stored_recipe_weights
+from .integrity import definition_differences
 from .manifest import case_entry, read_manifest, write_manifest
 from .storage import read_npz, tensor_digest, write_npz
 
@@ -116,7 +117,11 @@ def verify(directory: Path | None = None, pattern: str | None = None) -> list[Ve
     for path in sorted(directory.glob("*.npz")):
         if path.name not in listed:
             rows.append(VerifyRow(path.name, "FAIL", detail="orphan file: not in the manifest"))
-    for definition in selected(pattern, on_demand):
+    chosen = selected(pattern, on_demand)
+    if pattern and not chosen:
+        raise InputError("select", f"{pattern!r} matches no case of spec/golden.yaml (a glob or a substring of a case id, "
+                         f"e.g. {case_definitions(on_demand)[0]['id']!r})", "GOLDEN.select")
+    for definition in chosen:
         case_id = definition["id"]
         entry = manifest["cases"].get(case_id)
         if entry is None and on_demand:
@@ -134,7 +139,7 @@ def _verify_case(directory: Path, definition: dict, entry: dict) -> VerifyRow:
         stored = read_npz(directory / entry["file"])
     except GoldenError as error:
         return VerifyRow(case_id, "FAIL", detail=str(error))
-    problems = []
+    problems = definition_differences(definition, entry)
     if set(stored) != set(entry["tensors"]):
         problems.append(f"tensors in the file {sorted(set(stored) ^ set(entry['tensors']))} disagree with the manifest")
     for name, value in stored.items():

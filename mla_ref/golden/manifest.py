@@ -9,7 +9,7 @@ import yaml
 
 from ..errors import GoldenError
 from ..spec import read_yaml
-from .cases import Case, file_name
+from .cases import Case, case_args, case_config, file_name
 from .storage import tensor_digest
 
 SCHEMA = "mla-ref-golden-manifest/1"
@@ -20,24 +20,34 @@ TENSOR_KEYS = {"dtype": str, "shape": list, "sha256": str}
 RECIPE_KEYS = {"generator": str, "seed": int, "design": str, "digest": str}
 
 
-def case_entry(case: Case) -> dict:
-    """The manifest entry of one case."""
-    definition = case.definition
+def definition_fields(definition: dict) -> dict:
+    """The fields of a manifest entry that follow from the case's definition alone (what check and verify compare)."""
+    config = case_config(definition)
     return {
-        "file": file_name(case.id),
-        "entry_point": case.entry_point,
+        "file": file_name(definition["id"]),
+        "entry_point": definition["entry_point"],
         "level": definition["level"],
         "preset": definition["preset"],
         "overrides": dict(definition.get("overrides", {})),
         "seed": int(definition.get("seed", 0)),
         "steps": list(definition["steps"]),
-        "args": {name: (value.item() if isinstance(value, np.generic) else value) for name, value in case.args.items()},
-        "config": case.config.to_dict(),
+        "args": {name: (value.item() if isinstance(value, np.generic) else value) for name, value in case_args(definition, config).items()},
+        "config": config.to_dict(),
+        "purpose": str(definition.get("purpose", "")),
+        "pitfalls": [str(p) for p in definition.get("pitfalls", [])],
+    }
+
+
+def case_entry(case: Case) -> dict:
+    """The manifest entry of one case: its definition's fields, then what building it recorded."""
+    defined = definition_fields(case.definition)
+    described = {"purpose": defined.pop("purpose"), "pitfalls": defined.pop("pitfalls")}
+    return {
+        **defined,
         "profiles": {profile: {"noise": noise, "noise_max": case.noise_max[profile]} for profile, noise in case.noise.items()},
         "tensors": {name: {"dtype": value.dtype.str, "shape": list(value.shape), "sha256": tensor_digest(value)}
                     for name, value in case.tensors().items()},
-        "purpose": str(definition.get("purpose", "")),
-        "pitfalls": [str(p) for p in definition.get("pitfalls", [])],
+        **described,
         **({"weights": weights} if (weights := case.weights_entry()) is not None else {}),
     }
 
