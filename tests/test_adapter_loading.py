@@ -97,3 +97,10 @@ def test_the_readme_commands_find_a_module_in_the_current_directory(tmp_path):
     plugin = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "mla_ref.conformance"],
                             cwd=tmp_path, env=env, capture_output=True, text=True)
     assert plugin.returncode == 0 and "2 passed" in plugin.stdout, plugin.stdout + plugin.stderr  # the case and the selection check
+
+
+def test_the_pytest_plugin_without_golden_data_says_how_to_get_it(tmp_path):
+    env = dict(os.environ, MLA_REF_ADAPTER="mla_ref.conformance.reference_adapter", MLA_REF_GOLDEN_DIR=str(tmp_path))
+    plugin = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "mla_ref.conformance"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert plugin.returncode == 1 and "mla-ref golden generate --dir DIR" in plugin.stdout, plugin.stdout

@@ -130,3 +130,13 @@ def test_calibrate_honours_dir(tmp_path, capsys):
 def test_quiet_is_accepted_by_the_long_commands(tmp_path):
     assert main(["check", "mla_ref.conformance.reference_adapter", "--quiet", "--select", "mla.core.paged/tiny/bs16"]) == 0
     assert main(["golden", "verify", "-q", "--select", "mla.core.paged/tiny/bs16"]) == 0
+
+
+@pytest.mark.parametrize("raised, status, text", [(OSError(28, "No space left on device"), EXIT_USAGE, "mla-ref: error: [Errno 28] No space left on device"),
+                                                  (KeyboardInterrupt(), EXIT_INTERRUPTED, "mla-ref: interrupted")])
+def test_file_system_errors_and_ctrl_c_anywhere_are_one_line(monkeypatch, capsys, raised, status, text):
+    def run(args):
+        raise raised
+    monkeypatch.setattr("mla_ref.cli._run", run)
+    assert main(["info", "tiny"]) == status
+    assert capsys.readouterr().err.splitlines() == [text]
