@@ -40,7 +40,7 @@ def query_latent(hidden: np.ndarray, weights: dict, eps: float) -> np.ndarray:
 
 
 def query_heads(config: ModelConfig, query_input: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
-    """MLA.2 — ``q = c_q @ Wq_b.T`` (or ``x @ Wq.T``), per head ``[nope | rope]`` (V2R eq. 13, 15; V3R eq. 7-8)."""
+    """MLA.2 — ``q = c_q @ Wq_b.T`` (or ``x @ Wq.T``), per head ``[nope | rope]`` (V2R eq. 13, 14; V3R eq. 7-8)."""
     weight = weights["q_b_proj.weight"] if config.q_lora_rank else weights["q_proj.weight"]
     q = query_input @ weight.T  # [batch, seq, heads * qk_head_dim]
     q = q.reshape(q.shape[:-1] + (config.num_attention_heads, config.qk_head_dim))  # [batch, seq, heads, qk_head_dim]
@@ -48,7 +48,7 @@ def query_heads(config: ModelConfig, query_input: np.ndarray, weights: dict) -> 
 
 
 def kv_latent_and_rope_key(config: ModelConfig, hidden: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
-    """MLA.3 — ``[c_kv | k_pe] = x @ Wkv_a.T``; RMSNorm on the latent only (V2R eq. 9, 16; V3R eq. 1, 3)."""
+    """MLA.3 — ``[c_kv | k_pe] = x @ Wkv_a.T``; RMSNorm on the latent only (V2R eq. 9, 15; V3R eq. 1, 3)."""
     kv_a = hidden @ weights["kv_a_proj_with_mqa.weight"].T  # [batch, seq, kv_lora_rank + qk_rope_head_dim]
     kv_latent = rms_norm(kv_a[..., : config.kv_lora_rank], weights["kv_a_layernorm.weight"], config.rms_norm_eps)
     return kv_latent, kv_a[..., config.kv_lora_rank:]  # [batch, seq, kv_lora_rank], [batch, seq, qk_rope_head_dim]
@@ -56,7 +56,7 @@ def kv_latent_and_rope_key(config: ModelConfig, hidden: np.ndarray, weights: dic
 
 def rotate_query_key(config: ModelConfig, q_pe: np.ndarray, k_pe: np.ndarray, positions: np.ndarray,
                      table_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-    """MLA.4 — RoPE at absolute positions: q_pe per head, one k_pe shared by all heads (V2R eq. 15-16; V3R eq. 3, 8).
+    """MLA.4 — RoPE at absolute positions: q_pe per head, one k_pe shared by all heads (V2R eq. 14-15; V3R eq. 3, 8).
 
     ``table_dtype``: the precision of the cos / sin table (float64; float32 in a profile with ``rope_table: fp32``).
     """
@@ -66,7 +66,7 @@ def rotate_query_key(config: ModelConfig, q_pe: np.ndarray, k_pe: np.ndarray, po
 
 
 def latent_cache_rows(kv_latent: np.ndarray, k_pe: np.ndarray) -> np.ndarray:
-    """MLA.5 — one cache row per token: normalised latent then rotated k_pe (V2R section 2.1.2)."""
+    """MLA.5 — one cache row per token: normalised latent then rotated k_pe (V2R sections 2.1.2-2.1.3)."""
     return np.concatenate([kv_latent, k_pe], axis=-1)  # [batch, seq, kv_lora_rank + qk_rope_head_dim]
 
 
@@ -83,7 +83,7 @@ def expand_latent(config: ModelConfig, kv_latent: np.ndarray, weights: dict) -> 
 
 
 def assemble_query_key(q_nope: np.ndarray, q_pe: np.ndarray, k_nope: np.ndarray, k_pe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MLA.7 — ``q = [q_nope ; q_pe]``, ``k = [k_nope ; k_pe]`` with k_pe broadcast to every head (V2R eq. 14, 17; V3R eq. 4, 9).
+    """MLA.7 — ``q = [q_nope ; q_pe]``, ``k = [k_nope ; k_pe]`` with k_pe broadcast to every head (V2R eq. 16, 17; V3R eq. 4, 9).
 
     Both are built in head-major buffers and returned as ``[batch, seq|keys, heads, qk_head_dim]`` views.
     """

@@ -112,7 +112,7 @@ def rope_angles(config: ModelConfig, positions: np.ndarray, dtype=np.float64,
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, layout: str) -> np.ndarray:
-    """ROPE.6 — rotate pairs of ``x`` (V2R eq. 15-16); ``cos``/``sin`` broadcast over ``x[..., :d/2]``.
+    """ROPE.6 — rotate pairs of ``x`` (V2R eq. 14-15); ``cos``/``sin`` broadcast over ``x[..., :d/2]``.
 
     interleaved: pair j is (x[2j], x[2j+1]); half: pair j is (x[j], x[j + d/2]).
     """
