@@ -51,7 +51,7 @@ def _routing_lines(config: ModelConfig) -> list[str]:
         f"  renormalise top-k weights  {'yes' if renormalises_topk(config) else 'no'} ({norm_reason}), epsilon {config.topk_norm_epsilon!r} (MOE.8)",
         f"  routed scaling factor      {config.routed_scaling_factor!r}, always applied (MOE.8)",
         "  bias update speed          " + (f"{config.bias_update_speed!r} (MOE.15)" if config.has_correction_bias else "unused (no correction bias)"),
-        f"  balance loss alpha         {config.aux_loss_alpha!r} (MOE.16 sequence-wise, or MOE.17 expert-level alpha1)",
+        f"  balance loss alpha         {config.aux_loss_alpha!r} (config.json; MOE.16 sequence-wise or MOE.17 expert-level; the V3 report trained MOE.16 with 1e-4)",
     ]
 
 
