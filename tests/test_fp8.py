@@ -283,3 +283,22 @@ def test_fp8_gemm_names_a_wrong_scale_shape():
         fp8_gemm(a, a_scale, b, b_scale.T)
     with pytest.raises(ShapeError, match=r"a, b: expected \[M, K\] and \[N, K\]"):
         fp8_gemm(a, a_scale, b[:, :256], b_scale)
+
+
+def test_the_spec_shapes_are_the_shapes_the_steps_return():
+    from mla_ref.explain import explain
+    from mla_ref.config import load_preset
+    from mla_ref.spec import evaluate_shape, step_by_id
+    sizes = {"M": 576, "N": 7168}
+    codes, scale = weight_quant(np.ones(KV_A_SHAPE))
+    quant = step_by_id("FP8.5")["outputs"]
+    assert evaluate_shape(quant["weight"], sizes) == codes.shape
+    assert evaluate_shape(quant["weight_scale_inv"], sizes) == scale.shape == (5, 56)
+    assert evaluate_shape(step_by_id("FP8.4")["inputs"]["weight_scale_inv"], sizes) == (5, 56)
+    a, a_scale, b, b_scale = gemm_operands()
+    gemm = step_by_id("FP8.7")["inputs"]
+    symbols = {"M": a.shape[0], "K": a.shape[1], "N": b.shape[0]}
+    assert evaluate_shape(gemm["a_scale"], symbols) == a_scale.shape
+    assert evaluate_shape(gemm["b_scale"], symbols) == b_scale.shape
+    for step in range(1, 8):
+        assert f"FP8.{step} " in explain(f"FP8.{step}", load_preset("tiny"))
