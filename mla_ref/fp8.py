@@ -108,12 +108,12 @@ def encode_fp8(x, fmt: str = "e4m3fn", overflow: str = "saturate") -> np.ndarray
 
 def ue8m0_scale(scale) -> np.ndarray:
     """FP8.3 — a positive float32 scale rounded UP to a power of two from its bits (EXP fast_log2_ceil; DG ceil_to_ue8m0)."""
-    single = np.ascontiguousarray(scale, dtype=np.float32)
+    single = np.asarray(scale, dtype=np.float32)
     if not (np.all(single > 0) and np.all(np.isfinite(single))):
         raise InputError("scale", "expected finite positive float32 scales", "FP8.3")
-    bits = single.view(np.uint32)
+    bits = np.ascontiguousarray(single).reshape(-1).view(np.uint32)  # 1-D, so that a 0-d input stays an array
     biased_exponent = (bits >> np.uint32(23)) + ((bits & np.uint32(0x7FFFFF)) != 0).astype(np.uint32)
-    return (biased_exponent << np.uint32(23)).view(np.float32)
+    return (biased_exponent << np.uint32(23)).view(np.float32).reshape(single.shape)
 
 
 def block_grid_shape(shape: tuple[int, ...]) -> tuple[int, ...]:

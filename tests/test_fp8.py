@@ -120,6 +120,7 @@ def test_ue8m0_rounds_the_exponent_up():
     scale = (rng.uniform(0.5, 1, 10_000) * 2.0 ** rng.integers(-30, 30, 10_000)).astype(np.float32)
     scale[:60] = 2.0 ** np.arange(-30, 30)  # exact powers stay
     assert np.array_equal(ue8m0_scale(scale), 2.0 ** np.ceil(np.log2(scale.astype(np.float64))))
+    assert ue8m0_scale(np.float32(0.3)).shape == () and ue8m0_scale(np.float32(0.3)) == 0.5
     with pytest.raises(InputError, match="FP8.3"):
         ue8m0_scale([0.0])
 
