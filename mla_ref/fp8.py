@@ -20,6 +20,7 @@ AMAX_FLOOR = 1e-4
 OVERFLOW_MODES = ("saturate", "nan")
 SCALE_FORMATS = (None, "ue8m0")
 ACT_QUANT_VARIANTS = ("v32", "v3")
+GEMM_IMPLS = ("fp8", "bf16")
 MANTISSA_BITS = 3
 
 
@@ -217,3 +218,23 @@ def fp8_gemm(a, a_scale, b, b_scale) -> np.ndarray:
         block_scale = a_scale[:, block, None] * b_scale_per_row[None, :, block]  # [M, N] float32
         accumulator += partial * block_scale
     return round_bf16(accumulator)
+
+
+def fp8_linear(x, weight, weight_scale_inv, gemm_impl: str = "fp8", scale_fmt: str | None = None) -> np.ndarray:
+    """FP8.8 — ``y = x @ W.T`` for an FP8 weight: act_quant + fp8_gemm, or the V3 demo's bf16 dequantisation (EXP model.py:159-163)."""
+    if gemm_impl not in GEMM_IMPLS:
+        raise InputError("gemm_impl", f"expected one of {list(GEMM_IMPLS)}, got {gemm_impl!r}", "FP8.8")
+    values = np.asarray(x, dtype=np.float64)
+    if values.ndim == 0:
+        raise ShapeError("x", "expected [..., K], got a scalar", "FP8.8")
+    leading = values.shape[:-1]
+    rows = values.reshape(-1, values.shape[-1])  # [tokens, K]
+    if gemm_impl == "bf16":
+        weight_bf16 = round_bf16(weight_dequant(weight, weight_scale_inv))  # [N, K]
+        if weight_bf16.shape[1] != rows.shape[1]:
+            raise ShapeError("x", f"expected [..., {weight_bf16.shape[1]}], got {list(values.shape)}", "FP8.8")
+        y = round_bf16(round_bf16(rows) @ weight_bf16.T)  # [tokens, N]
+    else:
+        codes, scale = act_quant(rows, scale_fmt)
+        y = fp8_gemm(codes, scale, weight, weight_scale_inv)  # [tokens, N]
+    return y.reshape(leading + (y.shape[-1],))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from mla_ref.errors import InputError, ShapeError
-from mla_ref.fp8 import (FORMATS, act_quant, decode_fp8, encode_fp8, fp8_gemm, ue8m0_scale, weight_dequant,
+from mla_ref.fp8 import (FORMATS, act_quant, decode_fp8, encode_fp8, fp8_gemm, fp8_linear, ue8m0_scale, weight_dequant,
                          weight_quant)
+from mla_ref.precision import round_bf16
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 ML_TYPES = {"e4m3fn": ml_dtypes.float8_e4m3fn, "e4m3fnuz": ml_dtypes.float8_e4m3fnuz}
@@ -301,5 +302,38 @@ def test_the_spec_shapes_are_the_shapes_the_steps_return():
     symbols = {"M": a.shape[0], "K": a.shape[1], "N": b.shape[0]}
     assert evaluate_shape(gemm["a_scale"], symbols) == a_scale.shape
     assert evaluate_shape(gemm["b_scale"], symbols) == b_scale.shape
-    for step in range(1, 8):
+    for step in range(1, 9):
         assert f"FP8.{step} " in explain(f"FP8.{step}", load_preset("tiny"))
+
+
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_fp8_linear_stays_within_the_quantisation_bound_of_the_float64_product(scale_fmt):
+    """fp8 path: activation rounding (half an e4m3 step per element) through |W|, the kernel's float32 accumulation
+    and the bf16 output; bf16 path: x and W rounded to bf16 (2^-8 each) and the output."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 3, 384)) * rng.uniform(0.1, 4, size=(1, 1, 384))
+    weight, weight_scale_inv = weight_quant(rng.standard_normal((136, 384)) * 0.05, scale_fmt)
+    weight_values = weight_dequant(weight, weight_scale_inv)
+    exact = x @ weight_values.T
+    y = fp8_linear(x, weight, weight_scale_inv, "fp8", scale_fmt)
+    assert y.shape == (2, 3, 136)
+    _, scale = act_quant(x.reshape(6, 384), scale_fmt)
+    step = np.maximum(2.0 ** -4 * np.abs(x), 2.0 ** -10 * np.repeat(scale, 128, axis=1).reshape(x.shape))
+    magnitude = np.abs(x) @ np.abs(weight_values).T
+    bound = step @ np.abs(weight_values).T + 2.0 ** -8 * (np.abs(exact) + step @ np.abs(weight_values).T) + 6 * 2.0 ** -24 * magnitude * 2
+    assert np.all(np.abs(y - exact) <= bound * (1 + 2 ** -8))
+    y_bf16 = fp8_linear(x, weight, weight_scale_inv, "bf16")
+    bf16_bound = 2.0 ** -8 * (2 * magnitude * (1 + 2 ** -8) + np.abs(exact)) * (1 + 2 ** -6)
+    assert np.all(np.abs(y_bf16 - exact) <= bf16_bound)
+    assert np.array_equal(y_bf16, round_bf16(y_bf16))
+
+
+def test_fp8_linear_bf16_path_is_exact_on_bf16_friendly_values():
+    x = np.arange(-64, 64, dtype=np.float64).reshape(1, 128) / 16
+    weight = encode_fp8(np.ones((3, 128)))
+    scale = np.full((1, 1), 0.5, dtype=np.float32)
+    assert np.array_equal(fp8_linear(x, weight, scale, "bf16"), np.full((1, 3), x.sum() * 0.5))
+    with pytest.raises(InputError, match=r"gemm_impl: .*FP8.8"):
+        fp8_linear(x, weight, scale, "tf32")
+    with pytest.raises(ShapeError, match=r"x: expected \[\.\.\., 128\], got \[1, 64\] \(FP8.8\)"):
+        fp8_linear(x[:, :64], weight, scale, "bf16")
