@@ -97,9 +97,8 @@ def encode_fp8(x, fmt: str = "e4m3fn", overflow: str = "saturate") -> np.ndarray
     is_nan |= rounded > form.max_finite
     _, rounded_exponent = np.frexp(np.maximum(rounded, form.min_normal))
     exponent_field = np.where(rounded >= form.min_normal, rounded_exponent - 1 + form.exponent_bias, 0)
-    unit = np.where(exponent_field == 0, form.subnormal_step,
-                    np.ldexp(1.0, rounded_exponent - 1 - MANTISSA_BITS))
-    mantissa = (rounded / unit).astype(np.int64) - np.where(exponent_field == 0, 0, 8)
+    unit = np.ldexp(1.0, rounded_exponent - 1 - MANTISSA_BITS)  # the subnormal step when exponent_field == 0
+    mantissa = (rounded / unit).astype(np.int64) - np.where(exponent_field == 0, 0, 8)  # 8: the implicit leading bit
     code = (exponent_field << MANTISSA_BITS) | mantissa
     sign_bit = negative & ((code != 0) | form.negative_zero)  # e4m3fnuz has no -0: a negative zero is 0x00
     code = code | np.where(sign_bit, 0x80, 0)
