@@ -17,6 +17,7 @@ import numpy.typing as npt
 from .checks import check_allocation, checked_weight
 from .config import ModelConfig
 from .errors import ResourceError, WeightError
+from .fp8 import check_codes, weight_dequant, weight_quant
 from .rope import half_layout_permutation
 from .spec import evaluate_shape, load_spec_file
 
@@ -156,12 +157,14 @@ def generate_tensor(seed: int, name: str, shape: tuple[int, ...], rule: str, dty
 
 
 def generate_weights(config: ModelConfig, seed: int = 0, names: Iterable[str] | None = None,
-                     shapes: Mapping[str, tuple[int, ...]] | None = None, dtype: npt.DTypeLike = np.float64) -> dict[str, np.ndarray]:
+                     shapes: Mapping[str, tuple[int, ...]] | None = None, dtype: npt.DTypeLike = np.float64,
+                     fp8: bool = False) -> dict[str, np.ndarray]:
     """Deterministic weights under Hugging Face names.
 
     ``shapes`` defaults to the whole model (:func:`weight_shapes`); pass
     ``attention_weight_shapes(config)`` for one MLA layer's relative names, or ``names``
-    to build a subset (e.g. only the experts some tokens need).
+    to build a subset (e.g. only the experts some tokens need). ``fp8``: the linear layers
+    as an FP8 checkpoint, uint8 e4m3fn codes plus ``{name}_scale_inv`` (spec/fp8.yaml checkpoint).
     """
     table = dict(weight_shapes(config) if shapes is None else shapes)
     if names is not None:
@@ -171,13 +174,59 @@ def generate_weights(config: ModelConfig, seed: int = 0, names: Iterable[str] | 
             raise WeightError(missing[0], f"not a tensor of this config ({len(missing)} unknown)", "WEIGHTS.tensors")
         table = {name: table[name] for name in wanted}
     rules = _init_rules()
-    return {name: generate_tensor(seed, name, shape, _init_rule(name, rules), dtype) for name, shape in table.items()}
+    weights = {}
+    for name, shape in table.items():
+        rule = _init_rule(name, rules)
+        if fp8 and rule == "linear" and not _matches(name, _fp8_checkpoint()["kept"]):
+            scale_fmt = None if _matches(name, _fp8_checkpoint()["amax_scales"]) else "ue8m0"
+            weights[name], weights[name + "_scale_inv"] = _read_only(*weight_quant(generate_tensor(seed, name, shape, rule), scale_fmt))
+        else:
+            weights[name] = generate_tensor(seed, name, shape, rule, dtype)
+    return weights
 
 
-def generate_attention_weights(config: ModelConfig, seed: int = 0, layer: int = 0, dtype: npt.DTypeLike = np.float64) -> dict[str, np.ndarray]:
+def _fp8_checkpoint() -> dict:
+    return load_spec_file("fp8.yaml")["checkpoint"]
+
+
+def _matches(name: str, entries: Iterable[str]) -> bool:
+    """Whether ``name`` is one of ``entries`` or ends in ``"." + entry``."""
+    return any(name == entry or name.endswith("." + entry) for entry in entries)
+
+
+def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    for array in arrays:
+        array.setflags(write=False)
+    return arrays
+
+
+def dequantize_checkpoint(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """FP8.4 on every ``{name}`` / ``{name}_scale_inv`` pair of an FP8 checkpoint: float64 weights, scales dropped.
+
+    A uint8 tensor without its scale, or a scale without its tensor, raises ``WeightError``: raw codes are never
+    read as values (``fp8_cast_bf16.py`` copies them with only a warning).
+    """
+    dequantized = {}
+    for name, value in weights.items():
+        if name.endswith("_scale_inv"):
+            if name[: -len("_scale_inv")] not in weights:
+                raise WeightError(name, f"a scale without its tensor {name[: -len('_scale_inv')]!r}", "FP8.4")
+            continue
+        if np.asarray(value).dtype == np.uint8 or name + "_scale_inv" in weights:
+            if name + "_scale_inv" not in weights:
+                raise WeightError(name, f"uint8 fp8 codes without {name + '_scale_inv'!r}", "FP8.4")
+            value = weight_dequant(check_codes(value, name, "FP8.4"), weights[name + "_scale_inv"])
+            value.setflags(write=False)
+        dequantized[name] = value
+    return dequantized
+
+
+def generate_attention_weights(config: ModelConfig, seed: int = 0, layer: int = 0, dtype: npt.DTypeLike = np.float64,
+                               fp8: bool = False) -> dict[str, np.ndarray]:
     """The MLA tensors of ``layer`` under relative names (values equal to the full model's)."""
     prefix = f"model.layers.{layer}.self_attn."
-    full = generate_weights(config, seed, shapes={prefix + name: shape for name, shape in attention_weight_shapes(config).items()}, dtype=dtype)
+    full = generate_weights(config, seed, shapes={prefix + name: shape for name, shape in attention_weight_shapes(config).items()},
+                            dtype=dtype, fp8=fp8)
     return {name[len(prefix):]: value for name, value in full.items()}
 
 
@@ -198,14 +247,17 @@ def check_weights(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str,
     missing = [name for name in expected if name not in weights]
     if missing:
         raise WeightError(missing[0], f"missing (expected shape {list(expected[missing[0]])}); all missing: {missing}", spec_id)
+    fp8_hint = "; an FP8 checkpoint is read through mla_ref.weights.dequantize_checkpoint (FP8.4)"
     extra = sorted(set(weights) - set(expected))
     if extra:
-        raise WeightError(extra[0], f"unexpected tensor; expected only {sorted(expected)}", spec_id)
+        hint = fp8_hint if extra[0].endswith("_scale_inv") else ""
+        raise WeightError(extra[0], f"unexpected tensor; expected only {sorted(expected)}{hint}", spec_id)
     checked = {}
     for name, shape in expected.items():
         value = np.asarray(weights[name])
         if value.dtype.kind != "f":
-            raise WeightError(name, f"expected a real floating dtype, got {value.dtype}", spec_id)
+            hint = fp8_hint if value.dtype == np.uint8 else ""
+            raise WeightError(name, f"expected a real floating dtype, got {value.dtype}{hint}", spec_id)
         if value.shape != tuple(shape):
             raise WeightError(name, f"expected shape {list(shape)}, got {list(value.shape)}", spec_id)
         checked[name] = checked_weight(name, value, dtype, spec_id)
