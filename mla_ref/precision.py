@@ -1,9 +1,11 @@
-"""TOLERANCE.1 — rounding emulation of low-precision storage (spec/tolerance.yaml).
+"""TOLERANCE.1 — rounding emulation of low-precision storage; TOLERANCE.2's float32 products (spec/tolerance.yaml).
 
 Round-to-nearest-even to bfloat16, float16 and TF32 (10-bit mantissa), done on the
 bits of float32 so that NumPy needs no extension type. Values come back as float64
 (exactly representable), so an emulated pipeline keeps computing in float64 between
-the rounding points its precision profile declares.
+the rounding points its precision profile declares. :func:`matmul`, :func:`exp` and
+:func:`log` are the math modules' products and transcendentals: NumPy's own in float64, and
+in float32 the arithmetic of TOLERANCE.2, the same on every machine.
 """
 
 from __future__ import annotations
@@ -50,3 +52,43 @@ ROUNDING = {"bf16": round_bf16, "fp16": round_fp16, "tf32": round_tf32, "fp32": 
 
 # Unit roundoff (half the distance from 1 to the next value) of each storage format.
 UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "tf32": 2.0 ** -11, "fp32": 2.0 ** -24, "fp64": 2.0 ** -53}
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """TOLERANCE.2 — ``a @ b``; in float32, a fixed accumulation along K that no BLAS kernel or thread count changes.
+
+    Float64 operands (the truth, bf16 / fp16 emulations) go to ``np.matmul``. Two float32
+    operands ``[..., M, K] @ [..., K, N]`` are accumulated as a GEMM microkernel does, one
+    fused multiply-add per k in increasing order: ``acc = fl32(acc + a[.., k] * b[k, ..])``,
+    the product exact (a float32 product fits a float64) and the sum formed in float64, then
+    rounded to float32. BLAS sgemm would instead sum in the order of whichever kernel the
+    machine picks (blocking of K, FMA or not, threads), which moves the result of every
+    emulation by a few units. Vectorised over batch, M and N; the loop runs over K.
+    """
+    if a.dtype != np.float32 or b.dtype != np.float32:
+        return np.matmul(a, b)
+    a_columns = np.moveaxis(a, -1, 0).astype(np.float64)  # [K, ..., M]
+    b_rows = np.moveaxis(b, -2, 0).astype(np.float64)  # [K, ..., N]
+    shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])  # [..., M, N]
+    total = np.zeros(shape, np.float32)
+    step = np.empty(shape, np.float64)
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, as sgemm gives
+        for a_column, b_row in zip(a_columns, b_rows):
+            np.multiply(a_column[..., :, None], b_row[..., None, :], out=step)  # exact products
+            step += total
+            total[...] = step  # one rounding to float32 per k
+    return total
+
+
+def exp(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """TOLERANCE.2 — ``e^x``; float32 values through float64, rounded once (NumPy's float32 exp follows the CPU's SIMD)."""
+    if x.dtype != np.float32:
+        return np.exp(x, out=out)
+    return np.exp(x, out=np.empty_like(x) if out is None else out, dtype=np.float64, casting="same_kind")
+
+
+def log(x: np.ndarray) -> np.ndarray:
+    """TOLERANCE.2 — natural log; float32 values through float64, rounded once, as :func:`exp`."""
+    if x.dtype != np.float32:
+        return np.log(x)
+    return np.log(x, out=np.empty_like(x), dtype=np.float64, casting="same_kind")
