@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mla_ref.precision import UNIT_ROUNDOFF, round_bf16, round_fp16, round_fp32, round_tf32
+from mla_ref.precision import UNIT_ROUNDOFF, exp, log, matmul, round_bf16, round_fp16, round_fp32, round_tf32
 
 
 def test_bf16_ties_go_to_even_and_specials_pass():
@@ -45,3 +45,41 @@ def test_tf32_keeps_ten_mantissa_bits():
     assert round_tf32(np.array(1.0 + 2.0 ** -10)) == 1.0 + 2.0 ** -10
     assert round_tf32(np.array(1.0 + 2.0 ** -11)) == 1.0  # tie to even
     assert round_tf32(np.array(1.0 + 3 * 2.0 ** -11)) == 1.0 + 2.0 ** -9
+
+
+def _sequential_float32_dot(row, column) -> np.float32:
+    """One output of the TOLERANCE.2 float32 product, element by element in Python floats (float64): exact
+    products (24 + 24 bits fit in 53), each partial sum rounded to float32 before the next term."""
+    total = np.float32(0.0)
+    for a, b in zip(row.tolist(), column.tolist()):
+        total = np.float32(float(total) + a * b)
+    return total
+
+
+def test_float32_matmul_is_the_sequential_accumulation_of_tolerance_2():
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal((2, 3, 40)) * np.logspace(-3, 3, 40)).astype(np.float32)  # terms of very different sizes
+    b = rng.standard_normal((40, 5)).astype(np.float32)
+    product = matmul(a, b)
+    assert product.dtype == np.float32 and product.shape == (2, 3, 5)
+    expected = np.array([[[_sequential_float32_dot(a[i, j], b[:, n]) for n in range(5)] for j in range(3)] for i in range(2)])
+    np.testing.assert_array_equal(product, expected)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    assert 0 < np.abs(product - exact).max() <= 40 * 2.0 ** -24 * (np.abs(a).astype(np.float64) @ np.abs(b)).max()
+
+
+def test_float64_matmul_and_transcendentals_are_numpys():
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((3, 4, 6)), rng.standard_normal((3, 6, 2))
+    np.testing.assert_array_equal(matmul(a, b), np.matmul(a, b))
+    np.testing.assert_array_equal(exp(a), np.exp(a))
+    np.testing.assert_array_equal(log(np.abs(a)), np.log(np.abs(a)))
+
+
+def test_float32_exp_and_log_are_the_float64_values_rounded_once():
+    x = np.linspace(-80.0, 80.0, 100001).astype(np.float32)
+    np.testing.assert_array_equal(exp(x), np.exp(x.astype(np.float64)).astype(np.float32))
+    positive = np.abs(x) + np.float32(1e-30)
+    np.testing.assert_array_equal(log(positive), np.log(positive.astype(np.float64)).astype(np.float32))
+    out = np.empty_like(x)
+    assert exp(x, out=out) is out and out.dtype == np.float32
