@@ -67,8 +67,8 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     if a.dtype != np.float32 or b.dtype != np.float32:
         return np.matmul(a, b)
-    a_columns = np.moveaxis(a, -1, 0).astype(np.float64)  # [K, ..., M]
-    b_rows = np.moveaxis(b, -2, 0).astype(np.float64)  # [K, ..., N]
+    a_columns = np.ascontiguousarray(np.moveaxis(a, -1, 0), dtype=np.float64)  # [K, ..., M], one k contiguous
+    b_rows = np.ascontiguousarray(np.moveaxis(b, -2, 0), dtype=np.float64)  # [K, ..., N]
     shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])  # [..., M, N]
     total = np.zeros(shape, np.float32)
     step = np.empty(shape, np.float64)
