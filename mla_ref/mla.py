@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .checks import all_finite, check_int_vector, check_tensor, compute_dtype, finite_output
 from .errors import CacheError, InputError, ShapeError, shown
 from .norm import rms_norm
+from .precision import exp, log, matmul
 from .rope import apply_rope, rope_angles, softmax_scale
 from .trace import Trace, emit
 from .weights import attention_weight_shapes, check_weights
@@ -35,21 +36,21 @@ DEFAULT_EXPANDED_ELEMENTS = 1 << 22
 
 def query_latent(hidden: np.ndarray, weights: dict, eps: float) -> np.ndarray:
     """MLA.1 — compressed query ``c_q = RMSNorm(x @ Wq_a.T)`` (V2R eq. 12; V3R eq. 6)."""
-    c_q = hidden @ weights["q_a_proj.weight"].T  # [batch, seq, q_lora_rank]
+    c_q = matmul(hidden, weights["q_a_proj.weight"].T)  # [batch, seq, q_lora_rank]
     return rms_norm(c_q, weights["q_a_layernorm.weight"], eps)
 
 
 def query_heads(config: ModelConfig, query_input: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
     """MLA.2 — ``q = c_q @ Wq_b.T`` (or ``x @ Wq.T``), per head ``[nope | rope]`` (V2R eq. 13, 14; V3R eq. 7-8)."""
     weight = weights["q_b_proj.weight"] if config.q_lora_rank else weights["q_proj.weight"]
-    q = query_input @ weight.T  # [batch, seq, heads * qk_head_dim]
+    q = matmul(query_input, weight.T)  # [batch, seq, heads * qk_head_dim]
     q = q.reshape(q.shape[:-1] + (config.num_attention_heads, config.qk_head_dim))  # [batch, seq, heads, qk_head_dim]
     return q[..., : config.qk_nope_head_dim], q[..., config.qk_nope_head_dim:]
 
 
 def kv_latent_and_rope_key(config: ModelConfig, hidden: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
     """MLA.3 — ``[c_kv | k_pe] = x @ Wkv_a.T``; RMSNorm on the latent only (V2R eq. 9, 15; V3R eq. 1, 3)."""
-    kv_a = hidden @ weights["kv_a_proj_with_mqa.weight"].T  # [batch, seq, kv_lora_rank + qk_rope_head_dim]
+    kv_a = matmul(hidden, weights["kv_a_proj_with_mqa.weight"].T)  # [batch, seq, kv_lora_rank + qk_rope_head_dim]
     kv_latent = rms_norm(kv_a[..., : config.kv_lora_rank], weights["kv_a_layernorm.weight"], config.rms_norm_eps)
     return kv_latent, kv_a[..., config.kv_lora_rank:]  # [batch, seq, kv_lora_rank], [batch, seq, qk_rope_head_dim]
 
@@ -77,8 +78,8 @@ def expand_latent(config: ModelConfig, kv_latent: np.ndarray, weights: dict) -> 
     attention reads without a copy; returned as ``[batch, keys, heads, ..]`` views.
     """
     w_uk, w_uv = _kv_b_heads(config, weights)  # [heads, nope, kv_lora_rank], [heads, v, kv_lora_rank]
-    k_nope = kv_latent[:, None] @ w_uk.swapaxes(-1, -2)  # [batch, heads, keys, qk_nope_head_dim]
-    value = kv_latent[:, None] @ w_uv.swapaxes(-1, -2)  # [batch, heads, keys, v_head_dim]
+    k_nope = matmul(kv_latent[:, None], w_uk.swapaxes(-1, -2))  # [batch, heads, keys, qk_nope_head_dim]
+    value = matmul(kv_latent[:, None], w_uv.swapaxes(-1, -2))  # [batch, heads, keys, v_head_dim]
     return k_nope.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
 
 
@@ -111,7 +112,7 @@ def causal_visibility(key_offsets: np.ndarray, query_lengths: np.ndarray, num_qu
 
 def attention_logits(q_full: np.ndarray, k_heads: np.ndarray, scale: float) -> np.ndarray:
     """MLA.9 — ``scale * <q_full[i, h], k_full[j, h]>`` with k head-major ``[batch, heads, keys, qk_head_dim]`` (V2R eq. 18; V3R eq. 10)."""
-    logits = q_full.transpose(0, 2, 1, 3) @ k_heads.swapaxes(-1, -2)  # [batch, heads, seq, keys]
+    logits = matmul(q_full.transpose(0, 2, 1, 3), k_heads.swapaxes(-1, -2))  # [batch, heads, seq, keys]
     logits *= scale
     return logits
 
@@ -123,24 +124,24 @@ def masked_softmax(logits: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray,
     row_max = probs.max(axis=-1, keepdims=True, initial=-np.inf)
     row_max[~np.isfinite(row_max)] = 0.0
     np.subtract(probs, row_max, out=probs)
-    np.exp(probs, out=probs)
+    exp(probs, out=probs)
     total = probs.sum(axis=-1, keepdims=True)
     empty = total == 0.0
     np.divide(probs, np.where(empty, 1.0, total), out=probs)
     with np.errstate(divide="ignore"):
-        lse = np.log(total[..., 0]) + row_max[..., 0]  # [batch, heads, seq]; -inf for an empty row
+        lse = log(total[..., 0]) + row_max[..., 0]  # [batch, heads, seq]; -inf for an empty row
     return probs, lse
 
 
 def attention_values(probs: np.ndarray, value_heads: np.ndarray) -> np.ndarray:
     """MLA.11 — ``o[i, h] = sum_j p[h, i, j] v[j, h]`` with v head-major ``[batch, heads, keys, v_head_dim]`` (V2R eq. 18)."""
-    return (probs @ value_heads).transpose(0, 2, 1, 3)  # [batch, seq, heads, v_head_dim]
+    return matmul(probs, value_heads).transpose(0, 2, 1, 3)  # [batch, seq, heads, v_head_dim]
 
 
 def output_projection(attn: np.ndarray, weights: dict) -> np.ndarray:
     """MLA.12 — head-major concat, then ``@ Wo.T`` (V2R eq. 19; V3R eq. 11)."""
     flat = attn.reshape(attn.shape[:2] + (attn.shape[2] * attn.shape[3],))  # [batch, seq, heads * v_head_dim]
-    return flat @ weights["o_proj.weight"].T  # [batch, seq, hidden_size]
+    return matmul(flat, weights["o_proj.weight"].T)  # [batch, seq, hidden_size]
 
 
 def _kv_b_heads(config: ModelConfig, weights: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -152,14 +153,14 @@ def _kv_b_heads(config: ModelConfig, weights: dict) -> tuple[np.ndarray, np.ndar
 def absorb_query(config: ModelConfig, q_nope: np.ndarray, q_pe: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
     """MLA.13 — fold W_UK into the query: ``q_absorbed = q_nope @ W_UK``; ``q_latent = [q_absorbed | q_pe]`` (V2R section 2.1.2)."""
     w_uk, _ = _kv_b_heads(config, weights)
-    q_absorbed = np.einsum("bshd,hdc->bshc", q_nope, w_uk, optimize=True)  # [batch, seq, heads, kv_lora_rank]
+    q_absorbed = matmul(q_nope.transpose(0, 2, 1, 3), w_uk).transpose(0, 2, 1, 3)  # [batch, seq, heads, kv_lora_rank]
     return q_absorbed, np.concatenate([q_absorbed, q_pe], axis=-1)  # [.., kv_lora_rank + qk_rope_head_dim]
 
 
 def latent_logits(q_latent: np.ndarray, key_rows: np.ndarray, scale: float) -> np.ndarray:
     """MLA.14 — ``scale * (q_absorbed . latent + q_pe . k_pe)``: one MQA product against the shared rows."""
     batch, seq, heads, width = q_latent.shape
-    logits = q_latent.reshape(batch, seq * heads, width) @ key_rows.transpose(0, 2, 1)  # [batch, seq * heads, keys]
+    logits = matmul(q_latent.reshape(batch, seq * heads, width), key_rows.transpose(0, 2, 1))  # [batch, seq * heads, keys]
     logits *= scale
     return logits.reshape(batch, seq, heads, key_rows.shape[1]).transpose(0, 2, 1, 3)  # [batch, heads, seq, keys]
 
@@ -168,13 +169,13 @@ def latent_values(probs: np.ndarray, key_rows: np.ndarray, head_dim_v: int) -> n
     """MLA.15 — ``o_latent = p @ latent``: the values are the first ``head_dim_v`` columns of each row; one MQA product, as MLA.14."""
     batch, heads, seq, keys = probs.shape
     per_query = probs.transpose(0, 2, 1, 3).reshape(batch, seq * heads, keys)  # [batch, seq * heads, keys]
-    return (per_query @ key_rows[:, :, :head_dim_v]).reshape(batch, seq, heads, head_dim_v)
+    return matmul(per_query, key_rows[:, :, :head_dim_v]).reshape(batch, seq, heads, head_dim_v)
 
 
 def unabsorb_output(config: ModelConfig, out_latent: np.ndarray, weights: dict) -> np.ndarray:
     """MLA.16 — apply W_UV per head: ``o = o_latent @ W_UV.T`` (V2R section 2.1.2: W_UV absorbed into W_O)."""
     _, w_uv = _kv_b_heads(config, weights)
-    return np.einsum("bshc,hdc->bshd", out_latent, w_uv, optimize=True)  # [batch, seq, heads, v_head_dim]
+    return matmul(out_latent.transpose(0, 2, 1, 3), w_uv.swapaxes(-1, -2)).transpose(0, 2, 1, 3)  # [batch, seq, heads, v_head_dim]
 
 
 def _check_used_rows(name: str, rows: np.ndarray, lengths: np.ndarray, allow_nonfinite: bool, spec_id: str) -> None:

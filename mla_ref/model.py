@@ -23,6 +23,7 @@ from .errors import CacheError, InputError, ShapeError, WeightError
 from .mla import mla_forward
 from .moe import ffn_forward
 from .norm import rms_norm
+from .precision import matmul
 from .spec import evaluate_shape, load_spec_file
 from .trace import Trace, emit
 from .weights import subtree
@@ -68,7 +69,7 @@ def final_norm(config: ModelConfig, weights: Mapping, pre_norm_hidden: np.ndarra
 
 def lm_head_logits(lm_head: np.ndarray, hidden: np.ndarray) -> np.ndarray:
     """MODEL.5 — ``logits = h @ lm_head.T``, the untied output head (V3R section 2, eq. 23 for MTP)."""
-    return hidden @ lm_head.T  # [..., vocab_size]
+    return matmul(hidden, lm_head.T)  # [..., vocab_size]
 
 
 def greedy_token(logits: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy.typing as npt
 from .config import ModelConfig
 from .errors import InputError, NumericError, ShapeError, WeightError
 from .checks import all_finite, check_tensor, checked_weight, compute_dtype, finite_output, first_nonfinite
+from .precision import exp, matmul
 from .spec import evaluate_shape, load_spec_file
 from .trace import Trace, emit
 
@@ -32,14 +33,14 @@ _EXPERT_NAME = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """Logistic function ``1 / (1 + exp(-z))``, without overflow for large ``|z|``."""
-    e = np.exp(-np.abs(z))
+    e = exp(-np.abs(z))
     with np.errstate(invalid="ignore"):  # NaN logits stay NaN (rejected upstream unless allowed)
         return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def gate_logits(hidden: np.ndarray, gate_weight: np.ndarray) -> np.ndarray:
     """MOE.1 — router logits ``hidden @ W_gate.T`` (V3R eq. 15, u_t^T e_i)."""
-    return hidden @ gate_weight.T  # [tokens, n_routed_experts]
+    return matmul(hidden, gate_weight.T)  # [tokens, n_routed_experts]
 
 
 def gate_scores(config: ModelConfig, logits: np.ndarray) -> np.ndarray:
@@ -47,7 +48,7 @@ def gate_scores(config: ModelConfig, logits: np.ndarray) -> np.ndarray:
     if config.scoring_func == "sigmoid":
         return sigmoid(logits)
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite logits give non-finite scores, reported by the caller
-        exponentials = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        exponentials = exp(logits - logits.max(axis=-1, keepdims=True))
         return exponentials / exponentials.sum(axis=-1, keepdims=True)  # [tokens, n_routed_experts]
 
 
@@ -178,8 +179,8 @@ def _route_tokens(config, gate, bias, x, allow_nonfinite, trace, forced_expert_i
 
 def swiglu(x: np.ndarray, gate_proj: np.ndarray, up_proj: np.ndarray, down_proj: np.ndarray) -> np.ndarray:
     """SwiGLU MLP ``(silu(x @ gate.T) * (x @ up.T)) @ down.T`` of MOE.9, MOE.11 and MOE.13 (OFF Expert, MLP)."""
-    gate = x @ gate_proj.T  # [rows, inner]
-    return (gate * sigmoid(gate) * (x @ up_proj.T)) @ down_proj.T  # [rows, hidden_size]
+    gate = matmul(x, gate_proj.T)  # [rows, inner]
+    return matmul(gate * sigmoid(gate) * matmul(x, up_proj.T), down_proj.T)  # [rows, hidden_size]
 
 
 def assignment_order(expert_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

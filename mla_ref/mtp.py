@@ -20,6 +20,7 @@ from .errors import ConfigError, InputError
 from .model import ModelResult, check_model_weights, check_tokens, cross_entropy, decoder_block, embed_tokens, \
     lm_head_logits, model_forward, model_tensor
 from .norm import rms_norm
+from .precision import matmul
 from .trace import Trace, emit
 from .weights import subtree
 
@@ -42,7 +43,7 @@ def combine_embedding_and_hidden(config: ModelConfig, module_weights: Mapping, e
     hidden_half = rms_norm(previous_hidden, model_tensor(module_weights, "hnorm.weight", trace), eps)  # [batch, rows, hidden_size]
     halves = [embedding_half, hidden_half] if config.mtp_concat_order == "embedding_first" else [hidden_half, embedding_half]
     projection = model_tensor(module_weights, "eh_proj.weight", trace)  # [hidden_size, 2 * hidden_size]
-    return np.concatenate(halves, axis=-1) @ projection.T  # [batch, rows, 2 * hidden_size] -> [batch, rows, hidden_size]
+    return matmul(np.concatenate(halves, axis=-1), projection.T)  # [batch, rows, 2 * hidden_size] -> [batch, rows, hidden_size]
 
 
 def mtp_block(config: ModelConfig, weights: Mapping, depth: int, combined: np.ndarray, cache, query_lengths: np.ndarray,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ from mla_ref.errors import GoldenError
 from mla_ref.golden.cases import build_case, call_reference, case_definitions, check_case_id, file_name
 from mla_ref.golden.generate import default_golden_dir, verify
 from mla_ref.golden.manifest import read_manifest
-from mla_ref.golden.storage import read_npz
+from mla_ref.golden.storage import read_npz, tensor_digest
+from mla_ref.precision import UNIT_ROUNDOFF
 from mla_ref.spec import load_steps
 
 
@@ -57,6 +61,57 @@ def test_missing_file_stale_and_orphan_cases(golden_copy):
     assert "stale" in rows["moe.route.ties/tiny/seed0"].detail
     assert "orphan: in the manifest but not in spec/golden.yaml" in rows["mla.retired/tiny/seed0"].detail
 
+
+ILL_CONDITIONED = ("mla.core.big/*", "mla.decode.long/*", "mla.verify/*")  # large logits, long sums: 140-210 u float64 moves
+
+
+@pytest.mark.parametrize("coretype", ["Prescott", "Haswell"])
+def test_ill_conditioned_cases_verify_under_another_blas_kernel(coretype):
+    """The golden was generated under this machine's kernel; no FMA (Prescott) or AVX2 (Haswell) blocks sums otherwise."""
+    script = ("import sys; from mla_ref.golden.generate import verify; "
+              f"rows = [row for pattern in {ILL_CONDITIONED!r} for row in verify(None, pattern)]; "
+              "print('; '.join(f'{r.case_id}: {r.detail}' for r in rows if r.status != 'ok')); sys.exit(any(r.status != 'ok' for r in rows))")
+    environment = dict(os.environ, OPENBLAS_CORETYPE=coretype, OPENBLAS_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _rewrite(golden_copy, case_id: str, name: str, change) -> None:
+    """Change one stored tensor and record its new digest, as a regenerated file would be."""
+    path = golden_copy / file_name(case_id)
+    tensors = read_npz(path)
+    tensors[name] = change(tensors[name])
+    np.savez(path, **tensors)
+    manifest = yaml.safe_load((golden_copy / "manifest.yaml").read_text())
+    manifest["cases"][case_id]["tensors"][name]["sha256"] = tensor_digest(tensors[name])
+    (golden_copy / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+@pytest.mark.parametrize("factor, status", [(0.25, "ok"), (4.0, "FAIL")])
+def test_float64_bound_follows_the_fp32_emulations_error(golden_copy, factor, status):
+    """64 u x max(|x| + rms, e / u_fp32), e the fp32 emulation's largest error: a change of ``factor`` times the bound."""
+    case_id, name = "mla.core.big/tiny/seed0", "output:out"
+    entry = read_manifest(golden_copy / "manifest.yaml")["cases"][case_id]
+    stored = read_npz(golden_copy / file_name(case_id))[name]
+    magnified = entry["profiles"]["fp32"]["noise_max"][name] / UNIT_ROUNDOFF["fp32"]
+    rms = np.sqrt(np.mean(np.square(stored)))
+    assert magnified > np.abs(stored).max() + rms  # an ill-conditioned tensor: the fp32 error decides its bound
+    _rewrite(golden_copy, case_id, name, lambda x: x + factor * 64 * UNIT_ROUNDOFF["fp64"] * magnified)
+    row = _status(verify(golden_copy, case_id), case_id)
+    assert row.status == status and (status == "ok" or f"{name}: max difference" in row.detail), row.detail
+
+
+@pytest.mark.parametrize("profile, change, status", [("fp32", 1e-4, "FAIL"), ("bf16", 1e-4, "ok"), ("bf16", 10.0, "FAIL")])
+def test_recorded_noise_is_compared_tightly_where_the_emulation_is_deterministic(golden_copy, profile, change, status):
+    """fp32 computes in float32 (the same on every machine): a relative change of 1e-4 is caught. bf16 computes in
+    float64 and rounds: its noise may move by one flipped rounding (its largest error), not by 10 x the noise."""
+    case_id, name = "mla.prefill/tiny/seed0", "output:output"
+    path = golden_copy / "manifest.yaml"
+    manifest = yaml.safe_load(path.read_text())
+    manifest["cases"][case_id]["profiles"][profile]["noise"][name] *= 1 + change
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    row = _status(verify(golden_copy, case_id), case_id)
+    assert row.status == status and (status == "ok" or f"noise {profile} {name}" in row.detail), row.detail
 
 def test_pickle_inside_a_case_file_is_refused(golden_copy):
     case_id = "moe.route.v2/tiny-v2/seed0"
