@@ -24,8 +24,12 @@ from .storage import TEMPORARY_MARK, make_folder, read_npz, tensor_digest, write
 # Prescott to Cooperlake, 1 and 2 threads): at most 26 u of e / u_fp32 (mla.core.big, large logits, 210 u of |x| + rms).
 FLOAT64_ULPS = 64
 CONDITIONING_PROFILES = ("fp32", "tf32", "bf16", "fp16")  # whose largest error measures a tensor's conditioning, first recorded wins
-# Inputs the reference computed, measured by the output computed the same way at later positions (larger RoPE angles).
-COMPUTED_INPUTS = {"input:cache_rows": "output:rows"}
+# Float64 tensors no profile emulates, measured by the tensor they are computed from: the inputs the reference
+# computed, by the output computed the same way at later positions (larger RoPE angles); a margin (TOLERANCE.4),
+# a difference of two of the scores it is taken from, by those scores (counted twice).
+MEASURED_BY = {"input:cache_rows": ("output:rows", 1.0), "margin:tokens": ("output:logits", 2.0),
+               "margin:drafts": ("output:logits", 2.0), "margin:expert_ids": ("step:MOE.6:masked", 2.0),
+               "margin:groups": ("step:MOE.4:group_scores", 2.0)}
 EMULATED_ULPS = 4  # an emulated tensor, in units of its format: measured bitwise equal across kernels, CPUs and NumPy 1.24-2.4
 NOISE_RELATIVE = 1e-5  # a recorded noise against the rebuilt one: the truth moves by 2^-29 of the noise; measured <= 2e-7
 
@@ -169,12 +173,12 @@ def _magnified_size(name: str, recorded: dict, rebuilt: dict) -> float:
     every rounding, a float64 one included. ``recorded``: the manifest's ``profiles``;
     ``rebuilt``: the rebuilt case's ``noise_max``.
     """
-    key = "output:" + name.split(":", 2)[2] if name.startswith("emulated:") else COMPUTED_INPUTS.get(name, name)
+    key, factor = ("output:" + name.split(":", 2)[2], 1.0) if name.startswith("emulated:") else MEASURED_BY.get(name, (name, 1.0))
     for profile in CONDITIONING_PROFILES:
         measured = [value for value in (recorded.get(profile, {}).get("noise_max", {}).get(key), rebuilt.get(profile, {}).get(key))
                     if value is not None]
         if measured:
-            return max(measured) / UNIT_ROUNDOFF[profile]
+            return factor * max(measured) / UNIT_ROUNDOFF[profile]
     return 0.0
 
 
