@@ -148,8 +148,9 @@ def test_cli_check_report_and_exit_codes(tmp_path, capsys):
     assert main(["check", "ref", "--profile", "bf8"]) == 2
 
 
-def test_every_profile_emulation_passes_its_own_rule():
-    """The reference's own emulation of a profile is a correct implementation of it: it must pass (Triton adapter finding)."""
+def test_every_profile_emulation_sits_at_its_recorded_noise_and_twice_the_allowance_fails():
+    """The manifest's noise is the stored emulation's own error, which uses at most 1/k of the allowance; the same
+    error direction at twice the allowance fails (an emulation passing with noise defined from itself proves only k >= 1)."""
     from mla_ref.conformance.compare import compare_tensor
     from mla_ref.golden.generate import default_golden_dir
     from mla_ref.golden.manifest import read_manifest
@@ -157,17 +158,31 @@ def test_every_profile_emulation_passes_its_own_rule():
     from mla_ref.conformance.protocol import entry_points
     from mla_ref.trace import storage_format
     directory = default_golden_dir()
+    amplified = 0
     for case_id, entry in read_manifest(directory / "manifest.yaml")["cases"].items():
         tensors = read_npz(directory / entry["file"])
         steps = entry_points()[entry["entry_point"]]["output_steps"]
         for profile, recorded in entry["profiles"].items():
             for key, noise in recorded["noise"].items():
-                if not key.startswith("output:"):
+                if not key.startswith("output:") or tensors[key].dtype.kind != "f":
                     continue
-                name = key.split(":", 1)[1]
-                verdict = compare_tensor(name, tensors[f"emulated:{profile}:{name}"], tensors[key], noise, profile,
-                                         fmt=storage_format(profile, steps[name], name), noise_max=recorded["noise_max"][key])
-                assert verdict.passed, f"{case_id} {profile} {name}: {verdict.reason}"
+                name, truth, emulated = key.split(":", 1)[1], tensors[key], tensors[f"emulated:{profile}:{key.split(':', 1)[1]}"]
+                with np.errstate(invalid="ignore"):  # inf - inf at the truth's own non-finite positions
+                    error = np.where(np.isfinite(truth), emulated - truth, 0.0)
+                where = f"{case_id} {profile} {name}"
+                assert noise == pytest.approx(float(np.linalg.norm(error)), rel=1e-12, abs=1e-300), where
+                assert recorded["noise_max"][key] == pytest.approx(float(np.abs(error).max(initial=0.0)), rel=1e-12, abs=1e-300), where
+                rule = dict(name=name, truth=truth, noise_l2=noise, profile_name=profile, fmt=storage_format(profile, steps[name], name),
+                            noise_max=recorded["noise_max"][key])
+                verdict = compare_tensor(candidate=emulated, **rule)
+                k = 6.0  # spec/tolerance.yaml acceptance.k
+                assert verdict.passed and verdict.used <= (1 + 1e-9) / k, f"{where}: {verdict.reason or verdict.used}"
+                if noise > 0:
+                    factor = 2 * verdict.allowed_l2 / noise
+                    wrong = compare_tensor(candidate=truth + factor * error, **rule)
+                    assert not wrong.passed and wrong.used == pytest.approx(2, rel=1e-6), where
+                    amplified += 1
+    assert amplified > 200
 
 
 def test_expert_order_within_the_top_k_does_not_matter():

@@ -111,3 +111,15 @@ def test_half_layout_permutation_identity(half, position, seed):
     permutation = rope.half_layout_permutation(2 * half)
     assert np.array_equal(rope.apply_rope(x[:, permutation], cos, sin, "half"),
                           rope.apply_rope(x, cos, sin, "interleaved")[:, permutation])
+
+
+def test_a_correction_range_past_the_rotated_dims_is_clamped_at_d_minus_1():
+    """rope_theta 10, L_orig 1024, d = 64: high = ceil(64 ln(1024 / 2 pi) / (2 ln 10)) = ceil(70.8) = 71 > d - 1, so the clamp
+    decides (at d - 1 = 63, not d/2 - 1 = 31: the ramp then ends past the last rotated pair); low = floor(64 ln(1024 / 64 pi) / (2 ln 10)) = 22."""
+    config = load_preset("deepseek-v3").replace(rope_theta=10.0, original_max_position_embeddings=1024)
+    assert config.yarn_active and config.qk_rope_head_dim == 64
+    assert rope.yarn_correction_range(config) == (22, 63)
+    ramp = rope.yarn_ramp(config)
+    assert ramp[22] == 0.0 and ramp[31] == 9 / 41 and np.array_equal(ramp, np.clip((np.arange(32) - 22) / 41, 0.0, 1.0))
+    base = 10.0 ** -(np.arange(32) / 32)
+    assert np.allclose(rope.rope_frequencies(config), base / 40.0 * ramp + base * (1 - ramp), rtol=1e-14, atol=0)
