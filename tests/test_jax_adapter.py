@@ -29,7 +29,7 @@ from mla_ref.conformance.protocol import call  # noqa: E402
 from mla_ref.golden.generate import default_golden_dir  # noqa: E402
 from mla_ref.golden.manifest import read_manifest  # noqa: E402
 
-pytestmark = pytest.mark.jax
+pytestmark = [pytest.mark.jax, pytest.mark.slow]  # slow: the CI step that installs JAX runs `pytest -m slow`
 
 SOURCE = Path(__file__).resolve().parents[1] / "examples" / "jax_mla.py"
 
@@ -106,7 +106,6 @@ FP64_CASES = ["mla.core.verify/tiny/sq4-seed0", "mla.prefill.yarn/tiny-mscale-mi
               "moe.route.ties/tiny/seed0", "moe.layer/tiny/seed0", "moe.balance/tiny/seed0", "mtp.forward/tiny-dense/seed0"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype, profile", [("float32", "fp32"), ("bfloat16", "bf16")])
 def test_checker_accepts_the_jax_adapter(dtype, profile):
     assert_accepted(load_adapter(dtype, f"jax_mla_{dtype}"), profile)
@@ -122,7 +121,6 @@ MUTANTS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_checker_rejects_a_broken_variant(mutant):
     replace, case_id, step, hint = MUTANTS[mutant]
@@ -152,7 +150,6 @@ def test_bad_input_names_the_entry_point_and_tensor():
         adapter.mla_prefill(entry["config"], {}, np.zeros((2, 5, 64)), np.zeros(2, np.int64))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case_id", FP64_CASES)
 def test_checker_accepts_the_jax_adapter_in_float64(case_id):
     """One case per kind (XLA compiles each once more in float64); the last test of the file: it turns on jax_enable_x64."""
