@@ -195,3 +195,18 @@ def test_expert_order_within_the_top_k_does_not_matter():
         result = ref.moe_route(config, weights, hidden)
         return {"expert_ids": result["expert_ids"][:, ::-1], "weights": result["weights"]}  # weights not moved with the ids
     assert run(adapter(moe_route=wrong), "moe.route.v3/").cases[0].status == "fail"
+
+
+def test_kept_groups_in_another_order_pass():
+    """MOE.5 guarantees a margin between kept and dropped groups only: the kept set counts, not its order."""
+    from mla_ref.config import from_dict
+    from mla_ref.moe import route as reference_route
+
+    def route(swap):
+        def moe_route(config, weights, hidden):
+            kept = reference_route(from_dict(config), weights, hidden).kept_groups
+            return {**ref.moe_route(config, weights, hidden), "MOE.5/kept_groups": swap(kept)}
+        return adapter(moe_route=moe_route)
+    assert run(route(lambda kept: kept[:, ::-1]), "moe.route.v3/", "fp64").cases[0].status == "pass"
+    other_set = run(route(lambda kept: np.where(kept == kept[:1, :1], (kept + 1) % 4, kept)), "moe.route.v3/", "fp64").cases[0]
+    assert other_set.status == "fail" and other_set.first_divergent_step == "MOE.5", other_set.reason
