@@ -194,3 +194,20 @@ def test_every_on_demand_case_builds_verifies_and_passes_the_reference_and_the_t
     for dtype, profile in (("float32", "fp32"), ("bfloat16", "bf16")):
         report = check(mutate.load(None, dtype), profile, directory=tmp_path)
         assert report.ok and report.count("pass") == len(case_definitions(on_demand=True)), report.table()
+
+
+def test_a_built_case_records_the_emulations_own_error_as_its_noise():
+    """noise = ||emulated - truth||_2 and noise_max = max |emulated - truth| per profile and tensor (verify compares
+    only the L2 noise with the manifest: the largest element error is checked here, on a freshly built case)."""
+    definition = next(d for d in case_definitions() if d["id"] == "mla.core.paged/tiny/bs1-seed0")
+    case = build_case(definition)
+    checked = 0
+    for profile, emulated in case.emulated.items():
+        for name, value in emulated.items():
+            finite = np.isfinite(case.outputs[name])  # lse is -inf on rows that see no key, in the emulation too
+            assert np.array_equal(np.isfinite(value), finite), (profile, name)
+            error = value[finite] - case.outputs[name][finite]
+            assert case.noise[profile][f"output:{name}"] == pytest.approx(float(np.sqrt(np.sum(error * error))), rel=1e-12), (profile, name)
+            assert case.noise_max[profile][f"output:{name}"] == float(np.max(np.abs(error), initial=0.0)), (profile, name)
+            checked += profile != "fp64"
+    assert checked >= 8
