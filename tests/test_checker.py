@@ -59,8 +59,9 @@ def test_rope_layout_mixup_is_named_at_the_first_divergent_step():
         trace = Trace()
         result = ref.mla_prefill(dict(config, rope_layout="half"), weights, hidden, start_positions, trace=trace)
         return {**result, "MLA.2/q_nope": trace["MLA.2"]["q_nope"], "MLA.4/q_pe": trace["MLA.4"]["q_pe"]}
-    case = run(adapter(mla_prefill=prefill), "mla.prefill/tiny/seed0").cases[0]
-    assert case.status == "fail" and case.first_divergent_step == "MLA.4"
+    report = run(adapter(mla_prefill=prefill), "mla.prefill/tiny/seed0")
+    case = report.cases[0]
+    assert case.status == "fail" and case.first_divergent_step == "MLA.4" and "first divergent step MLA.4;" in report.table()
     assert "RoPE pairs in the other layout" in " ".join(case.diagnosis)
 
 
@@ -210,3 +211,45 @@ def test_kept_groups_in_another_order_pass():
     assert run(route(lambda kept: kept[:, ::-1]), "moe.route.v3/", "fp64").cases[0].status == "pass"
     other_set = run(route(lambda kept: np.where(kept == kept[:1, :1], (kept + 1) % 4, kept)), "moe.route.v3/", "fp64").cases[0]
     assert other_set.status == "fail" and other_set.first_divergent_step == "MOE.5", other_set.reason
+
+
+def test_a_crash_reads_as_an_infinite_share_in_the_json_report():
+    crashed = adapter(latent_attention_core=lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    data = json.loads(check(crashed, "bf16", "mla.core.paged/tiny/bs1-").to_json())
+    assert data["failed"] == 1 and data["cases"][0]["used"] == "inf" and data["cases"][0]["status"] == "fail"
+
+
+def test_cases_are_selected_by_step_and_level():
+    from mla_ref.golden.generate import default_golden_dir
+    from mla_ref.golden.manifest import read_manifest
+    cases = read_manifest(default_golden_dir() / "manifest.yaml")["cases"]
+    by_step = {case.case_id for case in check(adapter(), "fp32", step="MOE.5").cases}
+    by_level = {case.case_id for case in check(adapter(), "fp32", level="kernel").cases}
+    assert by_step == {case_id for case_id, entry in cases.items() if "MOE.5" in entry["steps"]} and by_step
+    assert by_level == {case_id for case_id, entry in cases.items() if entry["level"] == "kernel"} and by_level
+
+
+def test_a_case_without_the_profile_is_skipped_and_an_unreadable_case_fails(tmp_path):
+    import yaml
+    from mla_ref.golden.generate import default_golden_dir
+    source = default_golden_dir()
+    document = yaml.safe_load((source / "manifest.yaml").read_text(encoding="utf-8"))
+    kept = ("mla.core.paged/tiny/bs1-seed0", "mla.core.paged/tiny/bs16-seed0")
+    document["cases"] = {case_id: document["cases"][case_id] for case_id in kept}
+    del document["cases"][kept[0]]["profiles"]["fp16"]
+    (tmp_path / "manifest.yaml").write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    (tmp_path / document["cases"][kept[0]]["file"]).symlink_to(source / document["cases"][kept[0]]["file"])
+    (tmp_path / document["cases"][kept[1]]["file"]).write_bytes(b"not a zip")
+    results = {case.case_id: case for case in check(ref, "fp16", directory=tmp_path).cases}
+    assert results[kept[0]].status == "skip" and results[kept[0]].reason == "case has no fp16 profile"
+    assert results[kept[1]].status == "fail" and "golden case unreadable" in results[kept[1]].reason
+
+
+@pytest.mark.parametrize("change", ["outside the acceptable choices", "another shape"])
+def test_a_near_tie_choice_that_is_not_acceptable_is_not_teacher_forced(change):
+    def route(config, weights, hidden):
+        result = ref.moe_route(config, weights, hidden)
+        ids = (result["expert_ids"] + 1) % config["n_routed_experts"] if change == "outside the acceptable choices" else result["expert_ids"][:, :1]
+        return {"expert_ids": ids, "weights": result["weights"]}
+    case = run(adapter(moe_route=route), "moe.route.neartie/").cases[0]
+    assert case.status == "fail" and any(c.name == "expert_ids" and not c.passed for c in case.comparisons), case.reason

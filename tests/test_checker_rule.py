@@ -307,3 +307,9 @@ def test_verdicts_do_not_depend_on_the_order_of_cases(tmp_path):
     forward, backward = verdicts(source), verdicts(tmp_path)
     assert forward == backward and list(backward) == list(reversed(list(forward)))
     assert {status for status, _, _ in forward.values()} == {"pass", "fail"}
+
+
+def test_something_that_is_not_an_array_fails_and_a_verdict_serialises():
+    verdict = compare_tensor("x", [[1.0, 2.0], [3.0]], TRUTH, 1.0, "bf16")
+    assert not verdict.passed and verdict.reason.startswith("not an array")
+    assert compare_tensor("x", TRUTH, TRUTH, 1.0, "bf16").to_dict()["allowed_l2"] == K * 1.0

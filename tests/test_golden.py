@@ -211,3 +211,48 @@ def test_a_built_case_records_the_emulations_own_error_as_its_noise():
             assert case.noise_max[profile][f"output:{name}"] == float(np.max(np.abs(error), initial=0.0)), (profile, name)
             checked += profile != "fp64"
     assert checked >= 8
+
+
+def _one_case_manifest(golden_copy, case_id: str = "mla.prefill/tiny/seed0") -> tuple[dict, object]:
+    path = golden_copy / "manifest.yaml"
+    document = yaml.safe_load(path.read_text())
+    document["cases"] = {case_id: document["cases"][case_id]}
+    return document, path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d, e: d.pop("numpy_version"), "manifest.yaml: numpy_version: required key is missing"),
+    (lambda d, e: d.update(cases=[1]), "manifest.yaml: cases: expected a mapping case id -> entry"),
+    (lambda d, e: d["cases"].update({"mla.prefill/tiny/seed0": "not a mapping"}), "mla.prefill/tiny/seed0: manifest entry is not a mapping"),
+    (lambda d, e: e.update(file="other.npz"), "mla.prefill/tiny/seed0: file: expected 'mla.prefill__tiny__seed0.npz', got 'other.npz'"),
+    (lambda d, e: e.update(weights={"generator": "x", "seed": 0, "design": "y"}), r"weights.digest: expected str \(the recipe"),
+    (lambda d, e: e["tensors"]["output:output"].update(sha256=None), "tensors.output:output.sha256: expected str"),
+])
+def test_every_manifest_schema_violation_is_named(golden_copy, edit, message):
+    document, path = _one_case_manifest(golden_copy)
+    edit(document, document["cases"]["mla.prefill/tiny/seed0"])
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    with pytest.raises(GoldenError, match=message):
+        read_manifest(path)
+
+
+def test_verify_names_a_stale_spec_version_a_wrong_noise_and_a_file_that_disagrees_with_its_manifest(golden_copy):
+    case_id = "mla.core.paged/tiny/bs1-seed0"
+    document, path = _one_case_manifest(golden_copy, case_id)
+    document["spec_version"] = "0.0.1"
+    entry = document["cases"][case_id]
+    entry["profiles"]["bf16"]["noise"]["output:out"] *= 1.01
+    entry["tensors"]["output:ghost"] = dict(entry["tensors"]["output:out"])
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    rows = {row.case_id: row for row in verify(golden_copy, case_id)}
+    assert rows["manifest"].status == "FAIL" and "spec_version '0.0.1'" in rows["manifest"].detail
+    detail = rows[case_id].detail
+    assert "tensors in the file ['output:ghost'] disagree with the manifest" in detail and "noise bf16 output:out: manifest" in detail, detail
+
+
+def test_verify_names_a_rebuilt_tensor_of_another_shape_or_with_moved_infinities():
+    from mla_ref.golden.generate import _close
+    truth = np.array([1.0, -np.inf, 2.0])
+    assert "stored float64 [3], rebuilt float64 [1, 3]" in _close("output:lse", truth, truth[None])
+    assert "NaN / inf positions differ" in _close("output:lse", truth, np.array([1.0, 0.0, 2.0]))
+    assert _close("output:lse", truth, truth.copy()) == ""
