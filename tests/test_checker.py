@@ -213,9 +213,11 @@ def test_kept_groups_in_another_order_pass():
     assert other_set.status == "fail" and other_set.first_divergent_step == "MOE.5", other_set.reason
 
 
-def test_a_crash_reads_as_an_infinite_share_in_the_json_report():
+def test_a_crash_reads_as_an_infinite_share_in_the_strict_json_report():
     crashed = adapter(latent_attention_core=lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
-    data = json.loads(check(crashed, "bf16", "mla.core.paged/tiny/bs1-").to_json())
+    def no_constants(name):
+        raise AssertionError(f"{name} is not strict JSON")
+    data = json.loads(check(crashed, "bf16", "mla.core.paged/tiny/bs1-").to_json(), parse_constant=no_constants)
     assert data["failed"] == 1 and data["cases"][0]["used"] == "inf" and data["cases"][0]["status"] == "fail"
 
 

@@ -86,10 +86,10 @@ class Report:
                 f"{self.count('waived')} waived ({self.adapter}, profile {self.profile})")
 
     def to_json(self) -> str:
-        return json.dumps({"adapter": self.adapter, "profile": self.profile, "summary": self.summary(),
-                           "passed": self.count("pass"), "failed": len(self.failed), "skipped": self.count("skip"),
-                           "waived": self.count("waived"), "cases": [case.to_dict() for case in self.cases]},
-                          indent=1, default=_json_default)
+        return json.dumps(_strict({"adapter": self.adapter, "profile": self.profile, "summary": self.summary(),
+                                   "passed": self.count("pass"), "failed": len(self.failed), "skipped": self.count("skip"),
+                                   "waived": self.count("waived"), "cases": [case.to_dict() for case in self.cases]}),
+                          indent=1, default=_json_default, allow_nan=False)
 
     def table(self) -> str:
         lines = [f"{'case':58s} {'status':7s} {'used':>8s}  detail"]
@@ -107,11 +107,20 @@ class Report:
         return "\n".join(lines)
 
 
+def _strict(value: Any):
+    """``value`` with every non-finite float as a string ("inf", "nan"): strict JSON has no Infinity (json.dumps would write it)."""
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return str(float(value))
+    return value
+
+
 def _json_default(value: Any):
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
     raise TypeError(type(value).__name__)
 
 
