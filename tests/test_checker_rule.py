@@ -313,3 +313,11 @@ def test_something_that_is_not_an_array_fails_and_a_verdict_serialises():
     verdict = compare_tensor("x", [[1.0, 2.0], [3.0]], TRUTH, 1.0, "bf16")
     assert not verdict.passed and verdict.reason.startswith("not an array")
     assert compare_tensor("x", TRUTH, TRUTH, 1.0, "bf16").to_dict()["allowed_l2"] == K * 1.0
+
+
+def test_cosine_distance_is_flashmlas():
+    """1 - 2 <x, y> / (|x|^2 + |y|^2): 0 for the truth, 2 for its negation, 1 when orthogonal, 1 - 4/5 at twice the truth."""
+    truth = np.array([3.0, 4.0])
+    distance = lambda candidate: compare_tensor("x", np.array(candidate), truth, 1e9, "bf16", noise_max=1e9).cosine_distance
+    assert (distance([3.0, 4.0]), distance([-3.0, -4.0]), distance([4.0, -3.0])) == (0.0, 2.0, 1.0)
+    assert distance([6.0, 8.0]) == pytest.approx(0.2, rel=1e-15)

@@ -256,3 +256,11 @@ def test_verify_names_a_rebuilt_tensor_of_another_shape_or_with_moved_infinities
     assert "stored float64 [3], rebuilt float64 [1, 3]" in _close("output:lse", truth, truth[None])
     assert "NaN / inf positions differ" in _close("output:lse", truth, np.array([1.0, 0.0, 2.0]))
     assert _close("output:lse", truth, truth.copy()) == ""
+
+
+def test_a_duplicate_case_id_in_the_spec_is_refused(monkeypatch):
+    from mla_ref.golden import cases
+    spec = {"cases": [{"id": "mla.prefill/tiny/seed0"}, {"id": "mla.prefill/tiny/seed0"}]}
+    monkeypatch.setattr(cases, "load_spec_file", lambda name: spec)
+    with pytest.raises(GoldenError, match="mla.prefill/tiny/seed0: duplicate case id in spec/golden.yaml"):
+        cases.case_definitions()
