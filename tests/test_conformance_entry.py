@@ -36,7 +36,7 @@ def test_the_reference_adapter_passes_every_selected_case(tmp_path):
     assert status == 0 and f"{len(selected('mla.core.paged'))} passed in" in output, output
 
 
-def test_a_broken_adapter_fails_its_cases_and_skips_the_entry_points_it_lacks(tmp_path):
+def test_a_broken_adapter_fails_its_cases_with_the_diagnosis_and_the_repro(tmp_path):
     (tmp_path / "broken_adapter.py").write_text(BROKEN, encoding="utf-8")
     path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
     status, output = run_suite(tmp_path, "broken_adapter", MLA_REF_SELECT="tiny/bs", MLA_REF_PROFILE="bf16", PYTHONPATH=path)
