@@ -201,14 +201,14 @@ FINITE = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
 TENSORS = arrays(np.float64, array_shapes(min_dims=1, max_dims=3, max_side=5), elements=FINITE)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(TENSORS, st.floats(0, 10), st.sampled_from(PROFILES))
 def test_the_truth_itself_passes(truth, noise, profile):
     verdict = compare_tensor("x", truth.copy(), truth, noise, profile)
     assert verdict.passed and verdict.error_l2 == 0 and verdict.used == 0
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(TENSORS, st.floats(0, 10), st.sampled_from(PROFILES))
 def test_a_candidate_scaled_past_twice_the_allowance_fails(truth, noise, profile):
     truth_l2 = float(np.linalg.norm(truth))
@@ -220,7 +220,7 @@ def test_a_candidate_scaled_past_twice_the_allowance_fails(truth, noise, profile
     assert not verdict.passed and verdict.used == pytest.approx(2.0, rel=0.01)  # 2, but for the rounding of a tiny fp64 scale
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(TENSORS, st.integers(0, 2 ** 32 - 1), st.floats(0.1, 3.0), st.sampled_from(PROFILES))
 def test_verdicts_do_not_depend_on_element_order_or_batch_shape(truth, seed, scale, profile):
     """Permuting the elements (cases of a batch in another order) or reshaping the batch changes no verdict."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import shutil
 
 import numpy as np
@@ -213,11 +215,16 @@ def test_a_built_case_records_the_emulations_own_error_as_its_noise():
     assert checked >= 8
 
 
-def _one_case_manifest(golden_copy, case_id: str = "mla.prefill/tiny/seed0") -> tuple[dict, object]:
-    path = golden_copy / "manifest.yaml"
-    document = yaml.safe_load(path.read_text())
-    document["cases"] = {case_id: document["cases"][case_id]}
-    return document, path
+@functools.lru_cache(maxsize=None)
+def _committed_manifest() -> dict:
+    return yaml.safe_load((default_golden_dir() / "manifest.yaml").read_text())
+
+
+def _one_case_manifest(folder, case_id: str = "mla.prefill/tiny/seed0") -> tuple[dict, object]:
+    """The committed manifest (parsed once per run) cut to one case, and where to write it in ``folder``."""
+    committed = _committed_manifest()
+    document = {**committed, "cases": {case_id: copy.deepcopy(committed["cases"][case_id])}}
+    return document, folder / "manifest.yaml"
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -228,8 +235,8 @@ def _one_case_manifest(golden_copy, case_id: str = "mla.prefill/tiny/seed0") -> 
     (lambda d, e: e.update(weights={"generator": "x", "seed": 0, "design": "y"}), r"weights.digest: expected str \(the recipe"),
     (lambda d, e: e["tensors"]["output:output"].update(sha256=None), "tensors.output:output.sha256: expected str"),
 ])
-def test_every_manifest_schema_violation_is_named(golden_copy, edit, message):
-    document, path = _one_case_manifest(golden_copy)
+def test_every_manifest_schema_violation_is_named(tmp_path, edit, message):
+    document, path = _one_case_manifest(tmp_path)
     edit(document, document["cases"]["mla.prefill/tiny/seed0"])
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     with pytest.raises(GoldenError, match=message):
