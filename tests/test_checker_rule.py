@@ -9,6 +9,7 @@ fraction times a small integer.
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 from pathlib import Path
@@ -240,13 +241,21 @@ def test_verdicts_do_not_depend_on_element_order_or_batch_shape(truth, seed, sca
 
 # ------------------------------------------------------------------ verdicts on cases: padded rows, case order
 
+@pytest.fixture(scope="module", autouse=True)
+def _manifest_parsed_once():
+    """check() parses a manifest on every call: parse each once for this module's checker runs."""
+    from mla_ref.conformance import check as check_module
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(check_module, "read_manifest", functools.lru_cache(maxsize=None)(check_module.read_manifest))
+        yield
+
+
 def _truth_adapter(case_id: str, entry_point: str, edits: dict):
     """An adapter that returns the stored truth of ``case_id`` with ``edits`` ({tensor: (index, value)}) applied."""
-    from mla_ref.conformance.check import load_case
+    from mla_ref.conformance import check as check_module  # its read_manifest: parsed once (_manifest_parsed_once)
     from mla_ref.golden.generate import default_golden_dir
-    from mla_ref.golden.manifest import read_manifest
     directory = default_golden_dir()
-    case = load_case(directory, read_manifest(directory / "manifest.yaml")["cases"][case_id])
+    case = check_module.load_case(directory, check_module.read_manifest(directory / "manifest.yaml")["cases"][case_id])
     stored = {**case["output"], **case["step"]}
 
     def entry(*args):
