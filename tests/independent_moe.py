@@ -32,16 +32,24 @@ def token_scores(config, gate_weight, x) -> tuple[list[float], list[float]]:
     return logits, [e / total for e in exps]
 
 
+# How the released gates score a group, by topk_method (HF modeling_deepseek): V2's group_limited_greedy takes the
+# group's best score, V3's noaux_tc the sum of its two best biased scores; greedy has a single group.
+RELEASED_GROUP_SCORE = {"greedy": "best", "group_limited_greedy": "best", "noaux_tc": "two best"}
+
+
+def group_score_of(config, members_descending: list[float]) -> float:
+    """A group's score from the raw config fields: group_score_rule when set, else the released rule of topk_method."""
+    explicit = {"max": "best", "top2_sum": "two best", None: None}[config.group_score_rule]
+    rule = explicit or RELEASED_GROUP_SCORE[config.topk_method]
+    return members_descending[0] if rule == "best" else sum(members_descending[:2])  # a one-expert group: its only score
+
+
 def select_token(config, scores, bias) -> dict:
     """Routing of one token from its unbiased scores (MOE.3-MOE.8 read independently)."""
     n_experts = config.n_routed_experts
     size = n_experts // config.n_group
     chooser = [float(scores[e]) + (float(bias[e]) if bias is not None else 0.0) for e in range(n_experts)]
-    group_value = []
-    for g in range(config.n_group):
-        members = sorted(chooser[g * size:(g + 1) * size], reverse=True)
-        rule = config.group_rule
-        group_value.append(members[0] if rule == "max" else sum(members[:2]))
+    group_value = [group_score_of(config, sorted(chooser[g * size:(g + 1) * size], reverse=True)) for g in range(config.n_group)]
     ranked_groups = [g for _, g in sorted((-value, g) for g, value in enumerate(group_value))]
     kept = ranked_groups[: config.topk_group]
     if config.topk_group < config.n_group:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mla_ref.conformance.compare import acceptance
-from mla_ref.golden.calibrate import calibrate
+from mla_ref.golden.calibrate import calibrate, summary
 
 
 def test_k_separates_correct_variants_from_a_wrong_precision():
@@ -18,6 +18,16 @@ def test_k_separates_correct_variants_from_a_wrong_precision():
     assert min(worst_per_case.values()) > 1.5 * k, f"some case lets the wrong precision pass: {worst_per_case}"
     close = {case: ratio for case, ratio in worst_per_case.items() if ratio <= 10 * k and case not in TABLE_DOMINATED}
     assert not close, f"the wrong-precision variant lands only {close} x the noise"
+
+
+
+def test_calibration_of_selected_cases_and_its_summary():
+    rows = calibrate("mla.core.paged/tiny/bs1-")
+    assert rows and {row["case"] for row in rows} == {"mla.core.paged/tiny/bs1-seed0"}
+    lines = summary(rows).splitlines()
+    assert len(lines) == 1 + len({row["variant"] for row in rows})
+    worst = max(rows, key=lambda row: row["ratio"])
+    assert any(line.startswith(worst["variant"]) and f"{worst['ratio']:.3f}" in line for line in lines[1:])
 
 
 # Cases whose fp32 noise the float32 RoPE table dominates (spec/tolerance.yaml rope_table): at position p an angle is off

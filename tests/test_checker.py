@@ -59,8 +59,9 @@ def test_rope_layout_mixup_is_named_at_the_first_divergent_step():
         trace = Trace()
         result = ref.mla_prefill(dict(config, rope_layout="half"), weights, hidden, start_positions, trace=trace)
         return {**result, "MLA.2/q_nope": trace["MLA.2"]["q_nope"], "MLA.4/q_pe": trace["MLA.4"]["q_pe"]}
-    case = run(adapter(mla_prefill=prefill), "mla.prefill/tiny/seed0").cases[0]
-    assert case.status == "fail" and case.first_divergent_step == "MLA.4"
+    report = run(adapter(mla_prefill=prefill), "mla.prefill/tiny/seed0")
+    case = report.cases[0]
+    assert case.status == "fail" and case.first_divergent_step == "MLA.4" and "first divergent step MLA.4;" in report.table()
     assert "RoPE pairs in the other layout" in " ".join(case.diagnosis)
 
 
@@ -150,26 +151,49 @@ def test_cli_check_report_and_exit_codes(tmp_path, capsys):
     assert main(["check", "ref", "--profile", "bf8"]) == 2
 
 
-def test_every_profile_emulation_passes_its_own_rule():
-    """The reference's own emulation of a profile is a correct implementation of it: it must pass (Triton adapter finding)."""
+def test_every_profile_emulation_sits_at_its_recorded_noise_and_twice_the_allowance_fails():
+    """The manifest's noise is the stored emulation's own error, which uses at most 1/k of the allowance; the same
+    error direction at twice the allowance fails (an emulation passing with noise defined from itself proves only k >= 1)."""
     from mla_ref.conformance.compare import compare_tensor
     from mla_ref.golden.generate import default_golden_dir
     from mla_ref.golden.manifest import read_manifest
     from mla_ref.golden.storage import read_npz
     from mla_ref.conformance.protocol import entry_points
     from mla_ref.trace import storage_format
+    from mla_ref.trace import profile as declared_profile
     directory = default_golden_dir()
+    amplified = 0
     for case_id, entry in read_manifest(directory / "manifest.yaml")["cases"].items():
         tensors = read_npz(directory / entry["file"])
         steps = entry_points()[entry["entry_point"]]["output_steps"]
         for profile, recorded in entry["profiles"].items():
             for key, noise in recorded["noise"].items():
-                if not key.startswith("output:"):
+                if not key.startswith("output:") or tensors[key].dtype.kind != "f":
                     continue
-                name = key.split(":", 1)[1]
-                verdict = compare_tensor(name, tensors[f"emulated:{profile}:{name}"], tensors[key], noise, profile,
-                                         fmt=storage_format(profile, steps[name], name), noise_max=recorded["noise_max"][key])
-                assert verdict.passed, f"{case_id} {profile} {name}: {verdict.reason}"
+                name, truth, emulated = key.split(":", 1)[1], tensors[key], tensors[f"emulated:{profile}:{key.split(':', 1)[1]}"]
+                with np.errstate(invalid="ignore"):  # inf - inf at the truth's own non-finite positions
+                    error = np.where(np.isfinite(truth), emulated - truth, 0.0)
+                where = f"{case_id} {profile} {name}"
+                source = declared_profile(profile).get("noise_from")
+                if source is not None:  # TOLERANCE.2 noise_from (fp64): the larger of its own error and the source's, scaled
+                    ratio = 2.0 ** -53 / 2.0 ** -24  # u_fp64 / u_fp32, spec/tolerance.yaml formats
+                    assert source == {"profile": "fp32", "scale": "unit_roundoff_ratio"}, where
+                    own = float(np.linalg.norm(error))
+                    assert noise == pytest.approx(max(own, ratio * entry["profiles"]["fp32"]["noise"][key]), rel=1e-12, abs=1e-300), where
+                    continue
+                assert noise == pytest.approx(float(np.linalg.norm(error)), rel=1e-12, abs=1e-300), where
+                assert recorded["noise_max"][key] == pytest.approx(float(np.abs(error).max(initial=0.0)), rel=1e-12, abs=1e-300), where
+                rule = dict(name=name, truth=truth, noise_l2=noise, profile_name=profile, fmt=storage_format(profile, steps[name], name),
+                            noise_max=recorded["noise_max"][key])
+                verdict = compare_tensor(candidate=emulated, **rule)
+                k = 6.0  # spec/tolerance.yaml acceptance.k
+                assert verdict.passed and verdict.used <= (1 + 1e-9) / k, f"{where}: {verdict.reason or verdict.used}"
+                if noise > 0:
+                    factor = 2 * verdict.allowed_l2 / noise
+                    wrong = compare_tensor(candidate=truth + factor * error, **rule)
+                    assert not wrong.passed and wrong.used == pytest.approx(2, rel=1e-6), where
+                    amplified += 1
+    assert amplified > 200
 
 
 def test_expert_order_within_the_top_k_does_not_matter():
@@ -182,3 +206,46 @@ def test_expert_order_within_the_top_k_does_not_matter():
         result = ref.moe_route(config, weights, hidden)
         return {"expert_ids": result["expert_ids"][:, ::-1], "weights": result["weights"]}  # weights not moved with the ids
     assert run(adapter(moe_route=wrong), "moe.route.v3/").cases[0].status == "fail"
+
+
+def test_kept_groups_in_another_order_pass():
+    """MOE.5 guarantees a margin between kept and dropped groups only: the kept set counts, not its order."""
+    from mla_ref.config import from_dict
+    from mla_ref.moe import route as reference_route
+
+    def route(swap):
+        def moe_route(config, weights, hidden):
+            kept = reference_route(from_dict(config), weights, hidden).kept_groups
+            return {**ref.moe_route(config, weights, hidden), "MOE.5/kept_groups": swap(kept)}
+        return adapter(moe_route=moe_route)
+    assert run(route(lambda kept: kept[:, ::-1]), "moe.route.v3/", "fp64").cases[0].status == "pass"
+    other_set = run(route(lambda kept: np.where(kept == kept[:1, :1], (kept + 1) % 4, kept)), "moe.route.v3/", "fp64").cases[0]
+    assert other_set.status == "fail" and other_set.first_divergent_step == "MOE.5", other_set.reason
+
+
+def test_a_crash_reads_as_an_infinite_share_in_the_strict_json_report():
+    crashed = adapter(latent_attention_core=lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    def no_constants(name):
+        raise AssertionError(f"{name} is not strict JSON")
+    data = json.loads(check(crashed, "bf16", "mla.core.paged/tiny/bs1-").to_json(), parse_constant=no_constants)
+    assert data["failed"] == 1 and data["cases"][0]["used"] == "inf" and data["cases"][0]["status"] == "fail"
+
+
+def test_cases_are_selected_by_step_and_level():
+    from mla_ref.golden.generate import default_golden_dir
+    from mla_ref.golden.manifest import read_manifest
+    cases = read_manifest(default_golden_dir() / "manifest.yaml")["cases"]
+    by_step = {case.case_id for case in check(ref, "fp32", step="MOE.5").cases}
+    by_level = {case.case_id for case in check(ref, "fp32", level="kernel").cases}
+    assert by_step == {case_id for case_id, entry in cases.items() if "MOE.5" in entry["steps"]} and by_step
+    assert by_level == {case_id for case_id, entry in cases.items() if entry["level"] == "kernel"} and by_level
+
+
+@pytest.mark.parametrize("change", ["outside the acceptable choices", "another shape"])
+def test_a_near_tie_choice_that_is_not_acceptable_is_not_teacher_forced(change):
+    def route(config, weights, hidden):
+        result = ref.moe_route(config, weights, hidden)
+        ids = (result["expert_ids"] + 1) % config["n_routed_experts"] if change == "outside the acceptable choices" else result["expert_ids"][:, :1]
+        return {"expert_ids": ids, "weights": result["weights"]}
+    case = run(adapter(moe_route=route), "moe.route.neartie/").cases[0]
+    assert case.status == "fail" and any(c.name == "expert_ids" and not c.passed for c in case.comparisons), case.reason

@@ -120,3 +120,52 @@ def test_an_unknown_rope_table_is_refused(monkeypatch):
     monkeypatch.setattr(trace_module, "profile", lambda name: {"storage": "fp32", "rope_table": "fp16", "overrides": {}})
     with pytest.raises(InputError, match=r"odd.rope_table: expected fp32 or fp64, got 'fp16' \(TOLERANCE.2\)"):
         trace_module.rope_table("odd")
+
+
+# The format each profile stores weights and float inputs in (spec/tolerance.yaml: `weights` / `inputs`, else `storage`)
+# and its mantissa bits; representable values are made here by clearing float32 bits, not by mla_ref.precision.
+INPUT_FORMAT = {"bf16": "bf16", "fp16": "fp16", "tf32": "tf32", "fp32": "fp32"}
+MANTISSA_BITS = {"bf16": 7, "fp16": 10, "tf32": 10, "fp32": 23}
+
+
+def representable(x: np.ndarray, fmt: str) -> np.ndarray:
+    if fmt == "fp16":
+        return np.asarray(x).astype(np.float16).astype(np.float64)
+    cleared = 23 - MANTISSA_BITS[fmt]
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32) & np.uint32((0xFFFFFFFF >> cleared) << cleared)
+    return bits.view(np.float32).astype(np.float64)
+
+
+def below_half_ulp(x: np.ndarray, fmt: str) -> np.ndarray:
+    """``x`` (representable in ``fmt``) moved by an eighth of its ulp in ``fmt``: rounding to ``fmt`` brings it back."""
+    return x * (1 + 2.0 ** -(MANTISSA_BITS[fmt] + 3))
+
+
+@pytest.mark.parametrize("profile", sorted(INPUT_FORMAT))
+def test_the_emulation_rounds_weights_and_inputs_to_the_profiles_format(profile):
+    """Changes below half an ulp of the profile's format in every weight, or in the input, leave the emulation unchanged
+    (while they do change the float64 truth): the emulation stores weights and inputs in that format, not finer."""
+    from mla_ref import ffn_forward
+    from mla_ref.model import model_forward
+    from mla_ref.weights import generate_weights, subtree
+    fmt = INPUT_FORMAT[profile]
+    config = preset("tiny")
+    weights = {name: representable(value, fmt) for name, value in attention_weights("tiny").items()}
+    hidden = representable(hidden_states(config, 2, 5, 1), fmt)
+    nudged_weights = {name: below_half_ulp(value, fmt) for name, value in weights.items()}
+    run = lambda w, x, trace=None: mla_forward(config, w, x, [0, 3], trace=trace).output
+    emulated = run(weights, hidden, Trace(profile, keep=False))
+    assert np.array_equal(run(nudged_weights, hidden, Trace(profile, keep=False)), emulated), "weights not rounded"
+    assert np.array_equal(run(weights, below_half_ulp(hidden, fmt), Trace(profile, keep=False)), emulated), "hidden not rounded"
+    assert not np.array_equal(run(nudged_weights, hidden), run(weights, hidden))
+
+    model_weights = {name: representable(value, fmt) for name, value in generate_weights(config, seed=1).items()}
+    layer = subtree(model_weights, "model.layers.1.")
+    nudged_layer = {name: below_half_ulp(value, fmt) for name, value in layer.items()}
+    ffn = lambda w, x: ffn_forward(config, w, x, 1, trace=Trace(profile, keep=False)).output
+    assert np.array_equal(ffn(nudged_layer, hidden), ffn(layer, hidden)), "MoE weights not rounded"
+    assert np.array_equal(ffn(layer, below_half_ulp(hidden, fmt)), ffn(layer, hidden)), "MoE input not rounded"
+    tokens = np.array([[3, 1, 4, 1, 5]])
+    logits = lambda w: model_forward(config, w, tokens, trace=Trace(profile, keep=False)).logits
+    nudged_model = {name: below_half_ulp(value, fmt) for name, value in model_weights.items()}
+    assert np.array_equal(logits(nudged_model), logits(model_weights)), "model weights not rounded"

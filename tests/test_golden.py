@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import shutil
 import subprocess
@@ -257,3 +259,80 @@ def test_every_on_demand_case_builds_verifies_and_passes_the_reference_and_the_t
     for dtype, profile in (("float32", "fp32"), ("bfloat16", "bf16")):
         report = check(mutate.load(None, dtype), profile, directory=tmp_path)
         assert report.ok and report.count("pass") == len(case_definitions(on_demand=True)), report.table()
+
+
+def test_a_built_case_records_the_emulations_own_error_as_its_noise():
+    """noise = ||emulated - truth||_2 and noise_max = max |emulated - truth| per profile and tensor (verify compares
+    only the L2 noise with the manifest: the largest element error is checked here, on a freshly built case)."""
+    definition = next(d for d in case_definitions() if d["id"] == "mla.core.paged/tiny/bs1-seed0")
+    case = build_case(definition)
+    checked = 0
+    for profile, emulated in case.emulated.items():
+        if profile == "fp64":  # its noise is the fp32 emulation's, scaled (TOLERANCE.2 noise_from: tests/test_checker.py)
+            continue
+        for name, value in emulated.items():
+            finite = np.isfinite(case.outputs[name])  # lse is -inf on rows that see no key, in the emulation too
+            assert np.array_equal(np.isfinite(value), finite), (profile, name)
+            error = value[finite] - case.outputs[name][finite]
+            assert case.noise[profile][f"output:{name}"] == pytest.approx(float(np.sqrt(np.sum(error * error))), rel=1e-12), (profile, name)
+            assert case.noise_max[profile][f"output:{name}"] == float(np.max(np.abs(error), initial=0.0)), (profile, name)
+            checked += profile != "fp64"
+    assert checked >= 8
+
+
+@functools.lru_cache(maxsize=None)
+def _committed_manifest() -> dict:
+    return yaml.safe_load((default_golden_dir() / "manifest.yaml").read_text())
+
+
+def _one_case_manifest(folder, case_id: str = "mla.prefill/tiny/seed0") -> tuple[dict, object]:
+    """The committed manifest (parsed once per run) cut to one case, and where to write it in ``folder``."""
+    committed = _committed_manifest()
+    document = {**committed, "cases": {case_id: copy.deepcopy(committed["cases"][case_id])}}
+    return document, folder / "manifest.yaml"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d, e: d.pop("numpy_version"), "manifest.yaml: numpy_version: required key is missing"),
+    (lambda d, e: d.update(cases=[1]), "manifest.yaml: cases: expected a mapping case id -> entry"),
+    (lambda d, e: d["cases"].update({"mla.prefill/tiny/seed0": "not a mapping"}), "mla.prefill/tiny/seed0: manifest entry is not a mapping"),
+    (lambda d, e: e.update(file="other.npz"), "mla.prefill/tiny/seed0: file: expected 'mla.prefill__tiny__seed0.npz', got 'other.npz'"),
+    (lambda d, e: e.update(weights={"generator": "x", "seed": 0, "design": "y"}), r"weights.digest: expected str \(the recipe"),
+    (lambda d, e: e["tensors"]["output:output"].update(sha256=None), "tensors.output:output.sha256: expected str"),
+])
+def test_every_manifest_schema_violation_is_named(tmp_path, edit, message):
+    document, path = _one_case_manifest(tmp_path)
+    edit(document, document["cases"]["mla.prefill/tiny/seed0"])
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    with pytest.raises(GoldenError, match=message):
+        read_manifest(path)
+
+
+def test_verify_names_a_stale_spec_version_a_wrong_noise_and_a_file_that_disagrees_with_its_manifest(golden_copy):
+    case_id = "mla.core.paged/tiny/bs1-seed0"
+    document, path = _one_case_manifest(golden_copy, case_id)
+    document["spec_version"] = "0.0.1"
+    entry = document["cases"][case_id]
+    entry["profiles"]["bf16"]["noise"]["output:out"] *= 3  # beyond one flipped rounding (the largest error), which verify allows
+    entry["tensors"]["output:ghost"] = dict(entry["tensors"]["output:out"])
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    rows = {row.case_id: row for row in verify(golden_copy, case_id)}
+    assert rows["manifest"].status == "FAIL" and "spec_version '0.0.1'" in rows["manifest"].detail
+    detail = rows[case_id].detail
+    assert "tensors in the file ['output:ghost'] disagree with the manifest" in detail and "noise bf16 output:out: manifest" in detail, detail
+
+
+def test_verify_names_a_rebuilt_tensor_of_another_shape_or_with_moved_infinities():
+    from mla_ref.golden.generate import _close
+    truth = np.array([1.0, -np.inf, 2.0])
+    assert "stored float64 [3], rebuilt float64 [1, 3]" in _close("output:lse", truth, truth[None])
+    assert "NaN / inf positions differ" in _close("output:lse", truth, np.array([1.0, 0.0, 2.0]))
+    assert _close("output:lse", truth, truth.copy()) == ""
+
+
+def test_a_duplicate_case_id_in_the_spec_is_refused(monkeypatch):
+    from mla_ref.golden import cases
+    spec = {"cases": [{"id": "mla.prefill/tiny/seed0"}, {"id": "mla.prefill/tiny/seed0"}]}
+    monkeypatch.setattr(cases, "load_spec_file", lambda name: spec)
+    with pytest.raises(GoldenError, match="mla.prefill/tiny/seed0: duplicate case id in spec/golden.yaml"):
+        cases.case_definitions()

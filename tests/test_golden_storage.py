@@ -76,3 +76,12 @@ def test_digest_sees_dtype_shape_and_bytes():
     y = x.copy()
     y[3] = np.nextafter(y[3], 10)
     assert tensor_digest(x) != tensor_digest(y)
+
+
+def test_safetensors_refuses_a_dtype_without_a_code_and_a_file_that_is_not_safetensors(tmp_path):
+    if np.dtype(np.longdouble).itemsize > 8:  # extended precision: a float kind with no safetensors code
+        with pytest.raises(GoldenError, match="has no safetensors code"):
+            write_safetensors(tmp_path / "long.safetensors", {"x": np.zeros(2, np.longdouble)})
+    (tmp_path / "text.safetensors").write_bytes(struct.pack("<Q", 5) + b"{nope")
+    with pytest.raises(GoldenError, match="not a safetensors file"):
+        read_safetensors(tmp_path / "text.safetensors")

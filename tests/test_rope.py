@@ -133,3 +133,15 @@ def test_float32_table_is_off_by_the_position_times_an_ulp(name):
         assert np.all(error <= bound), float(np.max(error / bound))
         assert error[0, 0].max() <= 2 * u32 * amplitude and error[0, -2].max() > 1e-5
     assert all(np.array_equal(a, b) for a, b in zip(exact, rope.rope_angles(config, positions, np.float64, np.float64)))
+
+
+def test_a_correction_range_past_the_rotated_dims_is_clamped_at_d_minus_1():
+    """rope_theta 10, L_orig 1024, d = 64: high = ceil(64 ln(1024 / 2 pi) / (2 ln 10)) = ceil(70.8) = 71 > d - 1, so the clamp
+    decides (at d - 1 = 63, not d/2 - 1 = 31: the ramp then ends past the last rotated pair); low = floor(64 ln(1024 / 64 pi) / (2 ln 10)) = 22."""
+    config = load_preset("deepseek-v3").replace(rope_theta=10.0, original_max_position_embeddings=1024)
+    assert config.yarn_active and config.qk_rope_head_dim == 64
+    assert rope.yarn_correction_range(config) == (22, 63)
+    ramp = rope.yarn_ramp(config)
+    assert ramp[22] == 0.0 and ramp[31] == 9 / 41 and np.array_equal(ramp, np.clip((np.arange(32) - 22) / 41, 0.0, 1.0))
+    base = 10.0 ** -(np.arange(32) / 32)
+    assert np.allclose(rope.rope_frequencies(config), base / 40.0 * ramp + base * (1 - ramp), rtol=1e-14, atol=0)

@@ -121,7 +121,7 @@ def compare_tensor(name: str, candidate, truth: np.ndarray, noise_l2: float, pro
         over = int(np.argmax(absolute - bound))
         result.reason = (f"{int((absolute > bound).sum())} elements exceed the elementwise bound "
                          f"(max({rule['elementwise_units']} u (|truth| + rms), k x the emulation's largest error {noise_max:.3e})); "
-                         f"worst at {list(np.unravel_index(over, truth.shape))}")
+                         f"worst at {[int(i) for i in np.unravel_index(over, truth.shape)]}")
     return result
 
 
