@@ -45,3 +45,15 @@ class CacheError(MlaRefError):
 
 class GoldenError(MlaRefError):
     """A golden file or manifest is missing, tampered with, malformed or unsafe."""
+
+
+class Unsupported(MlaRefError):
+    """An adapter's declaration that a case lies outside its implementation (a config it cannot express, an entry point it lacks).
+
+    Raised by an adapter, not by mla-ref: the checker reports the case as ``unsupported`` with ``reason``,
+    never as a pass (spec/golden.yaml adapter.unsupported, GOLDEN.adapter.unsupported).
+    """
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__("adapter", reason, "GOLDEN.adapter.unsupported")

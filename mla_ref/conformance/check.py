@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import GoldenError, InputError
+from ..errors import GoldenError, InputError, Unsupported
 from ..golden.cases import stored_recipe_weights
 from ..golden.generate import default_golden_dir
 from ..golden.manifest import read_manifest
@@ -33,7 +33,11 @@ from .diagnose import diagnose
 
 @dataclasses.dataclass
 class CaseResult:
-    """The verdict on one case: ``status`` is pass, fail, skip, waived or xpass (a waived case that passed: a failure)."""
+    """The verdict on one case: ``status`` is pass, fail, skip, waived, xpass (a waived case that passed: a failure)
+    or unsupported (the adapter raised :class:`mla_ref.Unsupported`: neither a pass nor a failure).
+
+    ``extension``: why no released model's config can express the case (spec/golden.yaml), "" for a released-model config.
+    """
 
     case_id: str
     entry_point: str
@@ -45,6 +49,7 @@ class CaseResult:
     diagnosis: list[str] = dataclasses.field(default_factory=list)
     repro: str = ""
     seconds: float = 0.0
+    extension: str = ""
 
     @property
     def used(self) -> float:
@@ -81,21 +86,34 @@ class Report:
     def ok(self) -> bool:
         return not self.failed
 
+    def counts(self, extension: bool | None = None) -> dict[str, int]:
+        """Cases by verdict; ``extension`` True / False: only the extension / released-model cases."""
+        cases = [case for case in self.cases if extension is None or bool(case.extension) == extension]
+        return {"passed": sum(case.status == "pass" for case in cases), "failed": sum(case.status in ("fail", "xpass") for case in cases),
+                "skipped": sum(case.status == "skip" for case in cases), "waived": sum(case.status == "waived" for case in cases),
+                "unsupported": sum(case.status == "unsupported" for case in cases)}
+
     def summary(self) -> str:
-        return (f"{self.count('pass')} passed, {len(self.failed)} failed, {self.count('skip')} skipped, "
-                f"{self.count('waived')} waived ({self.adapter}, profile {self.profile})")
+        line = ", ".join(f"{number} {verdict}" for verdict, number in self.counts().items())
+        if any(case.extension for case in self.cases):
+            released, extension = self.counts(extension=False), self.counts(extension=True)
+            line += (f" (released-model configs: {released['passed']} passed, {released['failed']} failed, {released['unsupported']} unsupported;"
+                     f" extensions: {extension['passed']} passed, {extension['failed']} failed, {extension['unsupported']} unsupported)")
+        return f"{line} ({self.adapter}, profile {self.profile})"
 
     def to_json(self) -> str:
-        return json.dumps({"adapter": self.adapter, "profile": self.profile, "summary": self.summary(),
-                           "passed": self.count("pass"), "failed": len(self.failed), "skipped": self.count("skip"),
-                           "waived": self.count("waived"), "cases": [case.to_dict() for case in self.cases]},
+        return json.dumps({"adapter": self.adapter, "profile": self.profile, "summary": self.summary(), **self.counts(),
+                           "released_model_configs": self.counts(extension=False), "extensions": self.counts(extension=True),
+                           "cases": [case.to_dict() for case in self.cases]},
                           indent=1, default=_json_default)
 
     def table(self) -> str:
         lines = [f"{'case':58s} {'status':7s} {'used':>8s}  detail"]
         for case in self.cases:
-            used = "" if case.status == "skip" else f"{100 * case.used:7.1f}%" if math.isfinite(case.used) else "    inf"
+            used = "" if case.status in ("skip", "unsupported") else f"{100 * case.used:7.1f}%" if math.isfinite(case.used) else "    inf"
             detail = case.reason
+            if case.extension:
+                detail = f"[extension: {case.extension}] {detail}"
             if case.first_divergent_step:
                 detail = f"first divergent step {case.first_divergent_step}; {detail}"
             if case.diagnosis:
@@ -200,7 +218,7 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
     """Run one case and compare every output (and every intermediate the adapter returns)."""
     started = time.perf_counter()
     result = CaseResult(case_id, entry["entry_point"], entry["level"], "pass",
-                        repro=f"mla-ref check {adapter_name} --profile {profile} --select '{case_id}'")
+                        repro=f"mla-ref check {adapter_name} --profile {profile} --select '{case_id}'", extension=entry.get("extension", ""))
     if not callable(getattr(module, entry["entry_point"], None)):
         result.status, result.reason = "skip", f"adapter has no entry point {entry['entry_point']}"
         return result
@@ -216,6 +234,9 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
         return result
     try:
         produced = _call(module, entry, case)
+    except Unsupported as error:
+        result.status, result.reason = "unsupported", error.reason
+        return result
     except Exception as error:  # noqa: BLE001 - a broken adapter must not crash the checker
         result.status = "fail"
         result.reason = f"adapter raised {type(error).__name__}: {error}"

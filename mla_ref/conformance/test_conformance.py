@@ -2,7 +2,8 @@
 
 ``MLA_REF_PROFILE`` picks the precision profile (default: the adapter's PROFILE, else fp32),
 ``MLA_REF_SELECT`` a case id pattern, ``MLA_REF_GOLDEN_DIR`` the golden folder. One test per
-golden case; a case whose entry point the adapter lacks is skipped, and says so.
+golden case; a case whose entry point the adapter lacks, or that the adapter declares unsupported
+(``mla_ref.Unsupported``), is skipped, and says so.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def test_golden_case(adapter, case_id):
     entry = read_manifest(directory / "manifest.yaml")["cases"][case_id]
     profile = os.environ.get("MLA_REF_PROFILE") or getattr(adapter, "PROFILE", None) or "fp32"
     result = run_case(adapter, directory, case_id, entry, profile, ADAPTER)
-    if result.status == "skip":
-        pytest.skip(result.reason)
+    if result.status in ("skip", "unsupported"):
+        pytest.skip(f"{result.status}: {result.reason}")
     detail = "\n".join([result.reason, *result.diagnosis, f"first divergent step: {result.first_divergent_step}", result.repro])
     assert result.status == "pass", detail

@@ -38,6 +38,7 @@ def case_entry(case: Case) -> dict:
                     for name, value in case.tensors().items()},
         "purpose": str(definition.get("purpose", "")),
         "pitfalls": [str(p) for p in definition.get("pitfalls", [])],
+        **({"extension": str(definition["extension"])} if definition.get("extension") else {}),
         **({"weights": weights} if (weights := case.weights_entry()) is not None else {}),
     }
 
