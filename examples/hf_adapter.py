@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -49,12 +50,25 @@ ATTENTIONS = ("eager", "sdpa")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 DTYPE, ATTENTION, EXPERTS, PROFILE = "float32", "eager", "eager", "fp32"
 
-# HF's classes per family: configuration, whole model, attention, rotary embedding, router, MoE block, dense MLP
+
+
+class Family(NamedTuple):
+    """HF's classes of one model family."""
+
+    config: type
+    model: type
+    attention: type
+    rotary: type
+    router: type
+    moe: type
+    mlp: type
+
+
 FAMILIES = {
-    "v2": (DeepseekV2Config, DeepseekV2ForCausalLM, hf_v2.DeepseekV2Attention, hf_v2.DeepseekV2RotaryEmbedding,
-           hf_v2.DeepseekV2TopkRouter, hf_v2.DeepseekV2Moe, hf_v2.DeepseekV2MLP),
-    "v3": (DeepseekV3Config, DeepseekV3ForCausalLM, hf_v3.DeepseekV3Attention, hf_v3.DeepseekV3RotaryEmbedding,
-           hf_v3.DeepseekV3TopkRouter, hf_v3.DeepseekV3MoE, hf_v3.DeepseekV3MLP),
+    "v2": Family(DeepseekV2Config, DeepseekV2ForCausalLM, hf_v2.DeepseekV2Attention, hf_v2.DeepseekV2RotaryEmbedding,
+                 hf_v2.DeepseekV2TopkRouter, hf_v2.DeepseekV2Moe, hf_v2.DeepseekV2MLP),
+    "v3": Family(DeepseekV3Config, DeepseekV3ForCausalLM, hf_v3.DeepseekV3Attention, hf_v3.DeepseekV3RotaryEmbedding,
+                 hf_v3.DeepseekV3TopkRouter, hf_v3.DeepseekV3MoE, hf_v3.DeepseekV3MLP),
 }
 
 
@@ -160,7 +174,6 @@ def _first_moe_layer(cfg: dict) -> int:
 
 def _hf_config(cfg: dict, family: str, *, moe_only: bool = False):
     """The HF config of the case (attention and experts implementations as configured, MTP modules left out: no entry point here runs them)."""
-    config_class = FAMILIES[family][0]
     heads = cfg["num_attention_heads"]
     itemsize = torch.tensor([], dtype=_dtype()).element_size()
     _require(EXPERTS != "grouped_mm" or all(width * itemsize % 16 == 0 for width in (cfg["hidden_size"], cfg["moe_intermediate_size"])),
@@ -183,7 +196,7 @@ def _hf_config(cfg: dict, family: str, *, moe_only: bool = False):
         fields.update(rope_interleave=cfg["rope_layout"] == "interleaved", num_mtp_layers=0)
     else:
         _require(cfg["rope_layout"] == "interleaved", "DeepseekV2Attention rotates interleaved pairs only")
-    return config_class(**fields)
+    return FAMILIES[family].config(**fields)
 
 
 # ---------------------------------------------------------------------------- modules with the case's weights
@@ -237,9 +250,9 @@ def _attention(cfg: dict, weights: dict):
     """HF's attention layer 0 with the case's weights, and the rotary embedding HF's model would hand it."""
     family = _attention_family(cfg)
     hf_config = _hf_config(cfg, family)
-    _, model_class, attention_class, rotary_class, *_ = FAMILIES[family]
-    attention = _to_model_dtype(_load(attention_class(hf_config, layer_idx=0), weights), model_class)
-    rotary = _to_model_dtype(rotary_class(hf_config), model_class)
+    classes = FAMILIES[family]
+    attention = _to_model_dtype(_load(classes.attention(hf_config, layer_idx=0), weights), classes.model)
+    rotary = _to_model_dtype(classes.rotary(hf_config), classes.model)
     return family, hf_config, attention, rotary
 
 
@@ -247,15 +260,15 @@ def _feed_forward(cfg: dict, weights: dict, layer: int):
     """HF's feed-forward block of ``layer`` (dense MLP or MoE) with the case's weights (relative to model.layers.{layer}.)."""
     family = _routing_family(cfg)
     hf_config = _hf_config(cfg, family, moe_only=True)
-    _, model_class, _, _, _, moe_class, mlp_class = FAMILIES[family]
-    block = moe_class(hf_config) if layer >= hf_config.first_k_dense_replace else mlp_class(hf_config)
-    return _to_model_dtype(_load(block, _relative(weights, "mlp.")), model_class)
+    classes = FAMILIES[family]
+    block = classes.moe(hf_config) if layer >= hf_config.first_k_dense_replace else classes.mlp(hf_config)
+    return _to_model_dtype(_load(block, _relative(weights, "mlp.")), classes.model)
 
 
 def _model(cfg: dict, weights: dict):
     """HF's whole causal LM, built as HF builds it in the model dtype, with the case's weights (MTP modules left out)."""
     family = _routing_family(cfg)
-    model = FAMILIES[family][1]._from_config(_hf_config(cfg, family), dtype=_dtype())
+    model = FAMILIES[family].model._from_config(_hf_config(cfg, family), dtype=_dtype())
     layer_id = re.compile(r"^model\.layers\.(\d+)\.")
     main = {name: value for name, value in weights.items()
             if not (match := layer_id.match(name)) or int(match[1]) < cfg["num_hidden_layers"]}
@@ -330,8 +343,9 @@ def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, so
 def moe_route(config, weights, hidden):
     cfg = dict(config)
     family = _routing_family(cfg)
-    _, model_class, _, _, router_class, _, _ = FAMILIES[family]
-    router = _to_model_dtype(_load(router_class(_hf_config(cfg, family, moe_only=True)), _relative(weights, "mlp.gate.")), model_class)
+    classes = FAMILIES[family]
+    router = _load(classes.router(_hf_config(cfg, family, moe_only=True)), _relative(weights, "mlp.gate."))
+    router = _to_model_dtype(router, classes.model)
     _, expert_weights, expert_ids = router(_tensor(hidden))  # [tokens, num_experts_per_tok] each
     return {"expert_ids": _numpy(expert_ids), "weights": _numpy(expert_weights)}
 
