@@ -67,6 +67,10 @@ class CaseResult:
         return data
 
 
+# the summary's counts: verdict -> the case statuses it counts (a waived case that passed is a failure)
+VERDICTS = {"passed": ("pass",), "failed": ("fail", "xpass"), "skipped": ("skip",), "waived": ("waived",), "unsupported": ("unsupported",)}
+
+
 @dataclasses.dataclass
 class Report:
     """All case results of one run, with the summary counts."""
@@ -80,7 +84,7 @@ class Report:
 
     @property
     def failed(self) -> list[str]:
-        return [case.case_id for case in self.cases if case.status in ("fail", "xpass")]
+        return [case.case_id for case in self.cases if case.status in VERDICTS["failed"]]
 
     @property
     def ok(self) -> bool:
@@ -89,9 +93,7 @@ class Report:
     def counts(self, extension: bool | None = None) -> dict[str, int]:
         """Cases by verdict; ``extension`` True / False: only the extension / released-model cases."""
         cases = [case for case in self.cases if extension is None or bool(case.extension) == extension]
-        return {"passed": sum(case.status == "pass" for case in cases), "failed": sum(case.status in ("fail", "xpass") for case in cases),
-                "skipped": sum(case.status == "skip" for case in cases), "waived": sum(case.status == "waived" for case in cases),
-                "unsupported": sum(case.status == "unsupported" for case in cases)}
+        return {verdict: sum(case.status in statuses for case in cases) for verdict, statuses in VERDICTS.items()}
 
     def summary(self) -> str:
         line = ", ".join(f"{number} {verdict}" for verdict, number in self.counts().items())
