@@ -4,7 +4,7 @@ from .balance import bias_update, expert_load, sequence_balance_loss, v2_balance
 from .cache import LatentCache, NaiveCache, PagedLatentCache
 from .config import ModelConfig, load_config, load_preset, preset_names
 from .dispatch import DispatchPlan, dispatch_plan
-from .errors import CacheError, ConfigError, GoldenError, InputError, MlaRefError, ShapeError, SpecError, WeightError
+from .errors import CacheError, ConfigError, GoldenError, InputError, MlaRefError, ShapeError, SpecError, Unsupported, WeightError
 from .mla import MLAResult, latent_attention_core, mla_forward
 from .model import GenerationResult, ModelCache, ModelResult, greedy_generate, model_forward
 from .moe import FFNResult, Routing, ffn_forward, needed_expert_weight_names, route
@@ -20,7 +20,7 @@ __all__ = [
     "DispatchPlan", "FFNResult", "GoldenError", "Routing", "bias_update", "dispatch_plan", "expert_load", "ffn_forward",
     "needed_expert_weight_names", "route", "sequence_balance_loss", "v2_balance_losses",
     "CacheError", "ConfigError", "InputError", "LatentCache", "MLAResult", "MlaRefError", "ModelConfig", "NaiveCache",
-    "PagedLatentCache", "ShapeError", "SpecError", "Trace", "WeightError", "attention_weight_shapes",
+    "PagedLatentCache", "ShapeError", "SpecError", "Trace", "Unsupported", "WeightError", "attention_weight_shapes",
     "generate_attention_weights", "generate_weights", "latent_attention_core", "load_config", "load_preset",
     "mla_forward", "preset_names", "spec_version", "weight_shapes",
     "DraftContext", "Drafter", "GenerationResult", "MTPDrafter", "MTPLosses", "ModelCache", "ModelResult",

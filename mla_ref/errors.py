@@ -110,3 +110,15 @@ class ResourceError(MlaRefError):
 
 class ConfigWarning(UserWarning):
     """A Hugging Face / official config has keys mla-ref does not read (an error with strict=True) or does not model."""
+
+
+class Unsupported(MlaRefError):
+    """An adapter's declaration that a case lies outside its implementation (a config it cannot express, an entry point it lacks).
+
+    Raised by an adapter, not by mla-ref: the checker reports the case as ``unsupported`` with ``reason``,
+    never as a pass (spec/golden.yaml adapter.unsupported, GOLDEN.adapter.unsupported).
+    """
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__("adapter", reason, "GOLDEN.adapter.unsupported")

@@ -249,3 +249,58 @@ def test_a_near_tie_choice_that_is_not_acceptable_is_not_teacher_forced(change):
         return {"expert_ids": ids, "weights": result["weights"]}
     case = run(adapter(moe_route=route), "moe.route.neartie/").cases[0]
     assert case.status == "fail" and any(c.name == "expert_ids" and not c.passed for c in case.comparisons), case.reason
+
+
+def _declines_mscale_mismatch(config, weights, hidden, start_positions):
+    """An adapter whose RoPE has no cos/sin amplitude: it declares the configs that need one unsupported."""
+    from mla_ref import Unsupported
+    if config["rope_scaling_type"] == "yarn" and config["mscale"] != config["mscale_all_dim"]:
+        raise Unsupported(f"no cos/sin amplitude: mscale {config['mscale']} != mscale_all_dim {config['mscale_all_dim']}")
+    return ref.mla_prefill(config, weights, hidden, start_positions)
+
+
+def test_unsupported_is_its_own_status_never_a_pass():
+    report = check(adapter(mla_prefill=_declines_mscale_mismatch), "fp32", "mla.prefill.yarn",
+                   waivers={"*mscale*": "a waiver does not turn a declaration into a verdict"})
+    statuses = {case.case_id: case.status for case in report.cases}
+    declined = [case_id for case_id, status in statuses.items() if status == "unsupported"]
+    assert sorted(declined) == ["mla.prefill.yarn/tiny-mscale-mismatch/seed0", "mla.prefill.yarn/tiny-yarn-no-mscale-all-dim/seed0"]
+    assert statuses["mla.prefill.yarn/tiny-yarn/seed0"] == "pass" and report.ok
+    assert report.count("pass") == 1 and report.counts()["unsupported"] == 2
+    assert report.summary().startswith("1 passed, 0 failed, 0 skipped, 0 waived, 2 unsupported")
+    case = next(case for case in report.cases if case.status == "unsupported")
+    assert case.reason.startswith("no cos/sin amplitude: mscale") and case.reason in report.table()
+    data = json.loads(report.to_json())
+    assert data["unsupported"] == 2 and data["passed"] == 1
+    assert {c["case_id"]: c["reason"] for c in data["cases"] if c["status"] == "unsupported"}[case.case_id] == case.reason
+
+
+def test_a_crash_is_a_failure_not_unsupported():
+    def crashes(config, weights, hidden, start_positions):
+        raise RuntimeError("selected index k out of range")
+    case = run(adapter(mla_prefill=crashes), "mla.prefill/tiny/").cases[0]
+    assert case.status == "fail" and "RuntimeError" in case.reason
+
+
+def test_pytest_plugin_skips_an_unsupported_case_with_its_reason():
+    from mla_ref.conformance import test_conformance
+    with pytest.raises(pytest.skip.Exception, match="unsupported: no cos/sin amplitude"):
+        test_conformance.test_golden_case(adapter(mla_prefill=_declines_mscale_mismatch), "mla.prefill.yarn/tiny-mscale-mismatch/seed0")
+
+
+def test_extension_cases_are_tagged_in_the_manifest_and_counted_apart(tmp_path):
+    from mla_ref.golden.cases import case_definitions
+    from mla_ref.golden.generate import generate
+    tagged = {d["id"]: d["extension"] for d in case_definitions() if d.get("extension")}
+    assert "moe.layer.edge/tiny/one-expert-per-group-seed0" in tagged and len(tagged) >= 3
+    entries = generate(tmp_path, "mla.prefill.yarn/tiny-")
+    assert {case_id: entry.get("extension") for case_id, entry in entries.items()} == {
+        "mla.prefill.yarn/tiny-yarn/seed0": None,
+        "mla.prefill.yarn/tiny-mscale-mismatch/seed0": tagged["mla.prefill.yarn/tiny-mscale-mismatch/seed0"],
+        "mla.prefill.yarn/tiny-yarn-no-mscale-all-dim/seed0": tagged["mla.prefill.yarn/tiny-yarn-no-mscale-all-dim/seed0"]}
+    report = check(adapter(mla_prefill=_declines_mscale_mismatch), "fp32", directory=tmp_path)
+    assert "(released-model configs: 1 passed, 0 failed, 0 unsupported; extensions: 0 passed, 0 failed, 2 unsupported)" in report.summary()
+    assert sum("[extension]" in line for line in report.table().splitlines()) == 2
+    data = json.loads(report.to_json())
+    assert data["released_model_configs"]["passed"] == 1 and data["extensions"]["unsupported"] == 2
+    assert all(bool(c["extension"]) == (c["status"] == "unsupported") for c in data["cases"])

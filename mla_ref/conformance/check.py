@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..errors import GoldenError, InputError
+from ..errors import GoldenError, InputError, Unsupported
 from ..golden.cases import stored_recipe_weights
 from ..golden.generate import default_golden_dir
 from ..golden.integrity import require_manifest_matches_spec, verify_case_tensors
@@ -46,7 +46,11 @@ REPORT_SCHEMA = "mla-ref-check-report/1"  # spec/schemas/check-report.schema.jso
 
 @dataclasses.dataclass
 class CaseResult:
-    """The verdict on one case: ``status`` is pass, fail, skip, waived or xpass (a waived case that passed: a failure)."""
+    """The verdict on one case: ``status`` is pass, fail, skip, waived, xpass (a waived case that passed: a failure)
+    or unsupported (the adapter raised :class:`mla_ref.Unsupported`: neither a pass nor a failure).
+
+    ``extension``: why no released model's config can express the case (spec/golden.yaml), "" for a released-model config.
+    """
 
     case_id: str
     entry_point: str
@@ -60,6 +64,7 @@ class CaseResult:
     repro: str = ""
     seconds: float = 0.0
     warnings: list[str] = dataclasses.field(default_factory=list)
+    extension: str = ""
 
     @property
     def used(self) -> float:
@@ -77,6 +82,10 @@ class CaseResult:
         return data
 
 
+# the summary's counts: verdict -> the case statuses it counts (a waived case that passed is a failure)
+VERDICTS = {"passed": ("pass",), "failed": ("fail", "xpass"), "skipped": ("skip",), "waived": ("waived",), "unsupported": ("unsupported",)}
+
+
 @dataclasses.dataclass
 class Report:
     """All case results of one run, with the summary counts."""
@@ -90,28 +99,39 @@ class Report:
 
     @property
     def failed(self) -> list[str]:
-        return [case.case_id for case in self.cases if case.status in ("fail", "xpass")]
+        return [case.case_id for case in self.cases if case.status in VERDICTS["failed"]]
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
+    def counts(self, extension: bool | None = None) -> dict[str, int]:
+        """Cases by verdict; ``extension`` True / False: only the extension / released-model cases."""
+        cases = [case for case in self.cases if extension is None or bool(case.extension) == extension]
+        return {verdict: sum(case.status in statuses for case in cases) for verdict, statuses in VERDICTS.items()}
+
     def summary(self) -> str:
-        return (f"{self.count('pass')} passed, {len(self.failed)} failed, {self.count('skip')} skipped, "
-                f"{self.count('waived')} waived ({self.adapter}, profile {self.profile})")
+        line = ", ".join(f"{number} {verdict}" for verdict, number in self.counts().items())
+        if any(case.extension for case in self.cases):
+            released, extension = self.counts(extension=False), self.counts(extension=True)
+            line += (f" (released-model configs: {released['passed']} passed, {released['failed']} failed, {released['unsupported']} unsupported;"
+                     f" extensions: {extension['passed']} passed, {extension['failed']} failed, {extension['unsupported']} unsupported)")
+        return f"{line} ({self.adapter}, profile {self.profile})"
 
     def to_json(self) -> str:
         """The report as strict JSON (schema ``REPORT_SCHEMA``): a non-finite number is written as the string "inf", "-inf" or "nan"."""
-        document = {"schema": REPORT_SCHEMA, "adapter": self.adapter, "profile": self.profile, "summary": self.summary(),
-                    "passed": self.count("pass"), "failed": len(self.failed), "skipped": self.count("skip"),
-                    "waived": self.count("waived"), "cases": [case.to_dict() for case in self.cases]}
+        document = {"schema": REPORT_SCHEMA, "adapter": self.adapter, "profile": self.profile, "summary": self.summary(), **self.counts(),
+                    "released_model_configs": self.counts(extension=False), "extensions": self.counts(extension=True),
+                    "cases": [case.to_dict() for case in self.cases]}
         return json.dumps(_finite_json(document), indent=1, default=_json_default, allow_nan=False)
 
     def table(self) -> str:
         lines = [f"{'case':58s} {'status':7s} {'used':>8s}  detail"]
         for case in self.cases:
-            used = "" if case.status == "skip" else format_used(case.used)
+            used = "" if case.status in ("skip", "unsupported") else format_used(case.used)
             detail = case.reason
+            if case.extension:
+                detail = f"[extension] {detail}"  # the why: the JSON report and spec/golden.yaml
             if case.first_divergent_step:
                 detail = f"first divergent step {case.first_divergent_step}; {detail}"
             if case.diagnosis:
@@ -345,7 +365,7 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
     """
     started = time.perf_counter()
     result = CaseResult(case_id, entry["entry_point"], entry["level"], "pass",
-                        repro=f"mla-ref check {adapter_name} --profile {profile} --select '{case_id}'")
+                        repro=f"mla-ref check {adapter_name} --profile {profile} --select '{case_id}'", extension=entry.get("extension", ""))
     if not callable(getattr(module, entry["entry_point"], None)):
         result.status, result.reason = "skip", f"adapter has no entry point {entry['entry_point']}" + _misspelled(module, entry["entry_point"])
         return result
@@ -357,6 +377,9 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
         return result
     try:
         produced = (caller or _call)(module, entry, case)
+    except Unsupported as error:
+        result.status, result.reason = "unsupported", error.reason
+        return result
     except (Exception, SystemExit) as error:  # noqa: BLE001 - a broken adapter (even one that exits) must not end the run
         result.status, result.reason = "fail", adapter_failure(error)
         return result

@@ -4,7 +4,8 @@
 ``MLA_REF_SELECT`` a case id pattern (a glob or a substring, as ``mla-ref check --select``),
 ``MLA_REF_STEP`` / ``MLA_REF_LEVEL`` as ``--step`` / ``--level``, ``MLA_REF_GOLDEN_DIR`` the
 golden folder. One test per golden case; a case whose entry point the adapter lacks is
-skipped, and says so. A run that would check nothing (no adapter named, a missing or
+skipped, and says so; so is a case the adapter declares unsupported
+(``mla_ref.Unsupported``), with its reason. A run that would check nothing (no adapter named, a missing or
 tampered golden folder, a selection matching no case, an adapter without any entry point)
 fails ``test_the_selection_checks_something`` instead of passing on an empty parameter set.
 """
@@ -56,8 +57,8 @@ def test_golden_case(case_id):
     directory = default_golden_dir()
     entry = read_manifest(directory / "manifest.yaml")["cases"][case_id]
     result = run_case(ADAPTER_MODULE, directory, case_id, entry, PROFILE, ADAPTER)
-    if result.status == "skip":
-        pytest.skip(result.reason)
+    if result.status in ("skip", "unsupported"):
+        pytest.skip(f"{result.status}: {result.reason}")
     detail = "\n".join([result.reason, *result.diagnosis, *result.warnings, f"first divergent step: {result.first_divergent_step}",
                         result.repro])
     assert result.status == "pass", detail

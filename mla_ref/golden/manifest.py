@@ -35,6 +35,7 @@ def definition_fields(definition: dict) -> dict:
         "config": config.to_dict(),
         "purpose": str(definition.get("purpose", "")),
         "pitfalls": [str(p) for p in definition.get("pitfalls", [])],
+        **({"extension": str(definition["extension"])} if definition.get("extension") else {}),
     }
 
 
@@ -52,10 +53,15 @@ def case_entry(case: Case) -> dict:
     }
 
 
-def write_manifest(path: Path, spec_version: str, entries: dict[str, dict], on_demand: bool = False) -> None:
-    """Write the manifest via a temporary file renamed into place (a reader never sees half of it)."""
+def write_manifest(path: Path, spec_version: str, entries: dict[str, dict], on_demand: bool = False, partial: bool = False) -> None:
+    """Write the manifest via a temporary file renamed into place (a reader never sees half of it).
+
+    ``partial``: the folder holds only the cases a ``generate --select`` chose (said in the manifest, so a
+    missing case is not taken for a deleted one; GOLDEN.manifest).
+    """
     document = {"schema": SCHEMA, "spec_version": spec_version, "generator_version": GENERATOR_VERSION,
-                "numpy_version": np.__version__, **({"on_demand": True} if on_demand else {}), "cases": entries}
+                "numpy_version": np.__version__, **({"on_demand": True} if on_demand else {}),
+                **({"partial": True} if partial and not on_demand else {}), "cases": entries}
     text = yaml.safe_dump(document, sort_keys=False, width=120)
     with atomic_file(Path(path)) as temporary:
         temporary.write_text(text, encoding="utf-8")
