@@ -69,6 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help="per-case time limit of an isolated call (implies --isolate; default 600)")
     check.add_argument("--dir", type=Path, default=None, help="golden folder (default: golden/ next to spec/)")
+
+    own = commands.add_parser("check-outputs", help="judge outputs computed on your own config, weights and inputs as a golden case "
+                              "is judged (exit 0 pass, 1 fail, 2 bad input)")
+    own.add_argument("--entry-point", required=True, help="an entry point of spec/golden.yaml, e.g. mla_prefill")
+    own.add_argument("--config", required=True, help=f"a preset ({', '.join(preset_names())}) or a config.json / yaml path")
+    own.add_argument("--weights", type=Path, default=None, help=".npz or .safetensors: the entry point's weights (none for kernels)")
+    own.add_argument("--inputs", type=Path, required=True, help=".npz or .safetensors: the entry point's array inputs by name")
+    own.add_argument("--outputs", type=Path, required=True, help=".npz or .safetensors: the candidate's outputs (and any "
+                     "intermediates '<STEP>/<name>')")
+    own.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                     help="a scalar argument of the entry point (steps=4, layer=1, causal=true); repeatable")
+    own.add_argument("--profile", required=True, help="precision profile of spec/tolerance.yaml")
+    own.add_argument("--report", type=Path, default=None, help="write the JSON report here (spec/schemas/check-report.schema.json)")
     return parser
 
 
@@ -119,7 +132,23 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "golden":
         return _golden(args)
+    if args.command == "check-outputs":
+        return _check_outputs(args)
     return _check(args)
+
+
+def _check_outputs(args: argparse.Namespace) -> int:
+    from .conformance.check import check_report_path
+    from .conformance.own_inputs import check_outputs, parse_arguments, read_tensors
+    if args.report:
+        check_report_path(args.report)
+    weights = read_tensors(args.weights, "--weights") if args.weights else {}
+    report = check_outputs(args.entry_point, args.config, weights, read_tensors(args.inputs, "--inputs"),
+                           read_tensors(args.outputs, "--outputs"), args.profile, args=parse_arguments(args.arg),
+                           name=str(args.outputs))
+    _write_report(args.report, report)
+    print(report.table())
+    return 0 if report.ok else EXIT_FAILED
 
 
 def _discard_stdout() -> None:

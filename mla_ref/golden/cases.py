@@ -512,11 +512,20 @@ def build_case(definition: dict) -> Case:
     """GOLDEN — arguments, float64 truth with intermediates, and per-profile emulation of one case."""
     config = case_config(definition)
     inputs, weights = BUILDERS[definition["entry_point"]](definition, config)
-    case = Case(definition["id"], definition, config, case_args(definition, config), inputs, weights)
+    return evaluate_case(Case(definition["id"], definition, config, case_args(definition, config), inputs, weights))
+
+
+def evaluate_case(case: Case) -> Case:
+    """GOLDEN — the float64 truth of a case's inputs with the intermediates of its ``steps`` (all of them when the
+    definition lists none), its choice margins, and per profile of ``profiles`` the emulated outputs and noise.
+
+    One computation for the golden cases and for a user's own inputs (mla_ref.conformance.own_inputs).
+    """
+    definition = case.definition
     trace = Trace()
     case.outputs = {name: np.asarray(value) for name, value in call_reference(case, trace).items()}
     case.margins = choice_margins(case, trace)
-    covered = set(definition["steps"])
+    covered = set(definition.get("steps") or trace.steps)
     case.steps = {f"{step}/{name}": value for step, arrays in trace.steps.items() if step in covered for name, value in arrays.items()}
     for profile in profiles_of(definition):
         emulation = Trace(profile)
