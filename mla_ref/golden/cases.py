@@ -389,6 +389,8 @@ def weights_recipe(definition: dict) -> dict | None:
         recipe = {"generator": "mla_ref.weights.generate_weights", "seed": seed, "design": layout.get("designed", "none")}
         if recipe["design"] == "echo":
             recipe["block_scale"] = float(layout["block_scale"])
+        if recipe["design"] == "final_norm_spread":
+            recipe["norm_spread"] = float(layout["norm_spread"])
         return recipe
     if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend"):
         return {"generator": "mla_ref.weights.generate_attention_weights", "seed": seed, "design": "logit_gain",
@@ -402,8 +404,11 @@ def rebuild_weights(config: ModelConfig, recipe: dict) -> dict[str, np.ndarray]:
         return echo_weights(config, recipe["seed"], recipe["block_scale"])
     if recipe["design"] == "logit_gain":
         return attention_weights_with_gain(config, recipe["seed"], recipe["logit_gain"])
+    if recipe["design"] == "final_norm_spread":
+        return final_norm_spread_weights(config, recipe["seed"], recipe["norm_spread"])
     if recipe["design"] != "none":
-        raise GoldenError("weights.design", f"expected none, echo or logit_gain, got {recipe['design']!r}", "GOLDEN.storage")
+        raise GoldenError("weights.design", f"expected none, echo, logit_gain or final_norm_spread, got {recipe['design']!r}",
+                          "GOLDEN.storage")
     return generate_weights(config, seed=recipe["seed"])
 
 
@@ -454,6 +459,18 @@ def echo_weights(config: ModelConfig, seed: int, block_scale: float) -> dict[str
             weights[name] = value * block_scale
         elif name.endswith("eh_proj.weight"):  # [hidden_size, 2 * hidden_size], embedding half first
             weights[name] = np.concatenate([np.eye(hidden), value[:, hidden:] * block_scale], axis=1)
+    return weights
+
+
+def final_norm_spread_weights(config: ModelConfig, seed: int, spread: float) -> dict[str, np.ndarray]:
+    """Generated weights with ``model.norm.weight`` spread ``spread`` times further from 1 (1 + 0.1 z becomes 1 + 0.1 spread z).
+
+    MTP's hnorm re-normalises whatever hidden state it gets, so h^0 taken before model.norm (MTP.1)
+    differs from the right one only through the final norm's weights: near 1 they hide that bug
+    under bf16 noise, spread they show it.
+    """
+    weights = generate_weights(config, seed=seed)
+    weights["model.norm.weight"] = 1.0 + spread * (weights["model.norm.weight"] - 1.0)  # [hidden_size]
     return weights
 
 
