@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                          else "calibrate the cases this folder's manifest lists, e.g. golden-on-demand (default: the committed cases)")
         sub.add_argument("--select", default=None, help="case id pattern (glob or substring)")
         if name == "generate":
+            sub.add_argument("--config", default=None, help="build the cases of preset tiny for this config instead (a preset name or a "
+                             "config.json / yaml path; needs --dir); verify and check then judge against it")
             sub.add_argument("--on-demand", action="store_true",
                              help="the on-demand cases of spec/golden.yaml (DeepSeek-V3 shapes; default folder golden-on-demand/)")
         if name == "export":
@@ -200,9 +202,14 @@ class _VersionAction(argparse.Action):
 def _golden(args: argparse.Namespace) -> int:
     from .golden import generate as golden
     if args.golden_command == "generate":
-        entries = golden.generate(args.dir, args.select, args.on_demand)
+        own = load_config(args.config) if args.config else None
+        entries = golden.generate(args.dir, args.select, args.on_demand, own)
         folder = args.dir or (golden.default_on_demand_dir() if args.on_demand else golden.default_golden_dir())
         print(f"wrote {len(entries)} cases and manifest.yaml to {folder}")
+        if own is not None:
+            from .golden.manifest import read_manifest
+            for case_id, reason in read_manifest(Path(folder) / "manifest.yaml")["own_config"]["skipped"].items():
+                print(f"skipped {case_id}: {reason}")
         return 0
     if args.golden_command == "verify":
         rows = golden.verify(args.dir, args.select)

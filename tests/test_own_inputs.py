@@ -111,3 +111,45 @@ def test_cli_reads_npz_and_safetensors_and_exits_by_verdict(tmp_path, capsys):
     assert main([*common, "--outputs", str(tmp_path / "missing.npz")]) == 2
     assert "--outputs: no such file" in capsys.readouterr().err
     assert main([*common, "--outputs", str(tmp_path / "good.npz"), "--arg", "steps"]) == 2
+
+
+# ---------------------------------------------------------------- golden cases for your own config (GOLDEN.own_config)
+
+def test_golden_generate_for_your_own_config_verifies_and_checks(tmp_path, capsys):
+    from mla_ref.golden.generate import verify
+    config = load_preset("tiny-kimi-k2").replace(name="My Kimi")
+    (tmp_path / "cfg.json").write_text(json.dumps(config.to_dict()))
+    folder = tmp_path / "mine"
+    assert main(["golden", "generate", "--config", str(tmp_path / "cfg.json"), "--dir", str(folder), "--select", "mla.prefill*"]) == 0
+    manifest = read_manifest(folder / "manifest.yaml")
+    assert manifest["own_config"]["name"] == "my-kimi" and manifest["own_config"]["config"]["rope_theta"] == 50000.0
+    assert sorted(manifest["cases"]) == ["mla.prefill.half/my-kimi/seed0", "mla.prefill/my-kimi/seed0"]
+    assert all(entry["config"]["rope_theta"] == 50000.0 for entry in manifest["cases"].values())
+    assert all(row.status == "ok" for row in verify(folder))
+    assert check(ref, "bf16", directory=folder).ok
+    wrong_theta = types.SimpleNamespace(mla_prefill=lambda config, weights, hidden, start_positions:
+                                        ref.mla_prefill(dict(config, rope_theta=10000.0), weights, hidden, start_positions))
+    assert not check(wrong_theta, "fp32", directory=folder).ok
+
+
+def test_your_own_config_folder_is_tamper_evident_and_never_overwritten(tmp_path, capsys):
+    import yaml
+    from mla_ref.errors import GoldenError
+    folder = tmp_path / "mine"
+    assert main(["golden", "generate", "--config", "tiny-kimi-k2", "--dir", str(folder), "--select", "mla.prefill/*"]) == 0
+    assert main(["golden", "generate", "--config", "tiny-yarn", "--dir", str(folder), "--select", "mla.prefill/*"]) == 3
+    assert "built for another config (tiny-kimi-k2)" in capsys.readouterr().err
+    assert main(["golden", "generate", "--config", "tiny-kimi-k2", "--select", "mla.prefill/*"]) == 2  # --dir required
+    document = yaml.safe_load((folder / "manifest.yaml").read_text())
+    document["own_config"]["config"]["rope_theta"] = 10000.0  # the folder now claims another config than its cases hold
+    (folder / "manifest.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    with pytest.raises(GoldenError, match="rope_theta"):
+        check(ref, "fp32", directory=folder)
+
+
+def test_cases_a_config_cannot_hold_are_skipped_with_the_reason(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    assert main(["golden", "generate", "--config", "tiny-kimi-k2", "--dir", str(folder), "--select", "mtp.forward/*"]) == 0
+    assert "skipped mtp.forward/tiny-kimi-k2-dense/seed0: ConfigError" in capsys.readouterr().out  # Kimi-K2 has no MTP module
+    skipped = read_manifest(folder / "manifest.yaml")["own_config"]["skipped"]
+    assert list(skipped) == ["mtp.forward/tiny-kimi-k2-dense/seed0"] and "num_nextn_predict_layers" in skipped["mtp.forward/tiny-kimi-k2-dense/seed0"]

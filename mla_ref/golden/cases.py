@@ -95,7 +95,39 @@ def file_name(case_id: str) -> str:
 
 
 def case_config(definition: dict) -> ModelConfig:
-    return load_preset(definition["preset"]).replace(**definition.get("overrides", {}))
+    """The config a case runs: its preset's (or, for a user's own config, ``preset_config``'s) with the case's overrides."""
+    from ..config import from_dict
+    base = from_dict(definition["preset_config"]) if "preset_config" in definition else load_preset(definition["preset"])
+    return base.replace(**definition.get("overrides", {}))
+
+
+OWN_CONFIG_TEMPLATE = "tiny"  # the preset whose committed cases a user's own config instantiates (GOLDEN.own_config)
+
+
+def own_config_definitions(name: str, values: dict) -> list[dict]:
+    """GOLDEN.own_config — the committed cases of preset ``tiny`` (every entry point) for a user's config: preset ``name``,
+    its values in ``preset_config``, the case's overrides, seed and layout kept, ``tiny`` in the id replaced by ``name``
+    (``mtp.forward/tiny-dense/seed0`` -> ``mtp.forward/NAME-dense/seed0``)."""
+    check_case_id(name)
+    if "/" in name:
+        raise GoldenError("config name", f"expected one id segment, got {name!r}", "GOLDEN.own_config")
+    return [{**definition, "id": "/".join(part.replace(OWN_CONFIG_TEMPLATE, name, 1) if part.startswith(OWN_CONFIG_TEMPLATE) else part
+                                          for part in definition["id"].split("/")),
+             "preset": name, "preset_config": dict(values)}
+            for definition in case_definitions() if definition["preset"] == OWN_CONFIG_TEMPLATE]
+
+
+def own_config_name(config: ModelConfig) -> str:
+    """A config's name as one case id segment: lower case, runs of other characters than [a-z0-9_.-] as '-' (``own`` if none left)."""
+    return re.sub(r"[^a-z0-9_.\-]+", "-", config.name.lower()).strip("-.") or "own"
+
+
+def folder_definitions(manifest: dict) -> list[dict]:
+    """The definitions a golden folder was built from: a user's own config (manifest ``own_config``), else spec/golden.yaml's."""
+    own = manifest.get("own_config")
+    if own is not None:
+        return own_config_definitions(own["name"], own["config"])
+    return case_definitions(bool(manifest.get("on_demand", False)))
 
 
 def _rng(definition: dict, purpose: str) -> np.random.Generator:
