@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                          else "calibrate the cases this folder's manifest lists, e.g. golden-on-demand (default: the committed cases)")
         sub.add_argument("--select", default=None, help="case id pattern (glob or substring)")
         if name == "generate":
+            sub.add_argument("--config", default=None, help="build the cases of preset tiny for this config instead (a preset name or a "
+                             "config.json / yaml path; needs --dir); verify and check then judge against it")
             sub.add_argument("--on-demand", action="store_true",
                              help="the on-demand cases of spec/golden.yaml (DeepSeek-V3 shapes; default folder golden-on-demand/)")
         if name == "export":
@@ -69,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                        help="per-case time limit of an isolated call (implies --isolate; default 600)")
     check.add_argument("--dir", type=Path, default=None, help="golden folder (default: golden/ next to spec/)")
+
+    own = commands.add_parser("check-outputs", help="judge outputs computed on your own config, weights and inputs as a golden case "
+                              "is judged (exit 0 pass, 1 fail, 2 bad input)")
+    own.add_argument("--entry-point", required=True, help="an entry point of spec/golden.yaml, e.g. mla_prefill")
+    own.add_argument("--config", required=True, help=f"a preset ({', '.join(preset_names())}) or a config.json / yaml path")
+    own.add_argument("--weights", type=Path, default=None, help=".npz or .safetensors: the entry point's weights (none for kernels)")
+    own.add_argument("--inputs", type=Path, required=True, help=".npz or .safetensors: the entry point's array inputs by name")
+    own.add_argument("--outputs", type=Path, required=True, help=".npz or .safetensors: the candidate's outputs (and any "
+                     "intermediates '<STEP>/<name>')")
+    own.add_argument("--arg", action="append", default=[], metavar="NAME=VALUE",
+                     help="a scalar argument of the entry point (steps=4, layer=1, causal=true); repeatable")
+    own.add_argument("--profile", required=True, help="precision profile of spec/tolerance.yaml")
+    own.add_argument("--report", type=Path, default=None, help="write the JSON report here (spec/schemas/check-report.schema.json)")
     return parser
 
 
@@ -119,7 +134,23 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "golden":
         return _golden(args)
+    if args.command == "check-outputs":
+        return _check_outputs(args)
     return _check(args)
+
+
+def _check_outputs(args: argparse.Namespace) -> int:
+    from .conformance.check import check_report_path
+    from .conformance.own_inputs import check_outputs, parse_arguments, read_tensors
+    if args.report:
+        check_report_path(args.report)
+    weights = read_tensors(args.weights, "--weights") if args.weights else {}
+    report = check_outputs(args.entry_point, args.config, weights, read_tensors(args.inputs, "--inputs"),
+                           read_tensors(args.outputs, "--outputs"), args.profile, args=parse_arguments(args.arg),
+                           name=str(args.outputs))
+    _write_report(args.report, report)
+    print(report.table())
+    return 0 if report.ok else EXIT_FAILED
 
 
 def _discard_stdout() -> None:
@@ -171,9 +202,14 @@ class _VersionAction(argparse.Action):
 def _golden(args: argparse.Namespace) -> int:
     from .golden import generate as golden
     if args.golden_command == "generate":
-        entries = golden.generate(args.dir, args.select, args.on_demand)
+        own = load_config(args.config) if args.config else None
+        entries = golden.generate(args.dir, args.select, args.on_demand, own)
         folder = args.dir or (golden.default_on_demand_dir() if args.on_demand else golden.default_golden_dir())
         print(f"wrote {len(entries)} cases and manifest.yaml to {folder}")
+        if own is not None:
+            from .golden.manifest import read_manifest
+            for case_id, reason in read_manifest(Path(folder) / "manifest.yaml")["own_config"]["skipped"].items():
+                print(f"skipped {case_id}: {reason}")
         return 0
     if args.golden_command == "verify":
         rows = golden.verify(args.dir, args.select)

@@ -117,7 +117,9 @@ def test_an_adapter_that_exits_fails_its_cases_and_the_run_goes_on(tmp_path, cap
     exiting.write_text("import sys\n\ndef moe_route(config, weights, hidden):\n    sys.exit(0)\n")
     assert main(["check", str(exiting), "--select", "moe.route"]) == 1
     out = capsys.readouterr().out
-    assert out.count("adapter called sys.exit(0)") == 5 and "0 passed, 5 failed" in out
+    routing_cases = sum("moe.route" in case_id for case_id in read_yaml(default_golden_dir() / "manifest.yaml")["cases"])
+    assert routing_cases >= 5 and out.count("adapter called sys.exit(0)") == routing_cases
+    assert f"0 passed, {routing_cases} failed" in out
 
 
 def _run_plugin(tmp_path: Path, collect: bool = False, **environment: str) -> subprocess.CompletedProcess:
@@ -144,7 +146,7 @@ def test_the_pytest_plugin_selects_with_the_cli_pattern_syntax(tmp_path):
     selected = check(ref, "fp32", "moe.route*").cases
     collected = _run_plugin(tmp_path, MLA_REF_ADAPTER="mla_ref.conformance.reference_adapter", MLA_REF_SELECT="moe.route*", collect=True)
     names = [line for line in collected.stdout.splitlines() if "test_golden_case[" in line]
-    assert collected.returncode == 0 and len(names) == len(selected) == 5, collected.stdout
+    assert collected.returncode == 0 and len(names) == len(selected) >= 5, collected.stdout
 
 
 # ---------------------------------------------------------------- tamper-evident golden
@@ -269,7 +271,7 @@ def test_integral_float_expert_ids_are_compared_as_integers():
         result = ref.moe_route(config, weights, hidden)
         return {"expert_ids": result["expert_ids"].astype(np.float64), "weights": result["weights"]}
     report = check(adapter(moe_route=route), "fp32", "moe.route")
-    assert report.ok and report.count("pass") == 5, report.table()
+    assert report.ok and report.count("pass") == len(report.cases) >= 5, report.table()
 
 
 def test_a_checker_error_on_an_output_fails_that_case_only(monkeypatch):

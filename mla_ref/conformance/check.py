@@ -356,12 +356,13 @@ def _call(module, entry: dict, case: dict) -> Mapping:
     return call(getattr(module, entry["entry_point"]), entry["entry_point"], available)
 
 
-def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, adapter_name: str = "ADAPTER", *,
-             caller=None) -> CaseResult:
+def run_case(module, directory: Path | None, case_id: str, entry: dict, profile: str, adapter_name: str = "ADAPTER", *,
+             caller=None, case: dict | None = None) -> CaseResult:
     """Run one case and compare every output (and every intermediate the adapter returns).
 
     ``caller(module, entry, case)`` calls the adapter (default: in this process; isolate.py: in a child).
     A golden file that does not match its manifest raises GoldenError: a tampered truth is never the adapter's failure.
+    ``case``: the case's tensors split by kind as :func:`load_case` returns them, built in memory (own_inputs.py).
     """
     started = time.perf_counter()
     result = CaseResult(case_id, entry["entry_point"], entry["level"], "pass",
@@ -369,7 +370,7 @@ def run_case(module, directory: Path, case_id: str, entry: dict, profile: str, a
     if not callable(getattr(module, entry["entry_point"], None)):
         result.status, result.reason = "skip", f"adapter has no entry point {entry['entry_point']}" + _misspelled(module, entry["entry_point"])
         return result
-    case = load_case(directory, entry)
+    case = case if case is not None else load_case(directory, entry)
     noise = entry["profiles"].get(profile, {}).get("noise")
     noise_max = entry["profiles"].get(profile, {}).get("noise_max", {})
     if noise is None:

@@ -95,7 +95,39 @@ def file_name(case_id: str) -> str:
 
 
 def case_config(definition: dict) -> ModelConfig:
-    return load_preset(definition["preset"]).replace(**definition.get("overrides", {}))
+    """The config a case runs: its preset's (or, for a user's own config, ``preset_config``'s) with the case's overrides."""
+    from ..config import from_dict
+    base = from_dict(definition["preset_config"]) if "preset_config" in definition else load_preset(definition["preset"])
+    return base.replace(**definition.get("overrides", {}))
+
+
+OWN_CONFIG_TEMPLATE = "tiny"  # the preset whose committed cases a user's own config instantiates (GOLDEN.own_config)
+
+
+def own_config_definitions(name: str, values: dict) -> list[dict]:
+    """GOLDEN.own_config — the committed cases of preset ``tiny`` (every entry point) for a user's config: preset ``name``,
+    its values in ``preset_config``, the case's overrides, seed and layout kept, ``tiny`` in the id replaced by ``name``
+    (``mtp.forward/tiny-dense/seed0`` -> ``mtp.forward/NAME-dense/seed0``)."""
+    check_case_id(name)
+    if "/" in name:
+        raise GoldenError("config name", f"expected one id segment, got {name!r}", "GOLDEN.own_config")
+    return [{**definition, "id": "/".join(part.replace(OWN_CONFIG_TEMPLATE, name, 1) if part.startswith(OWN_CONFIG_TEMPLATE) else part
+                                          for part in definition["id"].split("/")),
+             "preset": name, "preset_config": dict(values)}
+            for definition in case_definitions() if definition["preset"] == OWN_CONFIG_TEMPLATE]
+
+
+def own_config_name(config: ModelConfig) -> str:
+    """A config's name as one case id segment: lower case, runs of other characters than [a-z0-9_.-] as '-' (``own`` if none left)."""
+    return re.sub(r"[^a-z0-9_.\-]+", "-", config.name.lower()).strip("-.") or "own"
+
+
+def folder_definitions(manifest: dict) -> list[dict]:
+    """The definitions a golden folder was built from: a user's own config (manifest ``own_config``), else spec/golden.yaml's."""
+    own = manifest.get("own_config")
+    if own is not None:
+        return own_config_definitions(own["name"], own["config"])
+    return case_definitions(bool(manifest.get("on_demand", False)))
 
 
 def _rng(definition: dict, purpose: str) -> np.random.Generator:
@@ -389,6 +421,8 @@ def weights_recipe(definition: dict) -> dict | None:
         recipe = {"generator": "mla_ref.weights.generate_weights", "seed": seed, "design": layout.get("designed", "none")}
         if recipe["design"] == "echo":
             recipe["block_scale"] = float(layout["block_scale"])
+        if recipe["design"] == "final_norm_spread":
+            recipe["norm_spread"] = float(layout["norm_spread"])
         return recipe
     if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend"):
         return {"generator": "mla_ref.weights.generate_attention_weights", "seed": seed, "design": "logit_gain",
@@ -402,8 +436,11 @@ def rebuild_weights(config: ModelConfig, recipe: dict) -> dict[str, np.ndarray]:
         return echo_weights(config, recipe["seed"], recipe["block_scale"])
     if recipe["design"] == "logit_gain":
         return attention_weights_with_gain(config, recipe["seed"], recipe["logit_gain"])
+    if recipe["design"] == "final_norm_spread":
+        return final_norm_spread_weights(config, recipe["seed"], recipe["norm_spread"])
     if recipe["design"] != "none":
-        raise GoldenError("weights.design", f"expected none, echo or logit_gain, got {recipe['design']!r}", "GOLDEN.storage")
+        raise GoldenError("weights.design", f"expected none, echo, logit_gain or final_norm_spread, got {recipe['design']!r}",
+                          "GOLDEN.storage")
     return generate_weights(config, seed=recipe["seed"])
 
 
@@ -454,6 +491,18 @@ def echo_weights(config: ModelConfig, seed: int, block_scale: float) -> dict[str
             weights[name] = value * block_scale
         elif name.endswith("eh_proj.weight"):  # [hidden_size, 2 * hidden_size], embedding half first
             weights[name] = np.concatenate([np.eye(hidden), value[:, hidden:] * block_scale], axis=1)
+    return weights
+
+
+def final_norm_spread_weights(config: ModelConfig, seed: int, spread: float) -> dict[str, np.ndarray]:
+    """Generated weights with ``model.norm.weight`` spread ``spread`` times further from 1 (1 + 0.1 z becomes 1 + 0.1 spread z).
+
+    MTP's hnorm re-normalises whatever hidden state it gets, so h^0 taken before model.norm (MTP.1)
+    differs from the right one only through the final norm's weights: near 1 they hide that bug
+    under bf16 noise, spread they show it.
+    """
+    weights = generate_weights(config, seed=seed)
+    weights["model.norm.weight"] = 1.0 + spread * (weights["model.norm.weight"] - 1.0)  # [hidden_size]
     return weights
 
 
@@ -512,11 +561,20 @@ def build_case(definition: dict) -> Case:
     """GOLDEN — arguments, float64 truth with intermediates, and per-profile emulation of one case."""
     config = case_config(definition)
     inputs, weights = BUILDERS[definition["entry_point"]](definition, config)
-    case = Case(definition["id"], definition, config, case_args(definition, config), inputs, weights)
+    return evaluate_case(Case(definition["id"], definition, config, case_args(definition, config), inputs, weights))
+
+
+def evaluate_case(case: Case) -> Case:
+    """GOLDEN — the float64 truth of a case's inputs with the intermediates of its ``steps`` (all of them when the
+    definition lists none), its choice margins, and per profile of ``profiles`` the emulated outputs and noise.
+
+    One computation for the golden cases and for a user's own inputs (mla_ref.conformance.own_inputs).
+    """
+    definition = case.definition
     trace = Trace()
     case.outputs = {name: np.asarray(value) for name, value in call_reference(case, trace).items()}
     case.margins = choice_margins(case, trace)
-    covered = set(definition["steps"])
+    covered = set(definition.get("steps") or trace.steps)
     case.steps = {f"{step}/{name}": value for step, arrays in trace.steps.items() if step in covered for name, value in arrays.items()}
     for profile in profiles_of(definition):
         emulation = Trace(profile)

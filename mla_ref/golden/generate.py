@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import ModelConfig
 from ..errors import GoldenError, InputError, shown
 from ..precision import UNIT_ROUNDOFF
 from ..spec import spec_dir, spec_version
 from ..trace import arithmetic
-from .cases import build_case, case_definitions, file_name, stored_recipe_weights
+from .cases import build_case, case_definitions, file_name, folder_definitions, own_config_name, stored_recipe_weights
 from .integrity import definition_differences
 from .manifest import case_entry, read_manifest, write_manifest
 from .storage import TEMPORARY_MARK, make_folder, read_npz, tensor_digest, write_npz
@@ -57,14 +58,16 @@ def default_on_demand_dir() -> Path:
     return default_golden_dir().parent / "golden-on-demand"
 
 
-def selected(pattern: str | None, on_demand: bool = False) -> list[dict]:
-    definitions = case_definitions(on_demand)
+def selected(pattern: str | None, on_demand: bool = False, definitions: list[dict] | None = None) -> list[dict]:
+    """The definitions (default: spec/golden.yaml's, committed or on demand) whose id matches ``pattern`` (a glob or a substring)."""
+    definitions = case_definitions(on_demand) if definitions is None else definitions
     if pattern is None:
         return definitions
     return [d for d in definitions if fnmatch.fnmatch(d["id"], pattern) or pattern in d["id"]]
 
 
-def generate(directory: Path | None = None, pattern: str | None = None, on_demand: bool = False) -> dict[str, dict]:
+def generate(directory: Path | None = None, pattern: str | None = None, on_demand: bool = False,
+             config: ModelConfig | None = None) -> dict[str, dict]:
     """Build the selected cases, write their ``.npz`` files and the manifest (other entries are kept).
 
     ``on_demand``: the cases marked on_demand in spec/golden.yaml (DeepSeek-V3 shapes), into
@@ -75,20 +78,33 @@ def generate(directory: Path | None = None, pattern: str | None = None, on_deman
     temporary file), so an interrupted run leaves the previous golden folder as it was. A
     manifest that is not mla-ref's, of the other kind (on-demand or not) or listing a case that
     spec/golden.yaml does not define is never overwritten; a pattern selecting nothing is an error.
+
+    ``config`` (GOLDEN.own_config): the committed cases of preset tiny instantiated for a user's
+    config, into ``directory`` (required), whose manifest records the config as ``own_config``.
     """
+    if config is not None and directory is None:
+        raise InputError("dir", "generating for your own config needs --dir: the folder to write", "GOLDEN.own_config")
     directory = Path(directory or (default_on_demand_dir() if on_demand else default_golden_dir()))
-    definitions = selected(pattern, on_demand)
+    own = None if config is None else {"name": own_config_name(config), "config": config.to_dict(), "skipped": {}}
+    universe = case_definitions(on_demand) if own is None else folder_definitions({"own_config": own})
+    definitions = selected(pattern, on_demand, universe)
     if not definitions:
         raise InputError("select", f"{shown(pattern)} matches no {'on-demand ' if on_demand else ''}case of spec/golden.yaml", "GOLDEN.select")
     make_folder(directory)
     manifest_path = directory / "manifest.yaml"
-    kept = _replaceable_manifest(manifest_path, on_demand)  # checked even when every case is rewritten
+    kept = _replaceable_manifest(manifest_path, on_demand, own)  # checked even when every case is rewritten
     entries = kept if pattern else {}
     _remove_stale_temporaries(directory)
     written: list[tuple[Path, Path]] = []
     try:
         for definition in definitions:
-            case = build_case(definition)
+            try:
+                case = build_case(definition)
+            except (ValueError, IndexError) as error:  # typed errors included (MlaRefError is a ValueError)
+                if own is None:
+                    raise
+                own["skipped"][definition["id"]] = f"{type(error).__name__}: {shown(str(error), 300)}"
+                continue
             target = directory / file_name(case.id)
             written.append((write_npz(target, case.tensors(), atomic=False), target))
             entries[case.id] = case_entry(case)
@@ -98,12 +114,12 @@ def generate(directory: Path | None = None, pattern: str | None = None, on_deman
     finally:
         for temporary, _ in written:
             temporary.unlink(missing_ok=True)
-    ordered = {d["id"]: entries[d["id"]] for d in case_definitions(on_demand) if d["id"] in entries}
-    write_manifest(manifest_path, spec_version(), ordered, on_demand, partial=len(ordered) < len(case_definitions(on_demand)))
+    ordered = {d["id"]: entries[d["id"]] for d in universe if d["id"] in entries}
+    write_manifest(manifest_path, spec_version(), ordered, on_demand, own, partial=own is None and len(ordered) < len(universe))
     return ordered
 
 
-def _replaceable_manifest(path: Path, on_demand: bool) -> dict[str, dict]:
+def _replaceable_manifest(path: Path, on_demand: bool, own_config: dict | None = None) -> dict[str, dict]:
     """The entries of the manifest at ``path`` (none if absent), or GoldenError if generate must not overwrite it."""
     if not path.exists() and not path.is_symlink():
         return {}
@@ -115,11 +131,18 @@ def _replaceable_manifest(path: Path, on_demand: bool) -> dict[str, dict]:
     if bool(manifest.get("on_demand", False)) != on_demand:
         kind = "on-demand" if manifest.get("on_demand") else "committed"
         raise GoldenError(str(path), f"refusing to overwrite the manifest of the {kind} cases; choose another --dir", "GOLDEN.writes")
-    unknown = sorted(set(manifest["cases"]) - {d["id"] for d in case_definitions(on_demand)})
+    if _config_of(manifest.get("own_config")) != _config_of(own_config):
+        raise GoldenError(str(path), "refusing to overwrite the manifest of cases built for another config "
+                          f"({(manifest.get('own_config') or {}).get('name', 'spec/golden.yaml')}); choose another --dir", "GOLDEN.writes")
+    unknown = sorted(set(manifest["cases"]) - {d["id"] for d in folder_definitions(manifest)})
     if unknown:
         raise GoldenError(str(path), f"refusing to overwrite a manifest listing cases spec/golden.yaml does not define: {unknown[:5]}"
                           f"{' ...' if len(unknown) > 5 else ''}; remove those entries (or the manifest) if they are retired", "GOLDEN.writes")
     return dict(manifest["cases"])
+
+
+def _config_of(own_config: dict | None) -> tuple | None:
+    return None if own_config is None else (own_config["name"], own_config["config"])
 
 
 def _remove_stale_temporaries(directory: Path) -> None:
@@ -190,17 +213,19 @@ def verify(directory: Path | None = None, pattern: str | None = None) -> list[Ve
     rows: list[VerifyRow] = []
     if manifest["spec_version"] != spec_version():
         rows.append(VerifyRow("manifest", "FAIL", detail=f"spec_version {manifest['spec_version']!r}, spec is {spec_version()!r}: regenerate"))
-    defined = {d["id"] for d in case_definitions(on_demand)}
+    definitions = folder_definitions(manifest)  # spec/golden.yaml's, or a user's own config's (GOLDEN.own_config)
+    on_demand = on_demand or "own_config" in manifest
+    defined = {d["id"] for d in definitions}
     for case_id in sorted(set(manifest["cases"]) - defined):
         rows.append(VerifyRow(case_id, "FAIL", detail="orphan: in the manifest but not in spec/golden.yaml"))
     listed = {entry["file"] for entry in manifest["cases"].values()}
     for path in sorted(directory.glob("*.npz")):
         if path.name not in listed:
             rows.append(VerifyRow(path.name, "FAIL", detail="orphan file: not in the manifest"))
-    chosen = selected(pattern, on_demand)
+    chosen = selected(pattern, on_demand, definitions)
     if pattern and not chosen:
         raise InputError("select", f"{pattern!r} matches no case of spec/golden.yaml (a glob or a substring of a case id, "
-                         f"e.g. {case_definitions(on_demand)[0]['id']!r})", "GOLDEN.select")
+                         f"e.g. {definitions[0]['id']!r})", "GOLDEN.select")
     for definition in chosen:
         case_id = definition["id"]
         entry = manifest["cases"].get(case_id)

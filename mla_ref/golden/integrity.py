@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import GoldenError
 from ..spec import spec_version
-from .cases import apply_noise_from, case_definitions, noise_l2, noise_largest, profiles_of, weights_recipe
+from .cases import apply_noise_from, folder_definitions, noise_l2, noise_largest, profiles_of, weights_recipe
 from .manifest import definition_fields
 from .storage import tensor_digest
 
@@ -57,13 +57,13 @@ def definition_differences(definition: dict, entry: Mapping) -> list[str]:
 
 def manifest_differences(manifest: Mapping) -> list[str]:
     """Where a manifest disagrees with spec/golden.yaml: spec version, cases missing or undefined, any case's defined fields."""
-    on_demand = bool(manifest.get("on_demand", False))  # an on-demand folder holds the cases its generate call selected
+    subset = bool(manifest.get("on_demand", False) or manifest.get("partial", False)) or "own_config" in manifest  # these hold the cases their generate call selected
     problems = []
     if manifest["spec_version"] != spec_version():
         problems.append(f"spec_version {manifest['spec_version']!r}, the spec is {spec_version()!r}")
-    definitions = {definition["id"]: definition for definition in case_definitions(on_demand)}
+    definitions = {definition["id"]: definition for definition in folder_definitions(dict(manifest))}
     problems += [f"{case_id}: not a case of spec/golden.yaml" for case_id in manifest["cases"] if case_id not in definitions]
-    if not on_demand and not manifest.get("partial", False):  # a partial folder holds what generate --select chose
+    if not subset:
         problems += [f"{case_id}: defined in spec/golden.yaml, missing from the manifest" for case_id in definitions
                      if case_id not in manifest["cases"]]
     for case_id, entry in manifest["cases"].items():

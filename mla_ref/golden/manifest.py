@@ -53,14 +53,17 @@ def case_entry(case: Case) -> dict:
     }
 
 
-def write_manifest(path: Path, spec_version: str, entries: dict[str, dict], on_demand: bool = False, partial: bool = False) -> None:
+def write_manifest(path: Path, spec_version: str, entries: dict[str, dict], on_demand: bool = False,
+                   own_config: dict | None = None, partial: bool = False) -> None:
     """Write the manifest via a temporary file renamed into place (a reader never sees half of it).
 
+    ``own_config``: ``{name, config}`` of a folder built for a user's config (GOLDEN.own_config).
     ``partial``: the folder holds only the cases a ``generate --select`` chose (said in the manifest, so a
     missing case is not taken for a deleted one; GOLDEN.manifest).
     """
     document = {"schema": SCHEMA, "spec_version": spec_version, "generator_version": GENERATOR_VERSION,
                 "numpy_version": np.__version__, **({"on_demand": True} if on_demand else {}),
+                **({"own_config": own_config} if own_config is not None else {}),
                 **({"partial": True} if partial and not on_demand else {}), "cases": entries}
     text = yaml.safe_dump(document, sort_keys=False, width=120)
     with atomic_file(Path(path)) as temporary:
@@ -84,6 +87,9 @@ def read_manifest(path: Path) -> dict:
     for key in ("spec_version", "generator_version", "numpy_version", "cases"):
         if key not in document:
             raise GoldenError(f"{path.name}: {key}", "required key is missing", "GOLDEN.manifest")
+    own = document.get("own_config")
+    if own is not None and not (isinstance(own, dict) and isinstance(own.get("name"), str) and isinstance(own.get("config"), dict)):
+        raise GoldenError(f"{path.name}: own_config", "expected a mapping with name (str) and config (mapping)", "GOLDEN.manifest")
     if not isinstance(document["cases"], dict):
         raise GoldenError(f"{path.name}: cases", "expected a mapping case id -> entry", "GOLDEN.manifest")
     for case_id, entry in document["cases"].items():
