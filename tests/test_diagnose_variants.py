@@ -194,7 +194,8 @@ def _moe_adapter(bug: str, runner_up_below: float = 0.0) -> types.SimpleNamespac
 def _routed_with_ids(config, bias, token_scores, bug: str, ids: list[int]) -> dict:
     """The weights of ``ids`` as the buggy reading computes them."""
     gates = [token_scores[e] + (bias[e] if bug == "bias_in_weights" else 0.0) for e in ids]  # F1: weights from s + b
-    if bug != "no_renormalisation":  # sigmoid scoring in these cases: the weights are renormalised
+    by_rule = config.norm_topk_prob if config.topk_norm_rule == "norm_topk_prob" else config.scoring_func == "sigmoid"
+    if by_rule and bug != "no_renormalisation":
         gates = [g / sum(gates) for g in gates]
     scale = {"routed_scale_missing": 1.0, "routed_scale_twice": config.routed_scaling_factor ** 2}.get(bug, config.routed_scaling_factor)
     return {"ids": ids, "weights": [g * scale for g in gates]}
@@ -219,3 +220,13 @@ def test_weight_bugs_are_named_under_an_accepted_near_tie_choice(bug):
 def test_the_correct_independent_router_passes_with_its_near_tie_choice():
     case = _only_case(_moe_adapter("correct", runner_up_below=1e-3), "moe.layer.neartie/tiny/seed0", "bf16")
     assert case.status == "pass" and any("routed differently" in note for note in case.notes), (case.reason, case.notes)
+
+
+@pytest.mark.parametrize("bug", ["routed_scale_missing", "routed_scale_twice"])
+def test_routing_weights_are_still_compared_under_an_accepted_near_tie_choice(bug):
+    """moe.route.neartie: the candidate's runner-up choice is accepted, and its weights are compared with the reference's
+    under that choice (margins.py), so a weight bug fails on the weights and is named."""
+    case = _only_case(_moe_adapter(bug, runner_up_below=1e-3), "moe.route.neartie/tiny-v2/seed0", "bf16")
+    assert any("routed differently" in note for note in case.notes), case.notes
+    assert [c.name for c in case.comparisons if not c.passed] == ["weights"], case.reason
+    _named_first(case, MOE_EXPECTED[bug])
