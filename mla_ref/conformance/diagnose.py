@@ -31,10 +31,16 @@ from ..rope import half_layout_permutation, rope_amplitude, softmax_scale, yarn_
 from .compare import Comparison, compare_tensor
 from .protocol import call
 
+NAMING_FACTOR = 4.0  # a variant is named when its L2 distance to the candidate is below 1 / NAMING_FACTOR of the truth's
+NAMED_AT_MOST = 3
+
 
 def _ratio_names(config) -> dict[str, float]:
     """Factors that a known bug multiplies a logit or an LSE by."""
     names = {"log2(e): LSE in base 2 instead of the natural log": 1 / math.log(2)}
+    if config.routed_scaling_factor != 1:
+        names[f"1/{config.routed_scaling_factor:g}: routed_scaling_factor missing"] = 1 / config.routed_scaling_factor
+        names[f"{config.routed_scaling_factor:g}: routed_scaling_factor applied twice"] = config.routed_scaling_factor
     m2 = yarn_get_mscale(config.rope_factor, config.mscale_all_dim) ** 2 if config.rope_scaling_type == "yarn" else 1.0
     if abs(m2 - 1) > 1e-6:
         names[f"1/m^2 = 1/{m2:.4f}: missing the YaRN mscale^2 on the softmax scale"] = 1 / m2
@@ -57,7 +63,10 @@ def signature(name: str, candidate, truth: np.ndarray, config) -> list[str]:
     if t.size >= 4 and np.dot(t, t) > 0:  # a scalar is always a multiple of the truth: no signature
         ratio = float(np.dot(c, t) / np.dot(t, t))
         residual = float(np.linalg.norm(c - ratio * t) / max(np.linalg.norm(c), 1e-300))
-        if residual < 2e-2 and abs(ratio - 1) > 1e-3:
+        fits = float(np.linalg.norm(c - ratio * t)) < float(np.linalg.norm(c - t)) / NAMING_FACTOR  # explains it better than the truth
+        if not c.any():
+            messages.append(f"{name} is all zeros (not computed, or not written back)")
+        elif residual < 2e-2 and abs(ratio - 1) > 1e-3 and fits:
             known = [label for label, factor in _ratio_names(config).items()
                      if abs(factor - 1) > 2e-2 and abs(ratio / factor - 1) < 2e-2]  # a factor of ~1 names nothing here
             messages.append(f"{name} is {ratio:.4f} x the truth" + (f" ({known[0]})" if known else " (a constant factor: a scale bug)"))
@@ -279,9 +288,15 @@ def _variants(entry: dict, config, case: dict) -> list[Variant]:
         variants.append(Variant("softmax scale 576^-0.5 style: 1/sqrt(q width) instead of the passed scale", args={"softmax_scale": "width"}))
     if point in ("moe_route", "moe_layer"):
         variants += _routing_variants(config, case)
-    if point in ("mtp_forward", "mtp_draft"):
+    if point in MODEL_LEVEL:  # the same bugs inside every layer of the stack
+        variants += [variant for variant in _attention_variants(point, config) if not variant.args]
+        variants += [variant for variant in _routing_variants(config, {"weight": {}}) if config.moe_layers]
+    if point in ("mtp_forward", "mtp_draft", "speculative_decode"):
         variants += _mtp_variants(config)
     return variants
+
+
+MODEL_LEVEL = ("model_logits", "greedy_decode", "mtp_forward", "mtp_draft", "speculative_decode")
 
 
 def _shifted(args: dict, inputs: dict, changes: dict, width: int) -> tuple[dict, dict]:
@@ -294,10 +309,6 @@ def _shifted(args: dict, inputs: dict, changes: dict, width: int) -> tuple[dict,
         elif change == "width":
             args[key] = width ** -0.5
     return args, inputs
-
-
-NAMING_FACTOR = 4.0  # a variant is named when its L2 distance to the candidate is below 1 / NAMING_FACTOR of the truth's
-NAMED_AT_MOST = 3
 
 
 def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures: list[Comparison]) -> list[str]:
