@@ -333,11 +333,11 @@ def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures:
         return messages
     noises = entry["profiles"].get(profile, {}).get("noise", {})
     explained: list[tuple[float, str]] = []
-    if entry["entry_point"] == "latent_attention_core" and entry["args"].get("causal"):
-        for description, expected in _core_mask_variants(case, entry["args"]):
-            closeness = _closeness(failed_outputs, produced, expected, case, noises, profile)
-            if closeness is not None:
-                explained.append((closeness, description))
+    masks = _core_mask_variants(case, entry["args"]) if entry["entry_point"] == "latent_attention_core" and entry["args"].get("causal") else []
+    for description, expected in masks:
+        closeness = _closeness(failed_outputs, produced, expected, case, noises, profile)
+        if closeness is not None:
+            explained.append((closeness, description))
     width = int(np.shape(case["input"]["q"])[-1]) if "q" in case["input"] else 0
     forced = _accepted_routing(entry, produced, failures)
     variants = _variants(entry, config, case)
@@ -358,7 +358,7 @@ def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures:
     messages += [f"matches the reference with this bug: {description} (L2 distance {100 * closeness:.3g}% of the correct "
                  "reference's)" for closeness, description in explained[:NAMED_AT_MOST]]
     if not messages:
-        tried = len(variants) + (3 if entry["entry_point"] == "latent_attention_core" else 0)
+        tried = len(variants) + len(masks)
         messages.append(f"no known pattern: none of the {tried} known bug variants tried for {entry['entry_point']} explains "
                         f"{', '.join(failed_outputs)} better than the correct reference (by {NAMING_FACTOR:g}x in L2)"
                         if tried else f"no known pattern (no bug variants are catalogued for {entry['entry_point']})")
@@ -378,8 +378,9 @@ def _closeness(failed_outputs: list[str], produced: Mapping, expected: Mapping, 
                profile: str) -> float | None:
     """How close a bug variant comes to the candidate: the largest ``||candidate - variant|| / ||candidate - truth||``
     over the failed outputs, when the variant explains each (an exact match for integers; within the allowance or
-    below 1 / NAMING_FACTOR for floats) and differs from the truth; else None."""
-    worst, differs = 0.0, False
+    below 1 / NAMING_FACTOR for floats), differs from the truth and keeps the passing outputs; else None. Integer
+    outputs alone (acceptance counts: every broken drafter gets 0) name nothing."""
+    worst, differs, measured = 0.0, False, False
     for name in failed_outputs:
         if name not in expected:
             return None
@@ -396,8 +397,23 @@ def _closeness(failed_outputs: list[str], produced: Mapping, expected: Mapping, 
         closeness = math.inf if math.isinf(to_variant) else (to_variant / to_truth if to_truth > 0 else math.inf)
         if not (compare_tensor(name, candidate, variant, noise, profile).passed or closeness < 1 / NAMING_FACTOR):
             return None
-        worst = max(worst, closeness)
-    return worst if differs else None
+        worst, measured = max(worst, closeness), True
+    return worst if differs and measured and _keeps_passing(failed_outputs, produced, expected, case, noises, profile) else None
+
+
+def _keeps_passing(failed_outputs: list[str], produced: Mapping, expected: Mapping, case: dict, noises: dict, profile: str) -> bool:
+    """Whether the variant also matches the candidate on the outputs the candidate got right (a bug that would change
+    them is not this candidate's)."""
+    for name in [name for name in case["output"] if name in produced and name in expected and name not in failed_outputs]:
+        candidate, variant = np.asarray(produced[name]), np.asarray(expected[name])
+        if candidate.shape != variant.shape:
+            return False
+        if variant.dtype.kind in "iub":
+            if not np.array_equal(candidate.astype(np.int64), variant.astype(np.int64)):
+                return False
+        elif not compare_tensor(name, candidate, variant, noises.get(f"output:{name}", 0.0), profile).passed:
+            return False
+    return True
 
 
 def _distance(a: np.ndarray, b: np.ndarray) -> float:
