@@ -29,6 +29,31 @@ PROFILE = "fp32"
 LEVELS = ("kernel", "layer", "model")
 
 
+CATALOGUE_NAMES = {  # mutant -> what its diagnosis must say first in some case it fails (the bug classes of issue 13)
+    "missing_mscale_squared": "softmax scale without the YaRN m^2",
+    "mscale_instead_of_mscale_all_dim": "softmax m read from mscale",
+    "rope_amplitude_ignored": "cos/sin amplitude",
+    "yarn_frequencies_missing": "YaRN frequencies not interpolated",
+    "core_scale_576": "576^-0.5",
+    "absorbed_scale_576": "the latent row width",
+    "causal_mask_off_by_one": "causal mask off by one (-1)",
+    "causal_mask_top_left": "aligned top-left",
+    "kv_norm_missing": "kv_a_layernorm skipped",
+    "kv_norm_over_rope_part": "kv norm taken over [latent | rope]",
+    "rope_layout_swapped": "RoPE pairs in the other layout",
+    "lse_base_2": "LSE in base 2",
+    "bias_ignored": "e_score_correction_bias ignored",
+    "bias_in_the_weights": "e_score_correction_bias added to the routing weights",
+    "no_renormalisation": "not renormalised",
+    "routed_scale_missing": "routed_scaling_factor missing",
+    "routed_scale_twice": "routed_scaling_factor applied twice",
+    "group_max_instead_of_top2_sum": "the other group score rule",
+    "group_top2_sum_for_v2": "the other group score rule",
+    "mtp_concat_hidden_first": "MTP concat order swapped",
+    "mtp_pre_norm_hidden": "mtp_hidden_source",
+}
+
+
 def outputs_only(module) -> types.SimpleNamespace:
     """The adapter with every returned intermediate (``STEP/name``) dropped."""
     def stripped(function):
@@ -84,3 +109,9 @@ def test_named_and_rejected_per_level_from_outputs_alone(capsys):
         for level, count in counts.items():
             print(f"{level}: {count['rejected']} mutants rejected, {count['named']} named, {count['no known pattern']} no known pattern")
     assert not silent, f"failing cases with neither a name nor 'no known pattern': {silent}"
+
+
+@pytest.mark.parametrize("mutant, name", sorted(CATALOGUE_NAMES.items()))
+def test_catalogue_bug_is_named_first_from_outputs_alone(mutant, name):
+    failed = [case for case in outputs_only_report(mutant).cases if case.status == "fail"]
+    assert any(case.diagnosis and name in case.diagnosis[0] for case in failed), [(case.case_id, case.diagnosis[:1]) for case in failed]

@@ -355,8 +355,8 @@ def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures:
         if closeness is not None:
             explained.append((closeness, variant.description))
     explained.sort(key=lambda item: item[0])
-    messages += [f"matches the reference with this bug: {description} (L2 distance {100 * closeness:.3g}% of the correct "
-                 "reference's)" for closeness, description in explained[:NAMED_AT_MOST]]
+    messages = [f"matches the reference with this bug: {description} (L2 distance {100 * closeness:.3g}% of the correct "
+                "reference's)" for closeness, description in explained[:NAMED_AT_MOST]] + messages  # the specific name first
     if not messages:
         tried = len(variants) + len(masks)
         messages.append(f"no known pattern: none of the {tried} known bug variants tried for {entry['entry_point']} explains "
