@@ -176,11 +176,12 @@ def _softmax_with_lse(logits):
 # --------------------------------------------------------------------------- 4. full MLA
 
 
-def slow_mla(cfg, weights, hidden, positions):
+def slow_mla(cfg, weights, hidden, positions, sees=None):
     """MLA for one sequence. Returns (out [T, hidden_size], lse [heads, T]) in float64.
 
     `weights` maps HF attention tensor names relative to ``self_attn.`` to arrays.
-    `positions` are absolute; key j is visible to query i iff positions[j] <= positions[i].
+    `positions` are absolute; key j is visible to query i iff positions[j] <= positions[i]
+    (``sees(i, j)`` replaces that rule: tests build a wrongly masked MLA with it).
     """
     x_all = np.asarray(hidden, dtype=np.float64)
     n_tokens = x_all.shape[0]
@@ -237,7 +238,7 @@ def slow_mla(cfg, weights, hidden, positions):
     lse = np.full((heads, n_tokens), -np.inf, dtype=np.float64)
     for i in range(n_tokens):
         for h in range(heads):
-            visible = [j for j in range(n_tokens) if pos[j] <= pos[i]]
+            visible = [j for j in range(n_tokens) if (pos[j] <= pos[i] if sees is None else sees(i, j))]
             if not visible:
                 continue
             logits = []

@@ -30,12 +30,14 @@ def run(candidate, select, profile="bf16"):
     return report
 
 
-def test_missing_mscale_is_named():
+def test_mscale_all_dim_read_as_zero_is_named():
+    """A config read without mscale_all_dim (A11): no m^2 and cos/sin times mscale(s, mscale), not the plain missing m^2
+    (tests/test_diagnose_variants.py builds that one)."""
     candidate = adapter(mla_prefill=lambda config, weights, hidden, start_positions:
                         ref.mla_prefill(dict(config, mscale_all_dim=0.0), weights, hidden, start_positions))
     report = run(candidate, "mla.prefill.yarn/tiny-yarn/")
     case = report.cases[0]
-    assert case.status == "fail" and any("missing YaRN mscale^2" in text for text in case.diagnosis)
+    assert case.status == "fail" and "mscale_all_dim read as 0" in case.diagnosis[0], case.diagnosis
 
 
 def test_lse_base_two_is_named():

@@ -133,7 +133,7 @@ class Report:
             if case.extension:
                 detail = f"[extension] {detail}"  # the why: the JSON report and spec/golden.yaml
             if case.first_divergent_step:
-                detail = f"first divergent step {case.first_divergent_step}; {detail}"
+                detail = f"{divergence_text(case)}; {detail}"
             if case.diagnosis:
                 detail += " | looks like: " + "; ".join(case.diagnosis)
             lines.append(f"{case.case_id:58s} {case.status:7s} {used:>8s}  {detail}")
@@ -152,6 +152,19 @@ class CheckInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted after {len(report.cases)} of {total} cases")
         self.report = report
         self.total = total
+
+
+def divergence_text(case: CaseResult) -> str:
+    """Where a failing case first diverges, claimed only as far as the returned tensors show it.
+
+    An intermediate that fails is evidence of the first divergent step; from outputs alone (or with
+    every returned intermediate passing) only the step that yields the failing output is known.
+    """
+    steps = [c for c in case.comparisons if "/" in c.name]
+    if any(not c.passed for c in steps):
+        return f"first divergent step {case.first_divergent_step}"
+    known = "no intermediate returned" if not steps else "every returned intermediate passes"
+    return f"fails at output step {case.first_divergent_step} ({known})"
 
 
 def format_used(used: float) -> str:
@@ -428,7 +441,7 @@ def run_case(module, directory: Path | None, case_id: str, entry: dict, profile:
             diverged = [output_steps[c.name] for c in failures if c.name in output_steps]
         ranked = [step for step in diverged if step in order]
         result.first_divergent_step = min(ranked, key=order.index) if ranked else (diverged[0] if diverged else None)
-        result.diagnosis = diagnose(entry, case, produced, profile, failures)
+        result.diagnosis = diagnose(entry, {**case, "output": truth_outputs, "step": truth_steps}, produced, profile, failures)
     result.seconds = time.perf_counter() - started
     return result
 

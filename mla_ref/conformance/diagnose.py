@@ -3,29 +3,44 @@
 Two tools. A *signature* test looks at one failing tensor: is the candidate a constant
 multiple of the truth (a softmax-scale or LSE-base bug), or the truth with its rope dims
 permuted (interleaved vs half layout)? A *variant* test re-runs the reference with one
-well-known bug switched on (missing m^2, swapped layout, positions off by one, a visible
-canary, V2 vs V3 routing rules...) and asks whether the candidate matches that instead.
+bug of the catalogue (shared/facts/bugs-in-the-wild.md) built as the bug itself: missing or
+single m^2 with the cos/sin amplitude kept, the amplitude dropped, unscaled YaRN frequencies,
+the 576^-0.5 scale, masks shifted or top-left, the kv norm skipped or over the rope part,
+the LSE in base 2, routing rules, weights and scales, MTP chaining. It works from the
+outputs alone: a variant is named only when it explains the failed outputs better than the
+correct reference by a clear factor (NAMING_FACTOR), otherwise the case says "no known
+pattern".
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from typing import Mapping
 
 import numpy as np
 
+from .. import mla as mla_module, moe as moe_module, rope as rope_module
 from ..cache import gather_paged_rows
 from ..config import from_dict
 from ..mla import causal_visibility, latent_attention
-from ..moe import routing_weights
-from ..rope import half_layout_permutation, softmax_scale, yarn_get_mscale
+from ..moe import BIAS, renormalises_topk, routing_weights
+from ..norm import rms_norm
+from ..rope import half_layout_permutation, rope_amplitude, softmax_scale, yarn_get_mscale
 from .compare import Comparison, compare_tensor
 from .protocol import call
+
+NAMING_FACTOR = 4.0  # a variant is named when its L2 distance to the candidate is below 1 / NAMING_FACTOR of the truth's
+NAMED_AT_MOST = 3
 
 
 def _ratio_names(config) -> dict[str, float]:
     """Factors that a known bug multiplies a logit or an LSE by."""
     names = {"log2(e): LSE in base 2 instead of the natural log": 1 / math.log(2)}
+    if config.routed_scaling_factor != 1:
+        names[f"1/{config.routed_scaling_factor:g}: routed_scaling_factor missing"] = 1 / config.routed_scaling_factor
+        names[f"{config.routed_scaling_factor:g}: routed_scaling_factor applied twice"] = config.routed_scaling_factor
     m2 = yarn_get_mscale(config.rope_factor, config.mscale_all_dim) ** 2 if config.rope_scaling_type == "yarn" else 1.0
     if abs(m2 - 1) > 1e-6:
         names[f"1/m^2 = 1/{m2:.4f}: missing the YaRN mscale^2 on the softmax scale"] = 1 / m2
@@ -48,7 +63,10 @@ def signature(name: str, candidate, truth: np.ndarray, config) -> list[str]:
     if t.size >= 4 and np.dot(t, t) > 0:  # a scalar is always a multiple of the truth: no signature
         ratio = float(np.dot(c, t) / np.dot(t, t))
         residual = float(np.linalg.norm(c - ratio * t) / max(np.linalg.norm(c), 1e-300))
-        if residual < 2e-2 and abs(ratio - 1) > 1e-3:
+        fits = float(np.linalg.norm(c - ratio * t)) < float(np.linalg.norm(c - t)) / NAMING_FACTOR  # explains it better than the truth
+        if not c.any():
+            messages.append(f"{name} is all zeros (not computed, or not written back)")
+        elif residual < 2e-2 and abs(ratio - 1) > 1e-3 and fits:
             known = [label for label, factor in _ratio_names(config).items()
                      if abs(factor - 1) > 2e-2 and abs(ratio / factor - 1) < 2e-2]  # a factor of ~1 names nothing here
             messages.append(f"{name} is {ratio:.4f} x the truth" + (f" ({known[0]})" if known else " (a constant factor: a scale bug)"))
@@ -101,33 +119,184 @@ def _core_mask_variants(case: dict, args: dict) -> list[tuple[str, dict[str, np.
     return variants
 
 
-def _variants(entry: dict, config) -> list[tuple[str, dict, dict]]:
-    """(description, config changes, argument changes) of well-known bugs for this entry point."""
-    point = entry["entry_point"]
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A well-known bug, built as the bug itself: the reference re-run with config fields changed, arguments shifted
+    and reference functions replaced by their buggy twins (only where the bug changes that function)."""
+
+    description: str
+    config: dict = dataclasses.field(default_factory=dict)
+    args: dict = dataclasses.field(default_factory=dict)
+    patches: dict = dataclasses.field(default_factory=dict)  # (module, function name) -> the buggy function
+    keeps_routing: bool = False  # changes the weights or the output only: judged under the candidate's accepted routing
+
+
+@contextlib.contextmanager
+def _patched(patches: Mapping):
+    """The reference with ``patches`` in place (restored afterwards, also on error)."""
+    saved = {key: getattr(*key) for key in patches}
+    try:
+        for (module, name), function in patches.items():
+            setattr(module, name, function)
+        yield
+    finally:
+        for (module, name), function in saved.items():
+            setattr(module, name, function)
+
+
+def _scale_and_rope_variants(config) -> list[Variant]:
+    """MLA.4 / MLA.9 / MLA.14: the softmax scale and the YaRN factors wrong one at a time, everything else as configured."""
+    base = config.qk_head_dim ** -0.5
+    m = yarn_get_mscale(config.rope_factor, config.mscale_all_dim) if config.yarn_active else 1.0
+    amplitude = rope_amplitude(config)
+
+    def scale(value: float) -> dict:
+        return {(mla_module, "softmax_scale"): lambda _config: value}
+
+    def amplitude_of(value: float) -> dict:
+        return {(rope_module, "rope_amplitude"): lambda _config: value}
+
     variants = []
-    if point in ("mla_prefill", "mla_extend"):
-        if config.rope_scaling_type == "yarn":
-            variants.append(("missing YaRN mscale^2 on the softmax scale", {"mscale_all_dim": 0.0}, {}))
-            variants.append(("YaRN frequencies not applied (plain RoPE)", {"rope_scaling_type": None}, {}))
-        variants.append(("RoPE pairs in the other layout (interleaved vs half)",
-                         {"rope_layout": "half" if config.rope_layout == "interleaved" else "interleaved"}, {}))
-        variants.append(("RMSNorm eps 1e-5 instead of the config's", {"rms_norm_eps": 1e-5}, {}))
-        key = "start_positions" if point == "mla_prefill" else None
-        if key:
-            variants.append(("positions off by one (+1)", {}, {key: +1}))
-            variants.append(("positions off by one (-1)", {}, {key: -1}))
-    if point == "latent_attention_core":
-        variants.append(("one key too many: the canary past cache_seqlens is attended", {}, {"cache_seqlens": +1}))
-        variants.append(("the causal mask is not applied", {}, {"causal": "flip"}))
-        variants.append(("softmax scale 576^-0.5 style: 1/sqrt(q width) instead of the passed scale", {}, {"softmax_scale": "width"}))
-    if point in ("moe_route", "moe_layer"):
-        variants.append(("the other score function (sigmoid vs softmax)", {"scoring_func": "softmax" if config.scoring_func == "sigmoid" else "sigmoid"}, {}))
-        variants.append(("the other group score rule (max vs top-2 sum)", {"group_score_rule": "max" if config.group_rule == "top2_sum" else "top2_sum"}, {}))
-        variants.append(("dropped groups filled with 0.0 instead of -inf", {"group_mask_fill": "zero" if config.group_mask_fill == "-inf" else "-inf"}, {}))
-        variants.append(("topk_group ignored (no group limit)", {"topk_group": config.n_group}, {}))
-        variants.append(("weights not renormalised / renormalised wrongly", {"norm_topk_prob": not config.norm_topk_prob}, {}))
-        variants.append(("routed_scaling_factor missing", {"routed_scaling_factor": 1.0} if config.routed_scaling_factor != 1 else {"routed_scaling_factor": 2.0}, {}))
+    if abs(m - 1) > 1e-9:
+        variants += [Variant("softmax scale without the YaRN m^2 (qk_head_dim^-0.5, cos/sin amplitude kept)", patches=scale(base)),
+                     Variant("YaRN m applied once instead of squared on the softmax scale", patches=scale(base * m)),
+                     Variant("YaRN m^2 applied twice (m^4) on the softmax scale", patches=scale(base * m ** 4))]
+    if config.yarn_active:
+        field_m = yarn_get_mscale(config.rope_factor, config.mscale)
+        if abs(field_m - m) > 1e-9:
+            variants.append(Variant("softmax m read from mscale instead of mscale_all_dim", patches=scale(base * field_m ** 2)))
+        if config.mscale_all_dim != 0:
+            variants.append(Variant("mscale_all_dim read as 0 (a missing field): no m^2 and cos/sin amplitude mscale(s, mscale)",
+                                    config={"mscale_all_dim": 0.0}))
+        if abs(amplitude - 1) > 1e-9:
+            variants.append(Variant("cos/sin amplitude mscale(s, mscale) / mscale(s, mscale_all_dim) dropped", patches=amplitude_of(1.0)))
+        generic = yarn_get_mscale(config.rope_factor, 1.0)
+        if abs(generic - amplitude) > 1e-9:
+            variants.append(Variant("generic YaRN amplitude 0.1 ln(s) + 1 on cos/sin", patches=amplitude_of(generic)))
+        variants.append(Variant("YaRN frequencies not interpolated (plain RoPE frequencies, m^2 and amplitude kept)",
+                                patches={(rope_module, "rope_frequencies"): rope_module.base_inverse_frequencies}))
+        variants.append(Variant("YaRN not applied at all (plain RoPE, no m^2, no amplitude)", config={"rope_scaling_type": None}))
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    variants.append(Variant(f"softmax scale {width}^-0.5 (the latent row width kv_lora_rank + rope) instead of "
+                            f"{softmax_scale(config):.6g}", patches=scale(width ** -0.5)))
     return variants
+
+
+def _kv_norm_skipped(config, hidden, weights):
+    """MLA.3 with kv_a_layernorm skipped: the raw latent."""
+    _, k_pe = _reference_kv(config, hidden, weights)
+    return hidden @ weights["kv_a_proj_with_mqa.weight"][: config.kv_lora_rank].T, k_pe
+
+
+def _kv_norm_over_rope(config, hidden, weights):
+    """MLA.3 with the RMS statistic over [latent | rope] and k_pe scaled by it too (gain 1 on the rope part)."""
+    kv_a = hidden @ weights["kv_a_proj_with_mqa.weight"].T  # [batch, seq, kv_lora_rank + rope]
+    gain = np.concatenate([weights["kv_a_layernorm.weight"], np.ones(config.qk_rope_head_dim)])
+    normed = rms_norm(kv_a, gain, config.rms_norm_eps)
+    return normed[..., : config.kv_lora_rank], normed[..., config.kv_lora_rank:]
+
+
+_reference_kv = mla_module.kv_latent_and_rope_key
+_reference_visibility = mla_module.causal_visibility
+_reference_softmax = mla_module.masked_softmax
+_reference_routing_weights = moe_module.routing_weights
+
+
+def _shifted_mask(shift: int | None):
+    """MLA.8 with its diagonal moved by ``shift`` keys, or aligned top-left (``None``: query i sees keys 0 .. i)."""
+    def visibility(key_offsets, query_lengths, num_queries, num_keys):
+        offsets = np.zeros_like(key_offsets) if shift is None else np.asarray(key_offsets) + shift
+        return _reference_visibility(offsets, query_lengths, num_queries, num_keys)
+    return visibility
+
+
+def _lse_base_two(logits, visible):
+    probs, lse = _reference_softmax(logits, visible)
+    return probs, lse / math.log(2)
+
+
+def _attention_variants(point: str, config) -> list[Variant]:
+    """MLA layer bugs of the catalogue: scale and YaRN, layout, norms, masks, LSE base, positions."""
+    variants = _scale_and_rope_variants(config)
+    variants += [
+        Variant("RoPE pairs in the other layout (interleaved vs half)",
+                config={"rope_layout": "half" if config.rope_layout == "interleaved" else "interleaved"}),
+        Variant("RMSNorm eps 1e-5 instead of the config's", config={"rms_norm_eps": 1e-5}),
+        Variant("kv_a_layernorm skipped (the raw latent)", patches={(mla_module, "kv_latent_and_rope_key"): _kv_norm_skipped}),
+        Variant("kv norm taken over [latent | rope] and applied to k_pe too",
+                patches={(mla_module, "kv_latent_and_rope_key"): _kv_norm_over_rope}),
+        Variant("causal mask off by one (+1): each query also sees the next key",
+                patches={(mla_module, "causal_visibility"): _shifted_mask(+1)}),
+        Variant("causal mask off by one (-1): each query misses its own key (j < i, not j <= i)",
+                patches={(mla_module, "causal_visibility"): _shifted_mask(-1)}),
+        Variant("LSE in base 2 instead of the natural log", patches={(mla_module, "masked_softmax"): _lse_base_two}),
+    ]
+    if point == "mla_extend":
+        variants.append(Variant("causal mask aligned top-left (query i sees keys 0 .. i): the wrong origin after a cached prefix",
+                                patches={(mla_module, "causal_visibility"): _shifted_mask(None)}))
+    if point == "mla_prefill":
+        variants += [Variant("positions off by one (+1)", args={"start_positions": +1}),
+                     Variant("positions off by one (-1)", args={"start_positions": -1})]
+    return variants
+
+
+def _routing_variants(config, case: dict) -> list[Variant]:
+    """MOE.2-MOE.8 and MOE.12 bugs of the catalogue."""
+    variants = [
+        Variant("the other score function (sigmoid vs softmax)", config={"scoring_func": "softmax" if config.scoring_func == "sigmoid" else "sigmoid"}),
+        Variant("the other group score rule (max vs top-2 sum)", config={"group_score_rule": "max" if config.group_rule == "top2_sum" else "top2_sum"}),
+        Variant("dropped groups filled with 0.0 instead of -inf", config={"group_mask_fill": "zero" if config.group_mask_fill == "-inf" else "-inf"}),
+        Variant("topk_group ignored (no group limit)", config={"topk_group": config.n_group}),
+        Variant("top-k weights not renormalised" if renormalises_topk(config) else "top-k weights renormalised although the config says not",
+                patches={(moe_module, "renormalises_topk"): (lambda _config: False) if renormalises_topk(config) else (lambda _config: True)},
+                keeps_routing=True),
+        Variant("routed_scaling_factor applied twice", config={"routed_scaling_factor": config.routed_scaling_factor ** 2}, keeps_routing=True)
+        if config.routed_scaling_factor != 1 else None,
+        Variant("routed_scaling_factor missing", config={"routed_scaling_factor": 1.0}, keeps_routing=True)
+        if config.routed_scaling_factor != 1 else None,
+    ]
+    bias = case["weight"].get(BIAS)
+    if config.has_correction_bias and bias is not None:
+        biased = np.asarray(bias, dtype=np.float64)
+        variants += [
+            Variant("e_score_correction_bias ignored (the experts chosen by the unbiased scores)",
+                    patches={(moe_module, "selection_scores"): lambda scores, _bias: scores}),
+            Variant("e_score_correction_bias added to the routing weights (it only selects experts, MOE.3 / MOE.8)",
+                    patches={(moe_module, "routing_weights"): lambda cfg, scores, ids: _reference_routing_weights(cfg, scores + biased, ids)},
+                    keeps_routing=True),
+        ]
+    return [variant for variant in variants if variant is not None]
+
+
+def _mtp_variants(config) -> list[Variant]:
+    """MTP.1 / MTP.2 chaining conventions of the catalogue (H1, H15)."""
+    return [Variant("MTP concat order swapped ([hnorm(h) ; enorm(Emb)] vs [enorm(Emb) ; hnorm(h)])",
+                    config={"mtp_concat_order": "hidden_first" if config.mtp_concat_order == "embedding_first" else "embedding_first"}),
+            Variant("MTP fed the main model's hidden state before / after the final norm (the other mtp_hidden_source)",
+                    config={"mtp_hidden_source": "pre_norm" if config.mtp_hidden_source == "post_norm" else "post_norm"})]
+
+
+def _variants(entry: dict, config, case: dict) -> list[Variant]:
+    """The known-bug variants for this entry point."""
+    point = entry["entry_point"]
+    variants: list[Variant] = []
+    if point in ("mla_prefill", "mla_extend"):
+        variants += _attention_variants(point, config)
+    if point == "latent_attention_core":
+        variants.append(Variant("one key too many: the canary past cache_seqlens is attended", args={"cache_seqlens": +1}))
+        variants.append(Variant("the causal mask is not applied", args={"causal": "flip"}))
+        variants.append(Variant("softmax scale 576^-0.5 style: 1/sqrt(q width) instead of the passed scale", args={"softmax_scale": "width"}))
+    if point in ("moe_route", "moe_layer"):
+        variants += _routing_variants(config, case)
+    if point in MODEL_LEVEL:  # the same bugs inside every layer of the stack
+        variants += [variant for variant in _attention_variants(point, config) if not variant.args]
+        variants += [variant for variant in _routing_variants(config, {"weight": {}}) if config.moe_layers]
+    if point in ("mtp_forward", "mtp_draft", "speculative_decode"):
+        variants += _mtp_variants(config)
+    return variants
+
+
+MODEL_LEVEL = ("model_logits", "greedy_decode", "mtp_forward", "mtp_draft", "speculative_decode")
 
 
 def _shifted(args: dict, inputs: dict, changes: dict, width: int) -> tuple[dict, dict]:
@@ -143,7 +312,12 @@ def _shifted(args: dict, inputs: dict, changes: dict, width: int) -> tuple[dict,
 
 
 def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures: list[Comparison]) -> list[str]:
-    """Human-readable guesses for the failures of one case (may be empty)."""
+    """Human-readable guesses for the failures of one case; "no known pattern" where nothing explains them.
+
+    ``case["output"]`` is the truth the outputs were judged against (under the candidate's accepted routing
+    or tokens, TOLERANCE.4). A variant is named only when it explains every failed output better than the
+    truth by NAMING_FACTOR in L2, or within the profile's allowance.
+    """
     from . import reference_adapter
     config = from_dict(entry["config"])
     messages = []
@@ -155,28 +329,97 @@ def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures:
         if name in ("weights", "MOE.8/weights") and entry["entry_point"] in ("moe_route", "moe_layer") and name in produced:
             messages += bias_in_weights(name, produced[name], case, config)
     failed_outputs = [f.name for f in failures if "/" not in f.name and f.name in produced and f.name in case["output"]]
+    if not failed_outputs:
+        return messages
     noises = entry["profiles"].get(profile, {}).get("noise", {})
-    if entry["entry_point"] == "latent_attention_core" and entry["args"].get("causal") and failed_outputs:
-        for description, expected in _core_mask_variants(case, entry["args"]):
-            if _explains(failed_outputs, produced, expected, case, noises, profile):
-                messages.append(f"matches the reference with this bug: {description}")
+    explained: list[tuple[float, str]] = []
+    masks = _core_mask_variants(case, entry["args"]) if entry["entry_point"] == "latent_attention_core" and entry["args"].get("causal") else []
+    for description, expected in masks:
+        closeness = _closeness(failed_outputs, produced, expected, case, noises, profile)
+        if closeness is not None:
+            explained.append((closeness, description))
     width = int(np.shape(case["input"]["q"])[-1]) if "q" in case["input"] else 0
-    for description, config_changes, arg_changes in _variants(entry, config) if failed_outputs else []:
+    forced = _accepted_routing(entry, produced, failures)
+    variants = _variants(entry, config, case)
+    for variant in variants:
         try:
-            variant = from_dict({**entry["config"], **config_changes})
-            args, inputs = _shifted(entry["args"], case["input"], arg_changes, width)
-            available = {**inputs, **args, "config": variant.to_dict(), "weights": dict(case["weight"])}
-            expected = call(getattr(reference_adapter, entry["entry_point"]), entry["entry_point"], available)
+            changed = from_dict({**entry["config"], **variant.config})
+            args, inputs = _shifted(entry["args"], case["input"], variant.args, width)
+            available = {**inputs, **args, "config": changed.to_dict(), "weights": dict(case["weight"])}
+            extra = {"forced_expert_ids": forced} if forced is not None and variant.keeps_routing else {}
+            with _patched(variant.patches):
+                expected = call(getattr(reference_adapter, entry["entry_point"]), entry["entry_point"], available, **extra)
         except Exception:  # noqa: BLE001 - a variant that cannot run says nothing
             continue
-        if _explains(failed_outputs, produced, expected, case, noises, profile):
-            messages.append(f"matches the reference with this bug: {description}")
+        closeness = _closeness(failed_outputs, produced, expected, case, noises, profile)
+        if closeness is not None:
+            explained.append((closeness, variant.description))
+    explained.sort(key=lambda item: item[0])
+    messages = [f"matches the reference with this bug: {description} (L2 distance {100 * closeness:.3g}% of the correct "
+                "reference's)" for closeness, description in explained[:NAMED_AT_MOST]] + messages  # the specific name first
+    if not messages:
+        tried = len(variants) + len(masks)
+        messages.append(f"no known pattern: none of the {tried} known bug variants tried for {entry['entry_point']} explains "
+                        f"{', '.join(failed_outputs)} better than the correct reference (by {NAMING_FACTOR:g}x in L2)"
+                        if tried else f"no known pattern (no bug variants are catalogued for {entry['entry_point']})")
     return messages
 
 
-def _explains(failed_outputs: list[str], produced: Mapping, expected: Mapping, case: dict, noises: dict, profile: str) -> bool:
-    """Whether every failed output matches the bug variant's, and the variant's differs from the truth."""
-    return all(
-        compare_tensor(name, produced[name], expected[name], noises.get(f"output:{name}", 0.0), profile).passed
-        and not compare_tensor(name, expected[name], case["output"][name], noises.get(f"output:{name}", 0.0), profile).passed
-        for name in failed_outputs)
+def _accepted_routing(entry: dict, produced: Mapping, failures: list[Comparison]) -> np.ndarray | None:
+    """The candidate's expert ids where they were accepted (TOLERANCE.4): weight and output bugs are judged under them."""
+    if entry["entry_point"] not in ("moe_route", "moe_layer") or "expert_ids" not in produced:
+        return None
+    if any(failure.name == "expert_ids" for failure in failures):
+        return None
+    return np.asarray(produced["expert_ids"])
+
+
+def _closeness(failed_outputs: list[str], produced: Mapping, expected: Mapping, case: dict, noises: dict,
+               profile: str) -> float | None:
+    """How close a bug variant comes to the candidate: the largest ``||candidate - variant|| / ||candidate - truth||``
+    over the failed outputs, when the variant explains each (an exact match for integers; within the allowance or
+    below 1 / NAMING_FACTOR for floats), differs from the truth and keeps the passing outputs; else None. Integer
+    outputs alone (acceptance counts: every broken drafter gets 0) name nothing."""
+    worst, differs, measured = 0.0, False, False
+    for name in failed_outputs:
+        if name not in expected:
+            return None
+        candidate, variant, truth = (np.asarray(value) for value in (produced[name], expected[name], case["output"][name]))
+        if candidate.shape != truth.shape or variant.shape != truth.shape:
+            return None
+        noise = noises.get(f"output:{name}", 0.0)
+        differs = differs or not compare_tensor(name, variant, truth, noise, profile).passed
+        if truth.dtype.kind in "iub":
+            if not np.array_equal(candidate.astype(np.int64), variant.astype(np.int64)):
+                return None
+            continue
+        to_variant, to_truth = _distance(candidate, variant), _distance(candidate, truth)
+        closeness = math.inf if math.isinf(to_variant) else (to_variant / to_truth if to_truth > 0 else math.inf)
+        if not (compare_tensor(name, candidate, variant, noise, profile).passed or closeness < 1 / NAMING_FACTOR):
+            return None
+        worst, measured = max(worst, closeness), True
+    return worst if differs and measured and _keeps_passing(failed_outputs, produced, expected, case, noises, profile) else None
+
+
+def _keeps_passing(failed_outputs: list[str], produced: Mapping, expected: Mapping, case: dict, noises: dict, profile: str) -> bool:
+    """Whether the variant also matches the candidate on the outputs the candidate got right (a bug that would change
+    them is not this candidate's)."""
+    for name in [name for name in case["output"] if name in produced and name in expected and name not in failed_outputs]:
+        candidate, variant = np.asarray(produced[name]), np.asarray(expected[name])
+        if candidate.shape != variant.shape:
+            return False
+        if variant.dtype.kind in "iub":
+            if not np.array_equal(candidate.astype(np.int64), variant.astype(np.int64)):
+                return False
+        elif not compare_tensor(name, candidate, variant, noises.get(f"output:{name}", 0.0), profile).passed:
+            return False
+    return True
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    """L2 distance over the finite entries; inf where the NaN / inf positions (or the infinities) differ."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    finite = np.isfinite(a)
+    if (finite != np.isfinite(b)).any() or (~finite & (a != b) & ~(np.isnan(a) & np.isnan(b))).any():
+        return math.inf
+    return float(np.linalg.norm(np.where(finite, a, 0.0) - np.where(finite, b, 0.0)))
