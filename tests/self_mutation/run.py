@@ -63,7 +63,7 @@ def run_tests(tree: Path, tests: list[str]) -> tuple[int, str, float]:
            "PYTHONDONTWRITEBYTECODE": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     env.pop("PYTEST_ADDOPTS", None)
     env.pop("MLA_REF_GOLDEN_DIR", None)
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--no-header", "-o", "console_output_style=classic", *tests]
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", "--no-header", "-o", "console_output_style=classic", *tests]
     started = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
