@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from .config import ModelConfig, cache_values_per_token
 from .moe import renormalises_topk

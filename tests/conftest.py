@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import shutil
 
 import numpy as np
 import pytest
 
 from mla_ref.config import load_preset, preset_names
+from mla_ref.golden.generate import default_golden_dir
 from mla_ref.weights import generate_attention_weights
 
 TINY_PRESETS = [name for name in preset_names() if name.startswith("tiny")]
@@ -43,3 +45,11 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 @pytest.fixture(params=TINY_PRESETS)
 def tiny_name(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def golden_copy(tmp_path):
+    """A copy of the committed golden folder that a test may edit."""
+    target = tmp_path / "golden"
+    shutil.copytree(default_golden_dir(), target)
+    return target

@@ -41,13 +41,6 @@ def scaled_core(factor: float):
     return core
 
 
-@pytest.fixture
-def golden_copy(tmp_path):
-    target = tmp_path / "golden"
-    shutil.copytree(default_golden_dir(), target)
-    return target
-
-
 def _edit_manifest(folder: Path, change) -> None:
     """Edit a golden folder's manifest by hand, as a user (or an attacker) would."""
     path = folder / "manifest.yaml"

@@ -29,13 +29,6 @@ def test_committed_goldens_regenerate():
     assert len(rows) == len(case_definitions())
 
 
-@pytest.fixture
-def golden_copy(tmp_path):
-    target = tmp_path / "golden"
-    shutil.copytree(default_golden_dir(), target)
-    return target
-
-
 def _status(rows, case_id):
     return next(row for row in rows if row.case_id == case_id)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,20 +12,13 @@ from pathlib import Path
 import pytest
 
 import mla_ref.golden.generate as golden
-from mla_ref.golden.generate import default_golden_dir, generate
+from mla_ref.golden.generate import generate
 from mla_ref.golden.manifest import read_manifest
 from mla_ref.golden.storage import TEMPORARY_MARK, read_npz
 
 
 def _contents(folder: Path) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir()) if path.is_file()}
-
-
-@pytest.fixture
-def golden_copy(tmp_path):
-    folder = tmp_path / "golden"
-    shutil.copytree(default_golden_dir(), folder)
-    return folder
 
 
 def test_an_exception_mid_generate_changes_nothing(golden_copy, monkeypatch):
