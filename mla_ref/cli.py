@@ -203,7 +203,8 @@ def _golden(args: argparse.Namespace) -> int:
     from .golden import generate as golden
     if args.golden_command == "generate":
         own = load_config(args.config) if args.config else None
-        entries = golden.generate(args.dir, args.select, args.on_demand, own)
+        with Progress(quiet=args.quiet) as progress:
+            entries = golden.generate(args.dir, args.select, args.on_demand, own, progress=progress)
         folder = args.dir or (golden.default_on_demand_dir() if args.on_demand else golden.default_golden_dir())
         print(f"wrote {len(entries)} cases and manifest.yaml to {folder}")
         if own is not None:
@@ -212,7 +213,8 @@ def _golden(args: argparse.Namespace) -> int:
                 print(f"skipped {case_id}: {reason}")
         return 0
     if args.golden_command == "verify":
-        rows = golden.verify(args.dir, args.select)
+        with Progress(quiet=args.quiet) as progress:
+            rows = golden.verify(args.dir, args.select, progress=progress)
         for row in rows:
             print(f"{row.case_id:58s} {row.status:5s} {row.tensors:4d} tensors  {row.detail}")
         failed = sum(row.status != "ok" for row in rows)

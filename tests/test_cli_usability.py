@@ -140,3 +140,15 @@ def test_file_system_errors_and_ctrl_c_anywhere_are_one_line(monkeypatch, capsys
     monkeypatch.setattr("mla_ref.cli._run", run)
     assert main(["info", "tiny"]) == status
     assert capsys.readouterr().err.splitlines() == [text]
+
+
+def test_generate_and_verify_report_progress_before_each_case(tmp_path):
+    """The progress hook of the long golden commands: called once per case, in order, with the total."""
+    from mla_ref.golden.generate import generate, verify
+    calls = []
+    record = lambda done, total, case_id: calls.append((done, total, case_id))  # noqa: E731
+    entries = generate(tmp_path, "mla.core.paged/tiny/", progress=record)
+    assert calls == [(i, len(entries), case_id) for i, case_id in enumerate(entries)] and len(entries) == 2
+    calls.clear()
+    rows = verify(tmp_path, "mla.core.paged/tiny/", progress=record)
+    assert [case_id for _, _, case_id in calls] == list(entries) and all(row.status == "ok" for row in rows)

@@ -6,6 +6,7 @@ import dataclasses
 import fnmatch
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -67,8 +68,10 @@ def selected(pattern: str | None, on_demand: bool = False, definitions: list[dic
 
 
 def generate(directory: Path | None = None, pattern: str | None = None, on_demand: bool = False,
-             config: ModelConfig | None = None) -> dict[str, dict]:
+             config: ModelConfig | None = None, progress: Callable[[int, int, str], None] | None = None) -> dict[str, dict]:
     """Build the selected cases, write their ``.npz`` files and the manifest (other entries are kept).
+
+    ``progress(done, total, case_id)`` is called before each case (mla_ref.progress.Progress draws it).
 
     ``on_demand``: the cases marked on_demand in spec/golden.yaml (DeepSeek-V3 shapes), into
     ``golden-on-demand/`` by default, with a manifest of their own.
@@ -97,7 +100,9 @@ def generate(directory: Path | None = None, pattern: str | None = None, on_deman
     _remove_stale_temporaries(directory)
     written: list[tuple[Path, Path]] = []
     try:
-        for definition in definitions:
+        for done, definition in enumerate(definitions):
+            if progress is not None:
+                progress(done, len(definitions), definition["id"])
             try:
                 case = build_case(definition)
             except (ValueError, IndexError) as error:  # typed errors included (MlaRefError is a ValueError)
@@ -205,7 +210,8 @@ def _magnified_size(name: str, recorded: dict, rebuilt: dict) -> float:
     return 0.0
 
 
-def verify(directory: Path | None = None, pattern: str | None = None) -> list[VerifyRow]:
+def verify(directory: Path | None = None, pattern: str | None = None,
+           progress: Callable[[int, int, str], None] | None = None) -> list[VerifyRow]:
     """Rebuild every selected case and compare it with the committed files; also stale, orphan and tampered files."""
     directory = Path(directory or default_golden_dir())
     manifest = read_manifest(directory / "manifest.yaml")
@@ -226,8 +232,10 @@ def verify(directory: Path | None = None, pattern: str | None = None) -> list[Ve
     if pattern and not chosen:
         raise InputError("select", f"{pattern!r} matches no case of spec/golden.yaml (a glob or a substring of a case id, "
                          f"e.g. {definitions[0]['id']!r})", "GOLDEN.select")
-    for definition in chosen:
+    for done, definition in enumerate(chosen):
         case_id = definition["id"]
+        if progress is not None:
+            progress(done, len(chosen), case_id)
         entry = manifest["cases"].get(case_id)
         if entry is None and (on_demand or manifest.get("partial", False)):
             continue
