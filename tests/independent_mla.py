@@ -176,12 +176,14 @@ def _softmax_with_lse(logits):
 # --------------------------------------------------------------------------- 4. full MLA
 
 
-def slow_mla(cfg, weights, hidden, positions, sees=None):
+def slow_mla(cfg, weights, hidden, positions, sees=None, head_rope_key=None):
     """MLA for one sequence. Returns (out [T, hidden_size], lse [heads, T]) in float64.
 
     `weights` maps HF attention tensor names relative to ``self_attn.`` to arrays.
     `positions` are absolute; key j is visible to query i iff positions[j] <= positions[i]
     (``sees(i, j)`` replaces that rule: tests build a wrongly masked MLA with it).
+    ``head_rope_key(k_nope of key j and head h, position of j)`` replaces the shared rotated
+    k_rope by a per-head one (tests build the unshared-k_pe bug with it).
     """
     x_all = np.asarray(hidden, dtype=np.float64)
     n_tokens = x_all.shape[0]
@@ -243,7 +245,8 @@ def slow_mla(cfg, weights, hidden, positions, sees=None):
                 continue
             logits = []
             for j in visible:
-                dot = float(np.dot(q_nope[i][h], k_nope[j][h])) + float(np.dot(q_rope[i][h], k_rope[j]))
+                key_rope = k_rope[j] if head_rope_key is None else head_rope_key(k_nope[j][h], pos[j])
+                dot = float(np.dot(q_nope[i][h], k_nope[j][h])) + float(np.dot(q_rope[i][h], key_rope))
                 logits.append(scale * dot)
             probs, lse[h, i] = _softmax_with_lse(logits)
             acc = np.zeros(vdim, dtype=np.float64)

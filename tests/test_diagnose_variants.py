@@ -1,9 +1,9 @@
 """Diagnoses from outputs alone: each bug class of the catalogue, built by an independent implementation, gets its name.
 
 The buggy candidates are not the reference with a knob turned: they come from the slow oracles
-tests/independent_mla.py and tests/independent_moe.py with one function replaced by the bug as it
-shipped (bugs-in-the-wild A1-A6, A9, C1, F1, F3, F7, G1, sglang-jax #1282; the kv norm and mask
-pitfalls of spec/mla.yaml). The candidates return outputs only, as most kernels do: the checker
+tests/independent_mla.py, tests/independent_moe.py and tests/independent_model.py with one function
+replaced by the bug as it shipped (bugs-in-the-wild A1-A6, A9, C1, F1, F3, F7, G1, H14,
+sglang-jax #1282; the kv norm, mask, per-head k_pe and MTP norm pitfalls of spec/*.yaml). The candidates return outputs only, as most kernels do: the checker
 must name the bug (first among its guesses) or say "no known pattern", never a wrong name.
 """
 
@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 import independent_mla as slow
+import independent_model as ind_model
 import independent_moe as ind
 from mla_ref.config import from_dict
 from mla_ref.conformance.check import check, divergence_text
 
 SCALE, AMPLITUDE, FREQUENCIES, NORM = slow.slow_softmax_scale, slow.slow_rope_amplitude, slow.slow_frequencies, slow._rms_norm
+NORM_MODEL = ind_model._norm
 
 
 def _base(cfg) -> float:
@@ -44,7 +46,18 @@ MLA_BUGS = {  # name -> (config -> independent_mla replacements, the mask rule s
     "kv_norm_skipped": (lambda cfg: {"_rms_norm": _kv_norm_skipped(cfg)}, None),
     "mask_plus_one": (lambda cfg: {}, lambda i, j: j <= i + 1),
     "mask_minus_one": (lambda cfg: {}, lambda i, j: j < i),
+    "k_pe_per_head": (lambda cfg: {}, None),
 }
+
+
+def _rope_key_from_each_heads_k_nope(cfg):
+    """V2R 2.1.3 missed (MHA partial-rotary habit): head h's rope key is the tail of its own k_nope, rotated at the key's position."""
+    frequencies, amplitude, rope = FREQUENCIES(cfg), AMPLITUDE(cfg), cfg.qk_rope_head_dim
+    assert cfg.qk_nope_head_dim >= rope
+    return lambda k_nope_head, position: slow.slow_rotate(k_nope_head[-rope:], position, frequencies, amplitude, cfg.rope_layout)
+
+
+HEAD_ROPE_KEYS = {"k_pe_per_head": _rope_key_from_each_heads_k_nope}
 
 
 def _prefill_adapter(bug: str) -> types.SimpleNamespace:
@@ -52,12 +65,13 @@ def _prefill_adapter(bug: str) -> types.SimpleNamespace:
 
     def mla_prefill(config, weights, hidden, start_positions):
         cfg = from_dict(config)
+        head_rope_key = HEAD_ROPE_KEYS[bug](cfg) if bug in HEAD_ROPE_KEYS else None
         outputs, lses = [], []
         with pytest.MonkeyPatch.context() as patch:
             for name, function in replacements(cfg).items():
                 patch.setattr(slow, name, function)
             for row, start in zip(hidden, start_positions):
-                out, lse = slow.slow_mla(cfg, weights, row, int(start) + np.arange(len(row)), sees)
+                out, lse = slow.slow_mla(cfg, weights, row, int(start) + np.arange(len(row)), sees, head_rope_key)
                 outputs.append(out)
                 lses.append(lse)
         return {"output": np.stack(outputs), "lse": np.stack(lses)}
@@ -66,6 +80,7 @@ def _prefill_adapter(bug: str) -> types.SimpleNamespace:
 
 BELOW_BF16_NOISE = {"frequencies_plain"}
 MISMATCH, YARN, PLAIN = "mla.prefill.yarn/tiny-mscale-mismatch/seed0", "mla.prefill.yarn/tiny-yarn/seed0", "mla.prefill/tiny/seed0"
+HALF = "mla.prefill.half/tiny/seed0"
 MLA_EXPECTED = [  # (case, bug, the name the diagnosis must give first)
     (MISMATCH, "no_m2", "softmax scale without the YaRN m^2"),
     (YARN, "no_m2", "softmax scale without the YaRN m^2"),
@@ -81,6 +96,8 @@ MLA_EXPECTED = [  # (case, bug, the name the diagnosis must give first)
     (YARN, "kv_norm_skipped", "kv_a_layernorm skipped"),
     (PLAIN, "mask_plus_one", "causal mask off by one (+1)"),
     (PLAIN, "mask_minus_one", "causal mask off by one (-1)"),
+    (PLAIN, "k_pe_per_head", "k_pe not shared across heads"),
+    (HALF, "k_pe_per_head", "k_pe not shared across heads"),
 ]
 
 
@@ -98,7 +115,7 @@ def _named_first(case, expected: str) -> None:
 
 
 @pytest.mark.parametrize("profile", ["fp32", "bf16"])
-@pytest.mark.parametrize("case_id, bug, expected", MLA_EXPECTED, ids=[f"{bug}-{case.split('/')[1]}" for case, bug, _ in MLA_EXPECTED])
+@pytest.mark.parametrize("case_id, bug, expected", MLA_EXPECTED, ids=[f"{bug}-{case.split('/')[1]}" + ("-half" if case == HALF else "") for case, bug, _ in MLA_EXPECTED])
 def test_mla_bug_is_named_from_outputs_alone(case_id, bug, expected, profile):
     if profile == "bf16" and bug in BELOW_BF16_NOISE:
         pytest.skip(f"{bug} passes bf16 on {case_id} (a coverage gap of the golden cases, issue 13 'Coverage')")
@@ -230,3 +247,69 @@ def test_routing_weights_are_still_compared_under_an_accepted_near_tie_choice(bu
     assert any("routed differently" in note for note in case.notes), case.notes
     assert [c.name for c in case.comparisons if not c.passed] == ["weights"], case.reason
     _named_first(case, MOE_EXPECTED[bug])
+
+
+# ------------------------------------------------------------------ MTP: the hnorm / enorm of MTP.2 and the token shift
+
+
+def _mtp_norm(bug: str, module_prefix: str, weights):
+    """independent_model's _norm with the bug: a skipped norm returns its input, swapped norms use each other's gain."""
+    hnorm, enorm = weights[module_prefix + "hnorm.weight"], weights[module_prefix + "enorm.weight"]
+
+    def norm(vector, gain, eps):
+        if (bug == "hnorm_missing" and gain is hnorm) or (bug == "enorm_missing" and gain is enorm):
+            return np.asarray(vector, dtype=np.float64)
+        if bug == "norms_swapped" and (gain is hnorm or gain is enorm):
+            return NORM_MODEL(vector, enorm if gain is hnorm else hnorm, eps)
+        return NORM_MODEL(vector, gain, eps)
+    return norm
+
+
+def _mtp_stream(tokens: list[int], bug: str) -> list[int]:
+    """What the MTP modules embed: stream[i + k] is t_{i+k}; the ids not shifted give t_{i+k-1}, shifted twice t_{i+k+1}."""
+    return {"ids_not_shifted": tokens[:1] + tokens, "ids_shifted_twice": tokens[1:] + tokens[-1:]}.get(bug, tokens)
+
+
+def _mtp_adapter(bug: str) -> types.SimpleNamespace:
+    """mtp_forward from the per-sequence oracle of tests/independent_model.py, with the bug in MTP.2."""
+    def mtp_forward(config, weights, tokens, mtp_lambda):
+        cfg = from_dict(config)
+        depths, (batch, seq) = cfg.mtp_num_depths, (len(tokens), len(tokens[0]) - 1)
+        main_logits, depth_logits = np.zeros((batch, seq, cfg.vocab_size)), np.zeros((depths, batch, seq, cfg.vocab_size))
+        main_terms, depth_terms = [], np.zeros((depths, batch))
+        for b, row in enumerate(np.asarray(tokens).tolist()):
+            pre, post, logits = ind_model.slow_main(cfg, weights, row[:seq])
+            main_logits[b] = logits
+            main_terms.append(-sum(ind_model._log_prob(logits[i], row[i + 1]) for i in range(seq)) / seq)
+            previous = post if cfg.mtp_hidden_source == "post_norm" else pre
+            for depth in range(1, depths + 1):
+                prefix = f"model.layers.{ind_model._module_layer(cfg, depth)}."
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(ind_model, "_norm", _mtp_norm(bug, prefix, weights))
+                    previous, logits = ind_model.slow_module(cfg, weights, depth, _mtp_stream(row, bug), previous, seq - depth)
+                depth_logits[depth - 1, b, : seq - depth] = logits
+                depth_terms[depth - 1, b] = -sum(ind_model._log_prob(logits[i], row[i + depth + 1]) for i in range(seq - depth)) / seq
+        depth_losses = depth_terms.mean(axis=1)
+        return {"main_logits": main_logits, "depth_logits": depth_logits, "main_loss": np.mean(main_terms),
+                "depth_losses": depth_losses, "mtp_loss": float(mtp_lambda) * depth_losses.mean()}
+    return types.SimpleNamespace(mtp_forward=mtp_forward)
+
+
+MTP_EXPECTED = {
+    "hnorm_missing": "MTP hnorm skipped",
+    "enorm_missing": "MTP enorm skipped",
+    "norms_swapped": "MTP hnorm and enorm swapped",
+    "ids_not_shifted": "depth k embeds t_{i+k-1}",
+    "ids_shifted_twice": "depth k embeds t_{i+k+1}",
+}
+MTP_CASE = "mtp.forward/tiny-dense/seed0"
+
+
+@pytest.mark.parametrize("bug", [bug if bug == "ids_not_shifted" else pytest.param(bug, marks=pytest.mark.slow) for bug in MTP_EXPECTED])
+def test_mtp_bug_is_named_from_outputs_alone(bug):  # ~0.8 s each: one in the default suite, the others in the slow step
+    _named_first(_only_case(_mtp_adapter(bug), MTP_CASE, "bf16"), MTP_EXPECTED[bug])
+
+
+def test_the_correct_independent_mtp_chain_passes():
+    case = _only_case(_mtp_adapter("correct"), MTP_CASE, "bf16")
+    assert case.status == "pass" and not case.diagnosis, case.reason

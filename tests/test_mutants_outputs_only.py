@@ -51,6 +51,10 @@ CATALOGUE_NAMES = {  # mutant -> what its diagnosis must say first in some case 
     "group_top2_sum_for_v2": "the other group score rule",
     "mtp_concat_hidden_first": "MTP concat order swapped",
     "mtp_pre_norm_hidden": "mtp_hidden_source",
+    "k_pe_per_head": "k_pe not shared across heads",
+    "mtp_hnorm_missing": "MTP hnorm skipped",
+    "mtp_enorm_missing": "MTP enorm skipped",
+    "mtp_token_shift_off_by_one": "depth k embeds t_{i+k-1}",
 }
 
 

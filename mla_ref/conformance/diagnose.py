@@ -6,7 +6,8 @@ permuted (interleaved vs half layout)? A *variant* test re-runs the reference wi
 bug of the catalogue (shared/facts/bugs-in-the-wild.md) built as the bug itself: missing or
 single m^2 with the cos/sin amplitude kept, the amplitude dropped, unscaled YaRN frequencies,
 the 576^-0.5 scale, masks shifted or top-left, the kv norm skipped or over the rope part,
-the LSE in base 2, routing rules, weights and scales, MTP chaining. It works from the
+a rope key per head instead of the shared k_pe, the LSE in base 2, routing rules, weights and
+scales, MTP chaining, its hnorm / enorm and its token shift. It works from the
 outputs alone: a variant is named only when it explains the failed outputs better than the
 correct reference by a clear factor (NAMING_FACTOR), otherwise the case says "no known
 pattern".
@@ -21,13 +22,13 @@ from typing import Mapping
 
 import numpy as np
 
-from .. import mla as mla_module, moe as moe_module, rope as rope_module
+from .. import mla as mla_module, moe as moe_module, mtp as mtp_steps, rope as rope_module
 from ..cache import gather_paged_rows
 from ..config import from_dict
 from ..mla import causal_visibility, latent_attention
 from ..moe import BIAS, renormalises_topk, routing_weights
 from ..norm import rms_norm
-from ..rope import half_layout_permutation, rope_amplitude, softmax_scale, yarn_get_mscale
+from ..rope import apply_rope, half_layout_permutation, rope_amplitude, rope_angles, softmax_scale, yarn_get_mscale
 from .compare import Comparison, compare_tensor
 from .protocol import call
 
@@ -196,7 +197,29 @@ def _kv_norm_over_rope(config, hidden, weights):
     return normed[..., : config.kv_lora_rank], normed[..., config.kv_lora_rank:]
 
 
+def _per_head_rope_key() -> dict:
+    """MLA.4 / MLA.7 with a rope key per head (the MHA partial-rotary habit): each head's key ends with its own k_nope tail
+    rotated at the key's position, not the one decoupled k_pe shared by all heads (V2R 2.1.3). Only the naive form has
+    per-head keys; the positions come from MLA.4 of the same layer call."""
+    rotated_at = {}
+
+    def rotate(config, q_pe, k_pe, positions, table_dtype=np.float64):
+        rotated_at.update(config=config, positions=positions, table_dtype=table_dtype)
+        return _reference_rotate(config, q_pe, k_pe, positions, table_dtype)
+
+    def assemble(q_nope, q_pe, k_nope, k_pe):
+        config = rotated_at["config"]
+        cos, sin = rope_angles(config, rotated_at["positions"], k_nope.dtype, rotated_at["table_dtype"])  # [batch, keys, rope_half]
+        per_head = apply_rope(k_nope[..., -k_pe.shape[-1]:], cos[:, :, None], sin[:, :, None], config.rope_layout)  # [batch, keys, heads, rope]
+        q_full, k_full = _reference_assemble(q_nope, q_pe, k_nope, k_pe)
+        return q_full, np.concatenate([k_full[..., : k_nope.shape[-1]], per_head], axis=-1)
+    return {(mla_module, "rotate_query_key"): rotate, (mla_module, "assemble_query_key"): assemble}
+
+
 _reference_kv = mla_module.kv_latent_and_rope_key
+_reference_rotate = mla_module.rotate_query_key
+_reference_assemble = mla_module.assemble_query_key
+_reference_mtp_module = mtp_steps.mtp_module
 _reference_visibility = mla_module.causal_visibility
 _reference_softmax = mla_module.masked_softmax
 _reference_routing_weights = moe_module.routing_weights
@@ -230,6 +253,8 @@ def _attention_variants(point: str, config) -> list[Variant]:
         Variant("causal mask off by one (-1): each query misses its own key (j < i, not j <= i)",
                 patches={(mla_module, "causal_visibility"): _shifted_mask(-1)}),
         Variant("LSE in base 2 instead of the natural log", patches={(mla_module, "masked_softmax"): _lse_base_two}),
+        Variant("k_pe not shared across heads: each head's rope key is its own k_nope tail rotated (MHA partial-rotary habit) "
+                "instead of the one decoupled k_pe", patches=_per_head_rope_key()),
     ]
     if point == "mla_extend":
         variants.append(Variant("causal mask aligned top-left (query i sees keys 0 .. i): the wrong origin after a cached prefix",
@@ -268,12 +293,45 @@ def _routing_variants(config, case: dict) -> list[Variant]:
     return [variant for variant in variants if variant is not None]
 
 
-def _mtp_variants(config) -> list[Variant]:
-    """MTP.1 / MTP.2 chaining conventions of the catalogue (H1, H15)."""
-    return [Variant("MTP concat order swapped ([hnorm(h) ; enorm(Emb)] vs [enorm(Emb) ; hnorm(h)])",
-                    config={"mtp_concat_order": "hidden_first" if config.mtp_concat_order == "embedding_first" else "embedding_first"}),
-            Variant("MTP fed the main model's hidden state before / after the final norm (the other mtp_hidden_source)",
-                    config={"mtp_hidden_source": "pre_norm" if config.mtp_hidden_source == "post_norm" else "post_norm"})]
+def _mtp_norms(embedding_norm: str | None, hidden_norm: str | None) -> dict:
+    """MTP.2 with the embedding half normed by the module weight ``embedding_norm`` and the hidden half by ``hidden_norm``
+    (None: that norm skipped, the half enters eh_proj raw)."""
+    def combine(config, module_weights, embedded, previous_hidden, trace=None):
+        def half(x, norm):
+            return x if norm is None else rms_norm(x, np.asarray(module_weights[norm], dtype=np.float64), config.rms_norm_eps)
+        halves = [half(embedded, embedding_norm), half(previous_hidden, hidden_norm)]  # [batch, rows, hidden_size] each
+        if config.mtp_concat_order != "embedding_first":
+            halves.reverse()
+        return np.concatenate(halves, axis=-1) @ np.asarray(module_weights["eh_proj.weight"], dtype=np.float64).T
+    return {(mtp_steps, "combine_embedding_and_hidden"): combine}
+
+
+def _mtp_token_shift(tokens, shift: int) -> dict:
+    """MTP.2 with depth k embedding t_{i+k+shift} instead of t_{i+k} (bugs H14: ids rolled once too few or too many times)."""
+    tokens = np.asarray(tokens)
+
+    def module(config, weights, depth, previous_hidden, next_tokens, **options):
+        first = depth + shift
+        return _reference_mtp_module(config, weights, depth, previous_hidden, tokens[:, first: first + next_tokens.shape[1]], **options)
+    return {(mtp_steps, "mtp_module"): module}
+
+
+def _mtp_variants(config, case: dict, point: str) -> list[Variant]:
+    """MTP.1 / MTP.2 chaining conventions and pitfalls of the catalogue (H1, H14, H15)."""
+    variants = [Variant("MTP concat order swapped ([hnorm(h) ; enorm(Emb)] vs [enorm(Emb) ; hnorm(h)])",
+                        config={"mtp_concat_order": "hidden_first" if config.mtp_concat_order == "embedding_first" else "embedding_first"}),
+                Variant("MTP fed the main model's hidden state before / after the final norm (the other mtp_hidden_source)",
+                        config={"mtp_hidden_source": "pre_norm" if config.mtp_hidden_source == "post_norm" else "post_norm"}),
+                Variant("MTP hnorm skipped (the carried hidden state enters eh_proj raw)", patches=_mtp_norms("enorm.weight", None)),
+                Variant("MTP enorm skipped (the embedding enters eh_proj raw)", patches=_mtp_norms(None, "hnorm.weight")),
+                Variant("MTP hnorm and enorm swapped (the embedding normed by hnorm, the hidden state by enorm)",
+                        patches=_mtp_norms("hnorm.weight", "enorm.weight"))]
+    if point == "mtp_forward":
+        variants += [Variant("MTP token shift off by one: depth k embeds t_{i+k-1} instead of t_{i+k} (the ids not shifted)",
+                             patches=_mtp_token_shift(case["input"]["tokens"], -1)),
+                     Variant("MTP token shift off by one: depth k embeds t_{i+k+1} instead of t_{i+k} (the ids shifted twice)",
+                             patches=_mtp_token_shift(case["input"]["tokens"], +1))]
+    return variants
 
 
 def _variants(entry: dict, config, case: dict) -> list[Variant]:
@@ -292,7 +350,7 @@ def _variants(entry: dict, config, case: dict) -> list[Variant]:
         variants += [variant for variant in _attention_variants(point, config) if not variant.args]
         variants += [variant for variant in _routing_variants(config, {"weight": {}}) if config.moe_layers]
     if point in ("mtp_forward", "mtp_draft", "speculative_decode"):
-        variants += _mtp_variants(config)
+        variants += _mtp_variants(config, case, point)
     return variants
 
 
