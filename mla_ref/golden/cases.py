@@ -421,7 +421,7 @@ def weights_recipe(definition: dict) -> dict | None:
         recipe = {"generator": "mla_ref.weights.generate_weights", "seed": seed, "design": layout.get("designed", "none")}
         if recipe["design"] == "echo":
             recipe["block_scale"] = float(layout["block_scale"])
-        if recipe["design"] == "final_norm_spread":
+        if recipe["design"] in SPREAD_NORMS:
             recipe["norm_spread"] = float(layout["norm_spread"])
         return recipe
     if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend"):
@@ -436,11 +436,11 @@ def rebuild_weights(config: ModelConfig, recipe: dict) -> dict[str, np.ndarray]:
         return echo_weights(config, recipe["seed"], recipe["block_scale"])
     if recipe["design"] == "logit_gain":
         return attention_weights_with_gain(config, recipe["seed"], recipe["logit_gain"])
-    if recipe["design"] == "final_norm_spread":
-        return final_norm_spread_weights(config, recipe["seed"], recipe["norm_spread"])
+    if recipe["design"] in SPREAD_NORMS:
+        return norm_spread_weights(config, recipe["seed"], recipe["norm_spread"], SPREAD_NORMS[recipe["design"]])
     if recipe["design"] != "none":
-        raise GoldenError("weights.design", f"expected none, echo, logit_gain or final_norm_spread, got {recipe['design']!r}",
-                          "GOLDEN.storage")
+        raise GoldenError("weights.design", "expected none, echo, logit_gain, final_norm_spread or mtp_norm_spread, "
+                          f"got {recipe['design']!r}", "GOLDEN.storage")
     return generate_weights(config, seed=recipe["seed"])
 
 
@@ -494,15 +494,25 @@ def echo_weights(config: ModelConfig, seed: int, block_scale: float) -> dict[str
     return weights
 
 
-def final_norm_spread_weights(config: ModelConfig, seed: int, spread: float) -> dict[str, np.ndarray]:
-    """Generated weights with ``model.norm.weight`` spread ``spread`` times further from 1 (1 + 0.1 z becomes 1 + 0.1 spread z).
+SPREAD_NORMS = {  # design -> the RMSNorm weights it spreads (names ending so)
+    "final_norm_spread": ("model.norm.weight",),
+    "mtp_norm_spread": ("hnorm.weight", "enorm.weight"),
+}
 
-    MTP's hnorm re-normalises whatever hidden state it gets, so h^0 taken before model.norm (MTP.1)
-    differs from the right one only through the final norm's weights: near 1 they hide that bug
-    under bf16 noise, spread they show it.
+
+def norm_spread_weights(config: ModelConfig, seed: int, spread: float, norms: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Generated weights with the RMSNorm weights named ``*norms`` spread ``spread`` times further from 1
+    (1 + 0.1 z becomes 1 + 0.1 spread z).
+
+    Near 1 a norm's weight hides the bugs that skip or misplace that norm under bf16 noise; spread,
+    they show. final_norm_spread (model.norm): MTP's hnorm re-normalises whatever hidden state it
+    gets, so h^0 taken before model.norm (MTP.1) differs from the right one only through the final
+    norm's weights. mtp_norm_spread (every MTP module's hnorm and enorm, MTP.2): a skipped hnorm or
+    enorm, or the two swapped, differ from the right module mostly through those weights.
     """
     weights = generate_weights(config, seed=seed)
-    weights["model.norm.weight"] = 1.0 + spread * (weights["model.norm.weight"] - 1.0)  # [hidden_size]
+    for name in [name for name in weights if name.endswith(norms)]:
+        weights[name] = 1.0 + spread * (weights[name] - 1.0)  # [hidden_size]
     return weights
 
 
