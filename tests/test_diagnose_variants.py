@@ -10,6 +10,8 @@ must name the bug (first among its guesses) or say "no known pattern", never a w
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 import types
 
 import numpy as np
@@ -18,7 +20,9 @@ import pytest
 import independent_mla as slow
 import independent_model as ind_model
 import independent_moe as ind
+import mla_ref.mla
 from mla_ref.config import from_dict
+from mla_ref.conformance import diagnose
 from mla_ref.conformance.check import check, divergence_text
 
 SCALE, AMPLITUDE, FREQUENCIES, NORM = slow.slow_softmax_scale, slow.slow_rope_amplitude, slow.slow_frequencies, slow._rms_norm
@@ -313,3 +317,21 @@ def test_mtp_bug_is_named_from_outputs_alone(bug):  # ~0.8 s each: one in the de
 def test_the_correct_independent_mtp_chain_passes():
     case = _only_case(_mtp_adapter("correct"), MTP_CASE, "bf16")
     assert case.status == "pass" and not case.diagnosis, case.reason
+
+
+def test_variants_in_several_threads_see_their_own_twins_and_restore_the_reference():
+    """diagnose.py puts a variant's buggy twins in place as module globals: threads take turns (without the lock, one
+    thread's twin was seen by another and saved as the 'original', leaving the reference patched for good)."""
+    original, seen = mla_ref.mla.softmax_scale, []
+
+    def diagnoses(value: float):
+        for _ in range(100):
+            with diagnose._patched({(mla_ref.mla, "softmax_scale"): lambda _config: value}):
+                time.sleep(0)  # hand the GIL over inside the patched window
+                seen.append(mla_ref.mla.softmax_scale(None) == value)
+    threads = [threading.Thread(target=diagnoses, args=(value,)) for value in (1.0, 2.0, 3.0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(seen) == 300 and all(seen) and mla_ref.mla.softmax_scale is original

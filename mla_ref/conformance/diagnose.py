@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 from typing import Mapping
 
 import numpy as np
@@ -132,17 +133,26 @@ class Variant:
     keeps_routing: bool = False  # changes the weights or the output only: judged under the candidate's accepted routing
 
 
+_PATCHING = threading.RLock()
+
+
 @contextlib.contextmanager
 def _patched(patches: Mapping):
-    """The reference with ``patches`` in place (restored afterwards, also on error)."""
-    saved = {key: getattr(*key) for key in patches}
-    try:
-        for (module, name), function in patches.items():
-            setattr(module, name, function)
-        yield
-    finally:
-        for (module, name), function in saved.items():
-            setattr(module, name, function)
+    """The reference with ``patches`` in place (restored afterwards, also on error).
+
+    The patches replace module globals: one holder at a time (the lock), so two diagnoses in
+    two threads never save each other's buggy twins as the originals; the reference run by
+    another thread meanwhile would see them (diagnose a case at a time, or use --isolate).
+    """
+    with _PATCHING:
+        saved = {key: getattr(*key) for key in patches}
+        try:
+            for (module, name), function in patches.items():
+                setattr(module, name, function)
+            yield
+        finally:
+            for (module, name), function in saved.items():
+                setattr(module, name, function)
 
 
 def _scale_and_rope_variants(config) -> list[Variant]:
