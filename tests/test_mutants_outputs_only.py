@@ -55,6 +55,8 @@ CATALOGUE_NAMES = {  # mutant -> what its diagnosis must say first in some case 
     "mtp_hnorm_missing": "MTP hnorm skipped",
     "mtp_enorm_missing": "MTP enorm skipped",
     "mtp_token_shift_off_by_one": "depth k embeds t_{i+k-1}",
+    "mtp_token_shift_twice": "depth k embeds t_{i+k+1}",
+    "mtp_norms_swapped": "MTP hnorm and enorm swapped",
 }
 
 
