@@ -146,3 +146,16 @@ def test_noise_from_a_profile_the_case_does_not_emulate_is_refused():
 def test_on_demand_cases_are_built_beside_golden_and_never_committed():
     assert default_on_demand_dir() == default_golden_dir().parent / "golden-on-demand"
     assert "golden-on-demand/" in (REPOSITORY / ".gitignore").read_text(encoding="utf-8").splitlines()
+
+
+def test_a_manifest_is_parsed_again_when_its_bytes_change_and_each_reader_gets_its_own_copy(tmp_path):
+    """read_manifest keeps parsed manifests by the sha256 of their bytes: an edit is seen at once, a change by one caller is not."""
+    path = tmp_path / "manifest.yaml"
+    document = {"schema": SCHEMA, "spec_version": "0", "generator_version": 1, "numpy_version": np.__version__, "cases": {}}
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    first = read_manifest(path)
+    first["cases"]["mla.prefill/tiny/seed0"] = {}
+    first.pop("spec_version")
+    assert read_manifest(path) == document
+    path.write_text(yaml.safe_dump(dict(document, spec_version="1"), sort_keys=False), encoding="utf-8")  # same size, new bytes
+    assert read_manifest(path)["spec_version"] == "1"
