@@ -6,10 +6,10 @@ commands the tests start, the ``--isolate`` children and the ``pytest --pyargs m
 runs count too; then combines the data and prints the covered share of ``mla_ref/conformance/``,
 ``mla_ref/golden/`` and the math modules (MATH: the modules of the spec's steps; the command line,
 the spec loader, input checks, errors, trace hooks and test strategies are not counted), and with
-``--files`` each file. Issue 19 asks that the first two be at least
-the third; ``--check`` fails the run when they are not.
+``--files`` each file (``--missing``: and the lines no test ran). Issue 19 asks that the first two
+be at least the third; ``--check`` fails the run when they are not.
 
-    python tests/coverage/run.py [--files] [--check] [-- PYTEST_ARGS ...]
+    python tests/coverage/run.py [--files [--missing]] [--check] [-- PYTEST_ARGS ...]
 
 Needs coverage >= 7.10 (``pip install coverage``).
 """
@@ -43,6 +43,16 @@ def group(path: Path) -> str | None:
     return None
 
 
+def require_coverage() -> None:
+    """Exit with how to install it unless coverage.py >= 7.10 (its ``patch = subprocess``) is importable."""
+    try:
+        import coverage
+    except ImportError:
+        sys.exit("tests/coverage/run.py needs coverage.py >= 7.10: pip install coverage")
+    if tuple(int(part) for part in coverage.__version__.split(".")[:2]) < (7, 10):
+        sys.exit(f"tests/coverage/run.py needs coverage.py >= 7.10 (patch = subprocess), found {coverage.__version__}")
+
+
 def measure(pytest_args: list[str], data_folder: Path) -> dict:
     """Run pytest under coverage, combine every process's data, return coverage.py's JSON report."""
     data_file = data_folder / ".coverage"
@@ -51,12 +61,10 @@ def measure(pytest_args: list[str], data_folder: Path) -> dict:
     tests = subprocess.run(run, cwd=ROOT, env=environment)
     if tests.returncode not in (0, 1):  # 1: some test failed, still a measurement; others: pytest could not run
         sys.exit(f"pytest exited with status {tests.returncode}")
-    subprocess.run([sys.executable, "-m", "coverage", "combine", "--quiet", "--rcfile", str(ROOT / "pyproject.toml")], cwd=ROOT,
-                   env=environment, check=True)
     report = data_folder / "coverage.json"
-    subprocess.run([sys.executable, "-m", "coverage", "json", "--quiet", "--rcfile", str(ROOT / "pyproject.toml"), "-o", str(report),
-                    "--include", f"{PACKAGE}/*"],
-                   cwd=ROOT, env=environment, check=True)
+    for command in (["combine"], ["json", "-o", str(report), "--include", f"{PACKAGE}/*"]):  # copies of mla_ref elsewhere: left out
+        subprocess.run([sys.executable, "-m", "coverage", *command, "--quiet", "--rcfile", str(ROOT / "pyproject.toml")], cwd=ROOT,
+                       env=environment, check=True)
     if tests.returncode:
         print(f"(some tests failed: pytest exited with status {tests.returncode}; the figures count what ran)")
     return json.loads(report.read_text(encoding="utf-8"))
@@ -97,6 +105,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail when conformance/ or golden/ is below the math modules")
     parser.add_argument("pytest_args", nargs="*", help="arguments for pytest after --, default: the default suite")
     options = parser.parse_args()
+    require_coverage()
     with tempfile.TemporaryDirectory(prefix="mla-ref-coverage-") as folder:
         report = measure(options.pytest_args or ["-q", "-p", "no:cacheprovider"], Path(folder))
     by_group, by_file = figures(report)
