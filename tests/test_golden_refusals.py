@@ -159,3 +159,16 @@ def test_a_manifest_is_parsed_again_when_its_bytes_change_and_each_reader_gets_i
     assert read_manifest(path) == document
     path.write_text(yaml.safe_dump(dict(document, spec_version="1"), sort_keys=False), encoding="utf-8")  # same size, new bytes
     assert read_manifest(path)["spec_version"] == "1"
+
+
+def test_a_manifest_over_the_yaml_size_limit_is_refused_unread(tmp_path, monkeypatch):
+    from mla_ref import spec
+    from mla_ref.golden import manifest
+    path = tmp_path / "manifest.yaml"
+    path.write_text(f"schema: {SCHEMA}\n", encoding="utf-8")
+    limit = path.stat().st_size - 1
+    monkeypatch.setattr(spec, "MAX_YAML_BYTES", limit)
+    monkeypatch.setattr(manifest, "MAX_YAML_BYTES", limit)
+    monkeypatch.setattr(type(path), "read_bytes", lambda self: pytest.fail(f"{self} was read"))
+    with pytest.raises(GoldenError, match=rf"manifest\.yaml: {limit + 1} bytes; a YAML file here is at most {limit} \(GOLDEN.manifest\)$"):
+        read_manifest(path)

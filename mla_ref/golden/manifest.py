@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 
 from ..errors import GoldenError, SpecError, shown
-from ..spec import read_yaml
+from ..spec import MAX_YAML_BYTES, read_yaml
 from .cases import Case, case_args, case_config, file_name
 from .storage import atomic_file, tensor_digest
 
@@ -106,9 +106,12 @@ def _parsed_yaml(path: Path) -> Any:
     ``check`` and every case of the pytest plugin reads it. Keyed by the sha256 of the bytes, so an edited file is parsed
     again; each call returns its own copy, which the caller may change."""
     try:
-        digest = hashlib.sha256(path.read_bytes()).digest()
+        data = path.read_bytes() if path.stat().st_size <= MAX_YAML_BYTES else None
     except OSError:
-        return read_yaml(path)  # its SpecError names the file and why it cannot be read
+        data = None
+    if data is None:
+        return read_yaml(path)  # its SpecError names the file and why it is refused (too large) or cannot be read
+    digest = hashlib.sha256(data).digest()
     if digest not in _parsed:
         document = read_yaml(path)
         if hashlib.sha256(path.read_bytes()).digest() != digest:  # changed while it was parsed: keep nothing
