@@ -24,6 +24,9 @@ from hypothesis.extra.numpy import array_shapes, arrays
 
 from mla_ref.conformance.check import check
 from mla_ref.conformance.compare import compare_tensor
+from mla_ref.spec import read_yaml
+
+from conftest import edit_manifest
 
 K = 6.0
 UNIT_ROUNDOFF = {"fp64": 2.0 ** -53, "fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}  # IEEE 754, bfloat16
@@ -301,10 +304,10 @@ def test_verdicts_do_not_depend_on_the_order_of_cases(tmp_path):
     from mla_ref.conformance import reference_adapter as ref
     from mla_ref.golden.generate import default_golden_dir
     source = default_golden_dir()
-    document = yaml.safe_load((source / "manifest.yaml").read_text(encoding="utf-8"))
-    selected = {case_id: entry for case_id, entry in document["cases"].items() if case_id.startswith(("mla.prefill", "moe.route"))}
-    document["cases"] = dict(reversed(document["cases"].items()))  # every case: a manifest missing one is tampered golden
-    (tmp_path / "manifest.yaml").write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    shutil.copyfile(source / "manifest.yaml", tmp_path / "manifest.yaml")
+    edit_manifest(tmp_path, lambda document: document.update(cases=dict(reversed(document["cases"].items()))))  # every case:
+    document = read_yaml(tmp_path / "manifest.yaml")  # a manifest missing one is tampered golden
+    selected = {case_id for case_id in document["cases"] if case_id.startswith(("mla.prefill", "moe.route"))}
     for entry in document["cases"].values():
         shutil.copyfile(source / entry["file"], tmp_path / entry["file"])  # a link is refused (GOLDEN.storage)
     broken = types.SimpleNamespace(

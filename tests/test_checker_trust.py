@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from mla_ref.cli import main
 from mla_ref.conformance import reference_adapter as ref
@@ -25,6 +24,8 @@ from mla_ref.golden.cases import file_name
 from mla_ref.golden.generate import default_golden_dir, verify
 from mla_ref.golden.storage import read_npz
 from mla_ref.spec import read_yaml, spec_dir
+
+from conftest import edit_manifest
 
 KERNEL_CASE = "mla.core.paged/tiny/bs16-seed0"
 
@@ -39,14 +40,6 @@ def scaled_core(factor: float):
         result = ref.latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
         return {"out": result["out"] * factor, "lse": result["lse"]}
     return core
-
-
-def _edit_manifest(folder: Path, change) -> None:
-    """Edit a golden folder's manifest by hand, as a user (or an attacker) would."""
-    path = folder / "manifest.yaml"
-    manifest = read_yaml(path)
-    change(manifest)
-    path.write_text(yaml.dump(manifest, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False, width=120))
 
 
 # ---------------------------------------------------------------- never green on nothing
@@ -171,7 +164,7 @@ def test_deleted_cases_are_refused(golden_copy):
         for case_id in [case_id for case_id in manifest["cases"] if case_id.startswith("mla.core")]:
             del manifest["cases"][case_id]
             (golden_copy / file_name(case_id)).unlink()
-    _edit_manifest(golden_copy, drop_kernel_cases)
+    edit_manifest(golden_copy, drop_kernel_cases)
     with pytest.raises(GoldenError, match=r"mla.core.paged/tiny/bs16-seed0: defined in spec/golden.yaml, missing from the manifest"):
         check(adapter(latent_attention_core=scaled_core(1.5)), "fp32", directory=golden_copy)
 
@@ -180,13 +173,13 @@ def test_inflated_noise_is_refused(golden_copy):
     def inflate(manifest):
         noise = manifest["cases"][KERNEL_CASE]["profiles"]["fp32"]["noise"]
         noise["output:out"] *= 1e6
-    _edit_manifest(golden_copy, inflate)
+    edit_manifest(golden_copy, inflate)
     with pytest.raises(GoldenError, match=r"profiles.fp32.noise.output:out: tampered golden: manifest .*, the stored emulation gives"):
         check(adapter(latent_attention_core=scaled_core(1.5)), "fp32", KERNEL_CASE, directory=golden_copy)
 
 
 def test_a_removed_profile_is_refused(golden_copy):
-    _edit_manifest(golden_copy, lambda manifest: manifest["cases"][KERNEL_CASE]["profiles"].pop("fp32"))
+    edit_manifest(golden_copy, lambda manifest: manifest["cases"][KERNEL_CASE]["profiles"].pop("fp32"))
     with pytest.raises(GoldenError, match=rf"{KERNEL_CASE}: profiles: manifest \['bf16', 'fp16', 'fp64', 'tf32'\]"):
         check(adapter(latent_attention_core=scaled_core(1.5)), "fp32", KERNEL_CASE, directory=golden_copy)
 
@@ -197,7 +190,7 @@ def test_a_removed_profile_is_refused(golden_copy):
     ("config", lambda entry: entry["config"].update(rope_theta=50000.0), "config.rope_theta: manifest 50000.0, spec 10000.0"),
 ])
 def test_a_changed_definition_field_is_refused_by_check_and_verify(golden_copy, field, change, named):
-    _edit_manifest(golden_copy, lambda manifest: change(manifest["cases"][KERNEL_CASE]))
+    edit_manifest(golden_copy, lambda manifest: change(manifest["cases"][KERNEL_CASE]))
     with pytest.raises(GoldenError, match=named.replace(".", r"\.").replace("[", r"\[").replace("]", r"\]")):
         check(ref, "fp32", KERNEL_CASE, directory=golden_copy)
     row = next(row for row in verify(golden_copy, KERNEL_CASE) if row.case_id == KERNEL_CASE)
@@ -205,14 +198,14 @@ def test_a_changed_definition_field_is_refused_by_check_and_verify(golden_copy, 
 
 
 def test_a_stale_spec_version_is_refused(golden_copy):
-    _edit_manifest(golden_copy, lambda manifest: manifest.update(spec_version="0.0.1"))
+    edit_manifest(golden_copy, lambda manifest: manifest.update(spec_version="0.0.1"))
     with pytest.raises(GoldenError, match=r"spec_version '0.0.1', the spec is"):
         check(ref, "fp32", KERNEL_CASE, directory=golden_copy)
 
 
 @pytest.mark.slow  # pytest or adapters in child processes
 def test_the_pytest_plugin_refuses_tampered_golden(tmp_path, golden_copy):
-    _edit_manifest(golden_copy, lambda manifest: manifest["cases"][KERNEL_CASE]["args"].update(causal=True))
+    edit_manifest(golden_copy, lambda manifest: manifest["cases"][KERNEL_CASE]["args"].update(causal=True))
     run = _run_plugin(tmp_path, MLA_REF_ADAPTER="mla_ref.conformance.reference_adapter", MLA_REF_GOLDEN_DIR=str(golden_copy),
                       MLA_REF_SELECT="mla.core")
     assert run.returncode == 1 and "args.causal: manifest True, spec False" in run.stdout and " passed" not in run.stdout

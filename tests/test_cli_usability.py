@@ -75,8 +75,10 @@ def test_ctrl_c_exits_130_and_keeps_the_partial_report(tmp_path):
                     "        time.sleep(60)\n"
                     "    return _core(*args)\n")
     report = tmp_path / "report.json"
+    # Ctrl-C's default action in the child even where this run ignores SIGINT (a background job of a non-interactive shell)
     process = subprocess.Popen([sys.executable, "-m", "mla_ref", "check", str(slow), "--select", "mla.core", "--report", str(report)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (tmp_path / "slow_adapter.py.waiting").exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.1)

@@ -12,6 +12,7 @@ from mla_ref import ShapeError, WeightError, load_preset
 from mla_ref.cli import main
 from mla_ref.conformance import check_outputs, reference_adapter as ref
 from mla_ref.conformance.check import check, load_case
+from mla_ref.conformance.own_inputs import parse_arguments, read_tensors
 from mla_ref.errors import InputError
 from mla_ref.golden.generate import default_golden_dir
 from mla_ref.golden.manifest import read_manifest
@@ -92,6 +93,42 @@ def test_bad_input_is_a_typed_error_naming_the_tensor():
     wrong_shape = dict(truth, output=truth["output"][:, :-1])
     case = check_outputs("mla_prefill", config, weights, inputs, wrong_shape, "fp32").cases[0]
     assert case.status == "fail" and "shape" in case.reason
+
+
+def test_an_input_that_is_no_parameter_or_no_numeric_array_is_named():
+    config, weights, inputs = own_layer()
+    with pytest.raises(InputError, match=r"^bias: is no parameter of mla_prefill; expected \['hidden', 'start_positions'\] .*"
+                                         r"\(GOLDEN.own_inputs\)$"):
+        check_outputs("mla_prefill", config, weights, dict(inputs, bias=np.zeros(3)), {}, "fp32")
+    with pytest.raises(InputError, match=r"^hidden: expected a numeric array, got dtype <U\d+ .*\(GOLDEN.own_inputs\)$"):
+        check_outputs("mla_prefill", config, weights, dict(inputs, hidden=np.array(["a", "b"])), {}, "fp32")
+
+
+def test_tensor_files_are_npz_or_safetensors_and_an_unreadable_one_names_its_option(tmp_path):
+    np.savez(tmp_path / "in.npz", hidden=np.ones((1, 2)))
+    np.testing.assert_array_equal(read_tensors(tmp_path / "in.npz", "--inputs")["hidden"], np.ones((1, 2)))
+    (tmp_path / "in.pt").write_bytes(b"")
+    with pytest.raises(InputError, match=r"^--inputs: expected an .npz or .safetensors file, got .*in\.pt \(GOLDEN.own_inputs\)$"):
+        read_tensors(tmp_path / "in.pt", "--inputs")
+    with pytest.raises(InputError, match=r"^--weights: no such file: .*absent\.safetensors \(GOLDEN.own_inputs\)$"):
+        read_tensors(tmp_path / "absent.safetensors", "--weights")
+    (tmp_path / "torn.npz").write_bytes((tmp_path / "in.npz").read_bytes()[:40])  # a truncated download
+    with pytest.raises(InputError, match=r"^--outputs: not a readable .npz file: .*\(GOLDEN.own_inputs\)$"):
+        read_tensors(tmp_path / "torn.npz", "--outputs")
+    np.savez(tmp_path / "pickled.npz", hidden=np.array([None, 1], dtype=object))  # loading never unpickles
+    with pytest.raises(InputError, match=r"^--inputs: .*object.*\(GOLDEN.own_inputs\)$"):
+        read_tensors(tmp_path / "pickled.npz", "--inputs")
+
+
+def test_scalar_arguments_are_yaml_numbers_or_booleans():
+    assert parse_arguments(["steps=4", "causal=true", "softmax_scale=0.125", "layer=-1"]) == {
+        "steps": 4, "causal": True, "softmax_scale": 0.125, "layer": -1}
+    for pair in ["steps", "=4"]:
+        with pytest.raises(InputError, match=rf"^--arg: expected NAME=VALUE, got '{pair}' \(GOLDEN.own_inputs\)$"):
+            parse_arguments([pair])
+    for text in ["four", "[1, 2]", ""]:
+        with pytest.raises(InputError, match=r"^--arg steps: expected a number or true / false, got .* \(GOLDEN.own_inputs\)$"):
+            parse_arguments([f"steps={text}"])
 
 
 def test_cli_reads_npz_and_safetensors_and_exits_by_verdict(tmp_path, capsys):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
 from ..errors import GoldenError, SpecError, shown
-from ..spec import read_yaml
+from ..spec import MAX_YAML_BYTES, read_yaml
 from .cases import Case, case_args, case_config, file_name
 from .storage import atomic_file, tensor_digest
 
@@ -18,6 +20,8 @@ CASE_KEYS = {"file": str, "entry_point": str, "level": str, "preset": str, "seed
              "config": dict, "profiles": dict, "tensors": dict, "purpose": str}
 TENSOR_KEYS = {"dtype": str, "shape": list, "sha256": str}
 RECIPE_KEYS = {"generator": str, "seed": int, "design": str, "digest": str}
+PARSED_KEPT = 4  # manifests kept parsed, by the sha256 of their bytes (the committed one and a few edited copies)
+_parsed: dict[bytes, Any] = {}
 
 
 def definition_fields(definition: dict) -> dict:
@@ -78,7 +82,7 @@ def read_manifest(path: Path) -> dict:
                           "`mla-ref golden generate --dir DIR` (10-30 s; the same files as the repository's golden/) and pass --dir DIR or set MLA_REF_GOLDEN_DIR=DIR, "
                           "or run from a clone of the repository (its golden/)", "GOLDEN.manifest")
     try:
-        document = read_yaml(path)
+        document = _parsed_yaml(path)
     except SpecError as error:  # unreadable, not UTF-8, malformed or an alias bomb
         raise GoldenError(str(path), error.problem, "GOLDEN.manifest") from None
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
@@ -95,6 +99,36 @@ def read_manifest(path: Path) -> dict:
     for case_id, entry in document["cases"].items():
         check_entry(case_id, entry)
     return document
+
+
+def _parsed_yaml(path: Path) -> Any:
+    """``read_yaml(path)``, parsed once per content: the manifest is ~0.6 MB of YAML (half a second to parse) and every
+    ``check`` and every case of the pytest plugin reads it. Keyed by the sha256 of the bytes, so an edited file is parsed
+    again; each call returns its own copy, which the caller may change."""
+    try:
+        data = path.read_bytes() if path.stat().st_size <= MAX_YAML_BYTES else None
+    except OSError:
+        data = None
+    if data is None:
+        return read_yaml(path)  # its SpecError names the file and why it is refused (too large) or cannot be read
+    digest = hashlib.sha256(data).digest()
+    if digest not in _parsed:
+        document = read_yaml(path)
+        if hashlib.sha256(path.read_bytes()).digest() != digest:  # changed while it was parsed: keep nothing
+            return document
+        while len(_parsed) >= PARSED_KEPT:
+            del _parsed[next(iter(_parsed))]
+        _parsed[digest] = document
+    return _fresh_copy(_parsed[digest])
+
+
+def _fresh_copy(value: Any) -> Any:
+    """A copy of parsed YAML whose mappings and lists share nothing with ``value`` (scalars are immutable)."""
+    if isinstance(value, dict):
+        return {key: _fresh_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_fresh_copy(item) for item in value]
+    return value
 
 
 def check_entry(case_id: str, entry) -> None:

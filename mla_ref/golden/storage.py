@@ -144,6 +144,8 @@ def read_npz(path: Path, declared: Mapping[str, Mapping] | None = None) -> dict[
                 raise GoldenError(str(path), f"members {sorted(m.filename for m in members)[:8]} disagree with the declared tensors "
                                   f"{sorted(declared)[:8]}", "GOLDEN.storage")
             return {member.filename.removesuffix(".npy"): _read_member(path, archive, member, declared) for member in members}
+    except GoldenError:  # a refused member, already naming the file and why (a GoldenError is a ValueError too)
+        raise
     except (OSError, zipfile.BadZipFile, EOFError, ValueError, NotImplementedError, RuntimeError) as error:
         raise GoldenError(str(path), f"not a readable .npz file: {shown(str(error), 200)}", "GOLDEN.storage") from None
 
