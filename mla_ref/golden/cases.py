@@ -186,7 +186,7 @@ FP8_CASE_RULES = ("ue8m0", "amax", "flt_min", "ue8m0_scale_floor")  # the writer
 
 def fp8_record_pool(definition: dict, config: ModelConfig, k_cache: np.ndarray, first_blocks: list, canaries: list) -> np.ndarray:
     """GC-FP8-CACHE: every finite row of a float pool as an FP8 record (FP8.10) with explicit scales, each tile's from
-    one of the writers' rules in turn; rows but the canaries scaled by 2^-6 .. 2^1, so that scales span powers of two; in the first
+    one of the writers' rules in turn; latents but the canaries' scaled by 2^-6 .. 2^1 (scales span powers of two), rope parts by 2; in the first
     slot of the first held sequence an all-zero tile (scale floored by its rule, FLT_MIN for the unfloored one), in the
     first slot of the second a tile whose scale is 1.5x too small, so its largest values saturate at 448; unused
     slots hold 0x7F bytes (NaN codes, NaN scales, NaN rope)."""
@@ -195,7 +195,9 @@ def fp8_record_pool(definition: dict, config: ModelConfig, k_cache: np.ndarray, 
     held = np.isfinite(k_cache).all(axis=-1)  # [num_blocks, block_size, 1]
     slots = np.argwhere(held)  # [rows, 3], in pool order
     canary = np.array([(int(block), int(offset)) in canaries for block, offset, _ in slots])  # [rows]
-    rows = k_cache[held] * np.where(canary, 1.0, 2.0 ** rng.uniform(-6, 1, size=len(slots)))[:, None]  # [rows, rank + rope]
+    rows = k_cache[held]  # [rows, rank + rope]
+    rows[~canary, :rank] *= 2.0 ** rng.uniform(-6, 1, size=(int((~canary).sum()), 1))
+    rows[~canary, rank:] *= 2.0  # the rope part weighs in the logits as much as the latent
     zero_row = int(np.flatnonzero((slots[:, 0] == first_blocks[0]) & (slots[:, 1] == 0))[0])
     rows[zero_row, BLOCK_SIZE: 2 * BLOCK_SIZE] = 0.0
     amax = np.abs(rows[:, :rank]).reshape(len(rows), -1, BLOCK_SIZE).max(axis=-1)  # [rows, tiles]
