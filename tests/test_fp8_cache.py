@@ -156,3 +156,28 @@ def test_the_kernel_names_a_bad_record_cache():
     pool = np.full((1, 4, 1, 164), 0x7F, np.uint8)  # a held slot of NaN codes
     with pytest.raises(InputError, match="not finite"):
         latent_attention_core(q, pool, table, seqlens, 128, 0.1)
+
+
+def test_the_golden_fp8_case_holds_what_its_purpose_says():
+    """GC-FP8 latent cache: power-of-two and other scales, an all-zero tile, saturated codes, NaN bytes in unused slots."""
+    from mla_ref.cache import gather_paged_rows
+    from mla_ref.conformance.check import load_case
+    from mla_ref.fp8_cache import record_scales
+    from mla_ref.golden.generate import default_golden_dir
+    from mla_ref.golden.manifest import read_manifest
+
+    directory = default_golden_dir()
+    entry = read_manifest(directory / "manifest.yaml")["cases"]["mla.core.fp8/tiny-r512/bs16-seed0"]
+    inputs = load_case(directory, entry)["input"]
+    k_cache, seqlens = inputs["k_cache"], inputs["cache_seqlens"]
+    assert k_cache.dtype == np.uint8 and k_cache.shape[-1] == 656
+    records = gather_paged_rows(k_cache, inputs["block_table"], seqlens)
+    held = records[np.arange(records.shape[1])[None, :] < seqlens[:, None]]  # [keys held, 656]
+    scales = record_scales(held, 512)
+    powers_of_two = np.frexp(scales)[0] == 0.5
+    assert powers_of_two.any() and (~powers_of_two).any()
+    tiles = held[:, :512].reshape(-1, 4, 128)
+    assert ((tiles & 0x7F) == 0).all(axis=-1).any()  # an all-zero tile
+    assert ((tiles & 0x7F) == 0x7E).sum(axis=-1).max() > 1  # amax / 448 gives one code of 448 per tile; saturation more
+    slots = k_cache.shape[0] * k_cache.shape[1]
+    assert (k_cache == 0x7F).all(axis=-1).sum() == slots - held.shape[0] - len(seqlens)  # every slot but the held and the canaries
