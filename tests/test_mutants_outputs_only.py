@@ -57,6 +57,12 @@ CATALOGUE_NAMES = {  # mutant -> what its diagnosis must say first in some case 
     "mtp_token_shift_off_by_one": "depth k embeds t_{i+k-1}",
     "mtp_token_shift_twice": "depth k embeds t_{i+k+1}",
     "mtp_norms_swapped": "MTP hnorm and enorm swapped",
+    "cache_scales_read_as_bf16": "FP8 cache scales read as bf16",
+    "cache_codes_read_as_fnuz": "FP8 cache codes read as e4m3fnuz",
+    "cache_scales_fnuz_normalised": "FP8 cache scales doubled",
+    "cache_rope_quantised": "FP8 cache rope part quantised",
+    "cache_scales_reversed": "FP8 cache scales applied in reverse order",
+    "cache_scales_after_rope": "FP8 cache scales read after the rope part",
 }
 
 
