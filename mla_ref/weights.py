@@ -221,6 +221,16 @@ def dequantize_checkpoint(weights: Mapping[str, np.ndarray]) -> dict[str, np.nda
     return dequantized
 
 
+def fp8_tensors(weights) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """FP8.20 — ``{name: (codes, weight_scale_inv)}`` for every tensor of ``weights`` that has a ``{name}_scale_inv``
+    (empty for a checkpoint without FP8 tensors, or for anything that is not a mapping)."""
+    if not isinstance(weights, Mapping):
+        return {}
+    suffix = "_scale_inv"
+    return {name[: -len(suffix)]: (weights[name[: -len(suffix)]], weights[name]) for name in map(str, weights)
+            if name.endswith(suffix) and name[: -len(suffix)] in weights}
+
+
 def generate_attention_weights(config: ModelConfig, seed: int = 0, layer: int = 0, dtype: npt.DTypeLike = np.float64,
                                fp8: bool = False) -> dict[str, np.ndarray]:
     """The MLA tensors of ``layer`` under relative names (values equal to the full model's)."""

@@ -177,11 +177,17 @@ def build_paged_core(definition: dict, config: ModelConfig):
 
 
 def _layer_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
-    return attention_weights_with_gain(config, definition.get("seed", 0), definition["layout"].get("logit_gain", 1.0))
+    layout = definition["layout"]
+    return attention_weights_with_gain(config, definition.get("seed", 0), layout.get("logit_gain", 1.0), layout.get("fp8", False))
 
 
-def attention_weights_with_gain(config: ModelConfig, seed: int, gain: float) -> dict[str, np.ndarray]:
-    """One MLA layer's generated weights with the query and key-value up-projections scaled by ``gain`` (peaked softmax rows: GC-PREFILL)."""
+def attention_weights_with_gain(config: ModelConfig, seed: int, gain: float, fp8: bool = False) -> dict[str, np.ndarray]:
+    """One MLA layer's generated weights with the query and key-value up-projections scaled by ``gain`` (peaked softmax rows: GC-PREFILL);
+    ``fp8``: as an FP8 checkpoint (GC-FP8: codes and scales, which take no gain)."""
+    if fp8:
+        if gain != 1.0:
+            raise GoldenError("layout.logit_gain", f"expected 1.0 with fp8 weights (FP8 codes take no gain), got {gain}", "GOLDEN.cases")
+        return generate_attention_weights(config, seed=seed, fp8=True)
     weights = generate_attention_weights(config, seed=seed)
     q_name = "q_b_proj.weight" if config.q_lora_rank else "q_proj.weight"
     weights[q_name] = weights[q_name] * gain
@@ -194,6 +200,7 @@ def build_mla_prefill(definition: dict, config: ModelConfig):
     layout = definition["layout"]
     starts = np.array(layout["start_positions"], dtype=np.int64)
     hidden = _rng(definition, "hidden").standard_normal((len(starts), layout["seq"], config.hidden_size))
+    hidden[0, -1] *= layout.get("loud_token", 1.0)  # GC-FP8: a token whose activations dwarf the others' (per-tensor scales)
     return {"hidden": hidden, "start_positions": starts}, _layer_weights(definition, config)
 
 
@@ -218,7 +225,8 @@ def _gate_weights(definition: dict, config: ModelConfig, layer: int, experts: bo
     shifted by ``bias_shift``. Built by name: a V3 layer's 256 experts are never generated for a router case."""
     prefix = f"model.layers.{layer}.mlp." + ("" if experts else "gate.")
     names = [name for name in weight_shapes(config) if name.startswith(prefix)]
-    weights = subtree(generate_weights(config, seed=definition.get("seed", 0), names=names), f"model.layers.{layer}.")
+    fp8 = definition["layout"].get("fp8", False)  # GC-FP8: the experts as an FP8 checkpoint stores them (the gate is kept)
+    weights = subtree(generate_weights(config, seed=definition.get("seed", 0), names=names, fp8=fp8), f"model.layers.{layer}.")
     shift = definition["layout"].get("bias_shift")
     if shift is not None and "mlp.gate.e_score_correction_bias" in weights:
         weights["mlp.gate.e_score_correction_bias"] = weights["mlp.gate.e_score_correction_bias"] + shift
@@ -425,8 +433,11 @@ def weights_recipe(definition: dict) -> dict | None:
             recipe["norm_spread"] = float(layout["norm_spread"])
         return recipe
     if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend"):
-        return {"generator": "mla_ref.weights.generate_attention_weights", "seed": seed, "design": "logit_gain",
-                "logit_gain": float(layout.get("logit_gain", 1.0))}
+        recipe = {"generator": "mla_ref.weights.generate_attention_weights", "seed": seed, "design": "logit_gain",
+                  "logit_gain": float(layout.get("logit_gain", 1.0))}
+        if layout.get("fp8"):
+            recipe["fp8"] = True
+        return recipe
     return None
 
 
@@ -435,7 +446,7 @@ def rebuild_weights(config: ModelConfig, recipe: dict) -> dict[str, np.ndarray]:
     if recipe["design"] == "echo":
         return echo_weights(config, recipe["seed"], recipe["block_scale"])
     if recipe["design"] == "logit_gain":
-        return attention_weights_with_gain(config, recipe["seed"], recipe["logit_gain"])
+        return attention_weights_with_gain(config, recipe["seed"], recipe["logit_gain"], recipe.get("fp8", False))
     if recipe["design"] == "final_norm_spread":
         return final_norm_spread_weights(config, recipe["seed"], recipe["norm_spread"])
     if recipe["design"] != "none":
