@@ -150,7 +150,8 @@ def act_quant(x: torch.Tensor):
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
     """``a @ W.T`` per 128-wide K block: an fp32 partial product scaled by both scales, accumulated in fp32, bf16 output."""
-    b, b_scale = weight.codes.to(torch.float32), weight.scale.repeat_interleave(BLOCK, 0)[: weight.codes.shape[0]]  # [N, K], [N, K / 128]
+    rows = torch.arange(weight.codes.shape[0], device=weight.codes.device) // BLOCK  # each output row's scale block
+    b, b_scale = weight.codes.to(torch.float32), weight.scale[rows]  # [N, K], [N, K / 128]
     a = a.to(torch.float32)
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)  # [rows, N]
     for block in range(b_scale.shape[1]):

@@ -178,11 +178,17 @@ def generate_weights(config: ModelConfig, seed: int = 0, names: Iterable[str] | 
     for name, shape in table.items():
         rule = _init_rule(name, rules)
         if fp8 and rule == "linear" and not _matches(name, _fp8_checkpoint()["kept"]):
-            scale_fmt = None if _matches(name, _fp8_checkpoint()["amax_scales"]) else "ue8m0"
-            weights[name], weights[name + "_scale_inv"] = _read_only(*weight_quant(generate_tensor(seed, name, shape, rule), scale_fmt))
+            weights[name], weights[name + "_scale_inv"] = quantize_checkpoint_tensor(name, generate_tensor(seed, name, shape, rule))
         else:
             weights[name] = generate_tensor(seed, name, shape, rule, dtype)
     return weights
+
+
+def quantize_checkpoint_tensor(name: str, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FP8.5 as the FP8 checkpoint applies it to tensor ``name`` (spec/fp8.yaml checkpoint): codes and weight_scale_inv,
+    amax / 448 scales for the names of ``amax_scales``, ue8m0 for the others; read-only."""
+    scale_fmt = None if _matches(name, _fp8_checkpoint()["amax_scales"]) else "ue8m0"
+    return _read_only(*weight_quant(value, scale_fmt))
 
 
 def _fp8_checkpoint() -> dict:

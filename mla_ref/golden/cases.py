@@ -25,7 +25,7 @@ from ..precision import UNIT_ROUNDOFF
 from ..rope import softmax_scale
 from ..spec import load_spec_file
 from ..trace import Trace, profile as trace_profile
-from ..weights import generate_attention_weights, generate_weights, subtree, weight_shapes
+from ..weights import generate_attention_weights, generate_weights, quantize_checkpoint_tensor, subtree, weight_shapes
 
 CASE_ID = re.compile(r"^[a-z0-9][a-z0-9_.\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
 
@@ -178,7 +178,30 @@ def build_paged_core(definition: dict, config: ModelConfig):
 
 def _layer_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
     layout = definition["layout"]
-    return attention_weights_with_gain(config, definition.get("seed", 0), layout.get("logit_gain", 1.0), layout.get("fp8", False))
+    weights = attention_weights_with_gain(config, definition.get("seed", 0), layout.get("logit_gain", 1.0), layout.get("fp8", False))
+    if "block_gain" in layout:
+        weights = fp8_block_gain(weights, generate_attention_weights(config, seed=definition.get("seed", 0)), layout["block_gain"])
+    return weights
+
+
+def fp8_block_gain(checkpoint: dict[str, np.ndarray], values: dict[str, np.ndarray], gain: float) -> dict[str, np.ndarray]:
+    """GC-FP8: every FP8 tensor of ``checkpoint`` re-quantised from its float64 ``values`` with row block b scaled by
+    ``gain ** b``: with gain > 2 neighbouring row blocks (an edge block and the one before it included) get scales a
+    power of two or more apart, so a wrong scale block never hides behind an equal one; amax / 448 scales (o_proj)
+    get the mantissa 1.9."""
+    designed = dict(checkpoint)
+    for name in checkpoint:
+        if name + "_scale_inv" in checkpoint:
+            rows = np.arange(values[name].shape[0]) // 128  # each row's block
+            value = values[name] * gain ** rows[:, None]
+            _, scale = quantize_checkpoint_tensor(name, value)
+            mantissa, _ = np.frexp(scale.astype(np.float64))  # [row blocks, column blocks], in [0.5, 1)
+            if np.any(mantissa != 0.5):  # amax / 448 scales: each block's moved to mantissa 1.9 (0.95 x 2), so that a
+                # scale truncated to a power of two loses half of its block (a mantissa near 1 would hide it)
+                stretch = np.repeat(np.repeat(0.95 / mantissa, 128, axis=0), 128, axis=1)[: value.shape[0], : value.shape[1]]
+                value = value * stretch
+            designed[name], designed[name + "_scale_inv"] = quantize_checkpoint_tensor(name, value)
+    return designed
 
 
 def attention_weights_with_gain(config: ModelConfig, seed: int, gain: float, fp8: bool = False) -> dict[str, np.ndarray]:
@@ -227,6 +250,9 @@ def _gate_weights(definition: dict, config: ModelConfig, layer: int, experts: bo
     names = [name for name in weight_shapes(config) if name.startswith(prefix)]
     fp8 = definition["layout"].get("fp8", False)  # GC-FP8: the experts as an FP8 checkpoint stores them (the gate is kept)
     weights = subtree(generate_weights(config, seed=definition.get("seed", 0), names=names, fp8=fp8), f"model.layers.{layer}.")
+    if "block_gain" in definition["layout"]:
+        values = subtree(generate_weights(config, seed=definition.get("seed", 0), names=names), f"model.layers.{layer}.")
+        weights = fp8_block_gain(weights, values, definition["layout"]["block_gain"])
     shift = definition["layout"].get("bias_shift")
     if shift is not None and "mlp.gate.e_score_correction_bias" in weights:
         weights["mlp.gate.e_score_correction_bias"] = weights["mlp.gate.e_score_correction_bias"] + shift
