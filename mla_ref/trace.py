@@ -55,7 +55,7 @@ class Trace:
         fmt = self.profile.get(kind, self.profile["storage"])
         return ROUNDING[fmt](value).astype(np.asarray(value).dtype, copy=False)
 
-    def weight(self, value: np.ndarray, fp8: tuple[np.ndarray, np.ndarray] | None = None):
+    def weight(self, value: np.ndarray, fp8: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray | Fp8Linear:
         """FP8.20 — a weight as the profile holds it: a tensor of an FP8 checkpoint (``fp8`` = its codes and
         weight_scale_inv) stays FP8 (an :class:`Fp8Linear`) under a profile with ``fp8_linear``; any other is rounded as
         :meth:`round_input` rounds weights."""
