@@ -15,13 +15,17 @@ spec/golden.yaml's adapter protocol is here, and each also returns its intermedi
 ``<STEP>/<name>`` so the checker names the first step that diverges.
 
 Precision is the one thing the protocol's arguments do not carry, so it is read once, at
-import, from ``MLA_REF_JAX_DTYPE``: ``float32`` (default, profile fp32), ``bfloat16`` (bf16)
-or ``float64`` (fp64; turns on ``jax_enable_x64`` for the process). ``PROFILE`` names the
-matching profile of spec/tolerance.yaml::
+import, from ``MLA_REF_JAX_DTYPE``: ``float32`` (default, profile fp32), ``bfloat16`` (bf16),
+``float64`` (fp64; turns on ``jax_enable_x64`` for the process) or ``fp8`` (profile fp8: the
+attention projections of an FP8 checkpoint as DeepSeek's kernels run them, 1 x 128 activation
+groups cast to ``jnp.float8_e4m3fn`` and a GEMM per 128-wide K block in float32, everything
+else bfloat16; an FP8 checkpoint's MoE layer is declared unsupported). An FP8 checkpoint is
+dequantised in the other modes. ``PROFILE`` names the matching profile of spec/tolerance.yaml::
 
     mla-ref check examples/jax_mla.py --profile fp32
     MLA_REF_JAX_DTYPE=bfloat16 mla-ref check examples/jax_mla.py --profile bf16
     MLA_REF_JAX_DTYPE=float64 mla-ref check examples/jax_mla.py --profile fp64
+    MLA_REF_JAX_DTYPE=fp8 mla-ref check examples/jax_mla.py --profile fp8
 
 Matmul precision (measured with jax / jaxlib 0.10.2 on an x86-64 CPU). JAX's default matmul
 precision for float32 inputs is ``DEFAULT``, which on NVIDIA A100 / H100 means TF32 tensor
@@ -58,7 +62,7 @@ import numpy as np
 
 from mla_ref import Unsupported
 
-PROFILES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16"}
+PROFILES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "fp8": "fp8"}
 DTYPE_NAME = os.environ.get("MLA_REF_JAX_DTYPE", "float32")
 if DTYPE_NAME not in PROFILES:
     raise ValueError(f"MLA_REF_JAX_DTYPE: expected one of {sorted(PROFILES)}, got {DTYPE_NAME!r}")
@@ -66,7 +70,7 @@ if DTYPE_NAME == "float64":
     jax.config.update("jax_enable_x64", True)
 
 PROFILE = PROFILES[DTYPE_NAME]
-STORE = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[DTYPE_NAME]  # weights, activations
+STORE = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp8": jnp.bfloat16}[DTYPE_NAME]  # weights, activations
 STAT = jnp.float64 if DTYPE_NAME == "float64" else jnp.float32  # logits, softmax, LSE, norm statistics, RoPE, router
 INT = np.int64 if DTYPE_NAME == "float64" else np.int32
 MATMUL_PRECISION = jax.lax.Precision.HIGHEST
@@ -218,8 +222,41 @@ def _contract(subscripts: str, a, b, out=STORE):
 
 
 def _linear(x, weight):
-    """``x @ weight.T`` (checkpoint layout [out, in])."""
+    """``x @ weight.T`` (checkpoint layout [out, in]); an FP8 weight ``(codes, scale)`` through the FP8 GEMM."""
+    if isinstance(weight, tuple):
+        return _fp8_linear(x, *weight)
     return _contract("...i,oi->...o", x, weight)
+
+
+# ---------------------------------------------------------------------------- FP8 checkpoints
+BLOCK, FP8_MAX = 128, 448.0  # 128 x 128 weight blocks, 1 x 128 activation groups; the e4m3fn maximum
+
+
+def _fp8_dequant(codes, scale, out=STORE):
+    """``code * scale`` of its 128 x 128 block (weight_scale_inv is multiplied in), edge blocks cut to the weight."""
+    rows, columns = codes.shape
+    per_element = jnp.repeat(jnp.repeat(scale, BLOCK, axis=0), BLOCK, axis=1)[:rows, :columns]
+    return (codes.astype(STAT) * per_element).astype(out)
+
+
+def _dense(weight):
+    """A weight as an array: an FP8 one dequantised to bfloat16, as V3's weight_dequant gives the absorbed kv_b_proj."""
+    return _fp8_dequant(*weight) if isinstance(weight, tuple) else weight
+
+
+def _fp8_linear(x, codes, scale):
+    """V3.2's linear: act_quant in 1 x 128 groups (s = max(amax, 1e-4) * (1 / 448)), then per K block an fp32 product
+    scaled by both scales, accumulated in fp32, rounded to bfloat16."""
+    groups = x.astype(STAT).reshape(x.shape[:-1] + (-1, BLOCK))  # [..., K / 128, 128]
+    x_scale = jnp.maximum(jnp.max(jnp.abs(groups), axis=-1, keepdims=True), 1e-4) * jnp.float32(1 / FP8_MAX)
+    x_codes = jnp.clip(groups / x_scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(STAT)
+    b_scale = scale[jnp.arange(codes.shape[0]) // BLOCK]  # [N, K / 128]: each output row's scale block
+    weight = codes.astype(STAT).reshape(codes.shape[0], -1, BLOCK)  # [N, K / 128, 128]
+    partial = jnp.einsum("...gk,ngk->...ng", x_codes, weight, precision=MATMUL_PRECISION)  # [..., N, K / 128] fp32
+    out = jnp.zeros(partial.shape[:-1], STAT)
+    for block in range(partial.shape[-1]):  # K blocks in order, each partial scaled by a_s * b_s
+        out = out + partial[..., block] * (x_scale[..., block, :] * b_scale[:, block])
+    return out.astype(STORE)
 
 
 def rms_norm(x, weight, eps: float):
@@ -329,7 +366,7 @@ def _extend(cfg: Config, w: dict, hidden, cos, sin, cache_rows, cache_lengths, q
     in_cache, held = j < cache_lengths[:, None], j < steps["MLA.18/lengths"][:, None]
     key_rows = jnp.where(in_cache[..., None], cached, jnp.where(held[..., None], fresh, 0))  # [batch, keys, rank + rope]
     visible = steps["MLA.8/visible"] = real[:, :, None] & (j[:, None, :] <= cache_lengths[:, None, None] + jnp.arange(seq)[None, :, None])
-    w_kv = w["kv_b_proj.weight"].reshape(heads, nope + cfg.v_head_dim, rank)  # per head [k_nope rows | value rows]
+    w_kv = _dense(w["kv_b_proj.weight"]).reshape(heads, nope + cfg.v_head_dim, rank)  # per head [k_nope rows | value rows]
     q_absorbed = steps["MLA.13/q_absorbed"] = _contract("bshd,hdc->bshc", steps["MLA.2/q_nope"], w_kv[:, :nope])
     q_latent = steps["MLA.13/q_latent"] = jnp.concatenate([q_absorbed, steps["MLA.4/q_pe"]], axis=-1)
     (steps["MLA.14/logits"], steps["MLA.10/probs"], steps["MLA.10/lse"],
@@ -443,11 +480,20 @@ def _ints(entry: str, name: str, array, shape: tuple) -> np.ndarray:
 
 
 def _weights(entry: str, weights: dict, shapes: dict[str, tuple]) -> dict:
+    """The named weights as STORE arrays; an FP8 one (uint8 codes with ``{name}_scale_inv``) as ``(codes, scale)`` in
+    fp8 mode, dequantised in the others."""
     out = {}
     for name, shape in shapes.items():
         if name not in weights:
             _fail(entry, f"weight {name} missing (have {sorted(weights)[:6]}...)")
-        out[name] = _floats(entry, f"weight {name}", weights[name], shape)
+        if name + "_scale_inv" in weights:
+            codes = np.asarray(weights[name])
+            if codes.dtype != np.uint8 or codes.shape != shape:
+                _fail(entry, f"weight {name}: expected uint8 FP8 codes of shape {shape}, got {codes.dtype} {codes.shape}")
+            fp8 = (jnp.asarray(codes.view(jnp.float8_e4m3fn)), jnp.asarray(np.asarray(weights[name + "_scale_inv"], np.float32)))
+            out[name] = fp8 if DTYPE_NAME == "fp8" else _fp8_dequant(*fp8)
+        else:
+            out[name] = _floats(entry, f"weight {name}", weights[name], shape)
     return out
 
 
@@ -614,6 +660,9 @@ def _ffn(entry: str, cfg: Config, weights: dict, x, layer: int) -> dict:
 def moe_layer(config, weights, hidden, layer):
     """MOE.1-MOE.13 — the feed-forward block of ``layer``: dense SwiGLU or routed experts plus shared experts."""
     entry, cfg = "moe_layer", Config.from_dict(config)
+    if DTYPE_NAME == "fp8" and any(name.endswith("_scale_inv") for name in weights):
+        from mla_ref import Unsupported  # the protocol's way to decline a case
+        raise Unsupported("FP8 experts: the grouped GEMM (jax.lax.ragged_dot) has no block-scaled FP8 form in this port")
     steps = _ffn(entry, cfg, weights, _floats(entry, "hidden", hidden, (None, cfg.hidden_size)), int(layer))
     if "MOE.7/expert_ids" in steps:
         steps["expert_ids"] = steps["MOE.7/expert_ids"]

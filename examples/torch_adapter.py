@@ -8,16 +8,22 @@ in float64 mode), interleaved-pair RoPE through complex numbers, prefill in the 
 
 The precision is the one setting the protocol's arguments do not carry, so it is a module
 setting: ``configure(dtype, device, tf32, rope_table)``, or at import the environment variables
-``MLA_REF_TORCH_DTYPE`` (float64 | float32 | bfloat16 | float16, default float32),
+``MLA_REF_TORCH_DTYPE`` (float64 | float32 | bfloat16 | float16 | fp8, default float32),
 ``MLA_REF_TORCH_DEVICE`` (default cpu), ``MLA_REF_TORCH_TF32=1`` (TF32 matmuls on CUDA) and
 ``MLA_REF_TORCH_ROPE_TABLE`` (float32 | float64: the dtype of the RoPE table; default float32, as
 Hugging Face, DeepSeek's inference code and vLLM build it, and float64 in float64 mode).
-``PROFILE`` names the matching precision profile of spec/tolerance.yaml. Every entry point
+``PROFILE`` names the matching precision profile of spec/tolerance.yaml. An FP8 checkpoint
+(uint8 e4m3fn codes with ``{name}_scale_inv``) is dequantised in every mode; in mode ``fp8``
+(profile fp8) its linear layers instead run as DeepSeek's kernels run them, written in torch:
+activations quantised in 1 x 128 groups (``MLA_REF_TORCH_SCALE_FMT=ue8m0`` for power-of-two
+scales), a GEMM per 128-wide K block in fp32 scaled by both scales, bf16 output; everything
+else as bfloat16. Every entry point
 also returns intermediates under ``<STEP>/<name>`` so the checker can name the first step
 that diverges.
 
     mla-ref check examples/torch_adapter.py --profile fp32
     MLA_REF_TORCH_DTYPE=bfloat16 mla-ref check examples/torch_adapter.py --profile bf16
+    MLA_REF_TORCH_DTYPE=fp8 mla-ref check examples/torch_adapter.py --profile fp8
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PROFILES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+PROFILES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "fp8": "fp8"}
 DTYPE, DEVICE, TF32, PROFILE, ROPE_TABLE = "float32", "cpu", False, "fp32", "float32"
+SCALE_FMT = os.environ.get("MLA_REF_TORCH_SCALE_FMT") or None  # None: amax / 448; "ue8m0": rounded up to a power of two
 
 
 def configure(dtype: str = "float32", device: str = "cpu", tf32: bool = False, rope_table: str | None = None) -> None:
@@ -57,8 +64,8 @@ configure(os.environ.get("MLA_REF_TORCH_DTYPE", "float32"), os.environ.get("MLA_
 
 
 def _dtype() -> torch.dtype:
-    """Storage dtype of weights and activations."""
-    return getattr(torch, DTYPE)
+    """Storage dtype of weights and activations (bfloat16 in fp8 mode, as DeepSeek's FP8 inference keeps them)."""
+    return torch.bfloat16 if DTYPE == "fp8" else getattr(torch, DTYPE)
 
 
 def _stat() -> torch.dtype:
@@ -84,6 +91,81 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """NORM.1 — ``x / sqrt(mean(x^2) + eps) * weight``, statistic and product in fp32, one rounding."""
     xf = x.to(_stat())
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(_stat())).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- FP8 checkpoints
+
+BLOCK = 128  # weights in 128 x 128 blocks, activations in 1 x 128 groups
+FP8_MAX = 448.0
+
+
+class Fp8Weight:
+    """A weight of an FP8 checkpoint: e4m3fn codes ``[N, K]`` and one float32 scale per 128 x 128 block."""
+
+    def __init__(self, codes, scale_inv):
+        self.codes = torch.as_tensor(np.asarray(codes), device=DEVICE).view(torch.float8_e4m3fn)
+        self.scale = torch.as_tensor(np.asarray(scale_inv), device=DEVICE).to(torch.float32)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """``code * scale_inv`` of the code's block (multiplied, despite the name), edge blocks cut to the weight."""
+        rows, columns = self.codes.shape
+        scale = self.scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:rows, :columns]  # [N, K]
+        return (self.codes.to(torch.float64) * scale.to(torch.float64)).to(dtype)
+
+
+def tensor(weights: dict, name: str):
+    """One tensor of a NumPy checkpoint: an FP8 weight (uint8 codes with ``{name}_scale_inv``) as an Fp8Weight in fp8 mode,
+    dequantised in the others; any other tensor in the storage dtype."""
+    if name + "_scale_inv" not in weights:
+        return _t(weights[name])
+    weight = Fp8Weight(weights[name], weights[name + "_scale_inv"])
+    return weight if DTYPE == "fp8" else weight.dequantized(_dtype())
+
+
+def checkpoint(weights: dict) -> dict:
+    """Every tensor of a NumPy checkpoint by :func:`tensor` (scales go with their weights)."""
+    return {name: tensor(weights, name) for name in weights if not name.endswith("_scale_inv")}
+
+
+def dense(weight) -> torch.Tensor:
+    """A weight as a tensor; an FP8 one dequantised in fp32 and stored in bf16, as V3's weight_dequant gives it."""
+    return weight.dequantized(torch.float32).to(_dtype()) if isinstance(weight, Fp8Weight) else weight
+
+
+def ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """A positive float32 scale rounded up to a power of two."""
+    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return torch.ldexp(torch.ones_like(scale), exponent - (mantissa == 0.5).to(exponent.dtype))
+
+
+def act_quant(x: torch.Tensor):
+    """1 x 128 groups of the last dimension: ``s = max(amax, 1e-4) / 448`` (V3.2: times the float32 reciprocal), codes of x / s."""
+    groups = x.to(torch.float32).unflatten(-1, (-1, BLOCK))  # [rows, K / 128, 128]
+    amax = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4)  # [rows, K / 128, 1]
+    scale = amax * (1.0 / FP8_MAX)
+    scale = ue8m0(scale) if SCALE_FMT == "ue8m0" else scale
+    codes = (groups / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes.flatten(-2), scale.squeeze(-1)  # [rows, K], [rows, K / 128]
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
+    """``a @ W.T`` per 128-wide K block: an fp32 partial product scaled by both scales, accumulated in fp32, bf16 output."""
+    rows = torch.arange(weight.codes.shape[0], device=weight.codes.device) // BLOCK  # each output row's scale block
+    b, b_scale = weight.codes.to(torch.float32), weight.scale[rows]  # [N, K], [N, K / 128]
+    a = a.to(torch.float32)
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)  # [rows, N]
+    for block in range(b_scale.shape[1]):
+        k = slice(block * BLOCK, (block + 1) * BLOCK)
+        out += (a[:, k] @ b[:, k].T) * (a_scale[:, block, None] * b_scale[None, :, block])
+    return out.to(torch.bfloat16)
+
+
+def linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """``x @ W.T``; an FP8 weight through act_quant and the block-scaled FP8 GEMM (DeepSeek-V3.2 ``linear``)."""
+    if not isinstance(weight, Fp8Weight):
+        return F.linear(x, weight)
+    codes, scale = act_quant(x.flatten(0, -2))
+    return fp8_gemm(codes, scale, weight).unflatten(0, x.shape[:-1]).to(_dtype())
 
 
 # ---------------------------------------------------------------------------- RoPE / YaRN
@@ -155,12 +237,12 @@ def project(cfg: dict, w: dict, x: torch.Tensor, positions: torch.Tensor, steps:
     heads, nope, rope, rank = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["kv_lora_rank"]
     eps = cfg["rms_norm_eps"]
     if cfg["q_lora_rank"]:
-        c_q = steps["MLA.1/c_q"] = rms_norm(F.linear(x, w["q_a_proj.weight"]), w["q_a_layernorm.weight"], eps)
-        q = F.linear(c_q, w["q_b_proj.weight"])  # [batch, seq, heads * qk_head_dim]
+        c_q = steps["MLA.1/c_q"] = rms_norm(linear(x, w["q_a_proj.weight"]), w["q_a_layernorm.weight"], eps)
+        q = linear(c_q, w["q_b_proj.weight"])  # [batch, seq, heads * qk_head_dim]
     else:
-        q = F.linear(x, w["q_proj.weight"])
+        q = linear(x, w["q_proj.weight"])
     q_nope, q_pe = q.unflatten(-1, (heads, nope + rope)).split([nope, rope], dim=-1)  # [batch, seq, heads, nope | rope]
-    kv_a = F.linear(x, w["kv_a_proj_with_mqa.weight"])  # [batch, seq, kv_lora_rank + rope]
+    kv_a = linear(x, w["kv_a_proj_with_mqa.weight"])  # [batch, seq, kv_lora_rank + rope]
     c_kv, k_pe = kv_a.split([rank, rope], dim=-1)
     kv_latent = rms_norm(c_kv, w["kv_a_layernorm.weight"], eps)  # [batch, seq, kv_lora_rank]
     steps.update({"MLA.2/q_nope": q_nope, "MLA.2/q_pe_raw": q_pe, "MLA.3/kv_latent": kv_latent, "MLA.3/k_pe_raw": k_pe})
@@ -198,12 +280,12 @@ def latent_attention(q_latent: torch.Tensor, key_rows: torch.Tensor, visible: to
 
 def output_projection(attn: torch.Tensor, w: dict) -> torch.Tensor:
     """MLA.12 — concatenate the heads head-major, then ``o_proj``: ``[batch, seq, hidden_size]``."""
-    return F.linear(attn.flatten(2), w["o_proj.weight"])
+    return linear(attn.flatten(2), w["o_proj.weight"])
 
 
 def mla_prefill(config, weights, hidden, start_positions):
     """MLA.1-MLA.12 without a cache, naive form: per-head k_nope and values from the latent (V2R eq. 9-19)."""
-    cfg, w, x = config, {name: _t(value) for name, value in weights.items()}, _t(hidden)
+    cfg, w, x = config, checkpoint(weights), _t(hidden)
     batch, seq, _ = x.shape
     positions = _ints(start_positions)[:, None] + torch.arange(seq, device=DEVICE)  # [batch, seq]
     steps = {}
@@ -216,7 +298,7 @@ def mla_naive(cfg: dict, w: dict, x: torch.Tensor, positions: torch.Tensor, step
     heads, nope, v_dim = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
     batch, seq, _ = x.shape
     q_nope, q_pe, kv_latent, k_pe, _ = project(cfg, w, x, positions, steps)
-    kv = F.linear(kv_latent, w["kv_b_proj.weight"]).unflatten(-1, (heads, nope + v_dim))  # [batch, seq, heads, nope + v]
+    kv = linear(kv_latent, w["kv_b_proj.weight"]).unflatten(-1, (heads, nope + v_dim))  # [batch, seq, heads, nope + v]
     k_nope, value = kv.split([nope, v_dim], dim=-1)
     q = torch.cat([q_nope, q_pe], dim=-1)  # [batch, seq, heads, qk_head_dim]
     k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, heads, -1)], dim=-1)
@@ -232,7 +314,7 @@ def mla_naive(cfg: dict, w: dict, x: torch.Tensor, positions: torch.Tensor, step
 
 def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths):
     """MLA layer after cached latent rows, absorbed form (V2R section 2.1.2): chunked prefill, decode or verification."""
-    cfg, w, x = config, {name: _t(value) for name, value in weights.items()}, _t(hidden)
+    cfg, w, x = config, checkpoint(weights), _t(hidden)
     heads, nope, v_dim, rank = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
     seq = x.shape[1]
     cached, new = _ints(cache_lengths), _ints(query_lengths)
@@ -247,7 +329,7 @@ def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths
     b, i = torch.nonzero(real, as_tuple=True)
     key_rows[b, cached[b] + i] = rows[b, i]  # MLA.18: append after each sequence's prefix
     visible = steps["MLA.8/visible"] = causal_visible(cached, new, seq, keys)
-    w_uk, w_uv = w["kv_b_proj.weight"].unflatten(0, (heads, nope + v_dim)).split([nope, v_dim], dim=1)  # [heads, nope | v, rank]
+    w_uk, w_uv = dense(w["kv_b_proj.weight"]).unflatten(0, (heads, nope + v_dim)).split([nope, v_dim], dim=1)  # [heads, nope | v, rank]
     q_absorbed = steps["MLA.13/q_absorbed"] = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [batch, seq, heads, kv_lora_rank]
     q_latent = torch.cat([q_absorbed, q_pe], dim=-1)
     out_latent, lse = latent_attention(q_latent, key_rows, visible, attention_scale(cfg), rank, steps)
@@ -334,8 +416,8 @@ def _route(cfg: dict, weights: dict, x: torch.Tensor) -> dict:
 
 def swiglu(x: torch.Tensor, weights: dict, prefix: str) -> torch.Tensor:
     """MOE.9 / MOE.11 / MOE.13 — ``down(silu(gate(x)) * up(x))``."""
-    gate, up, down = (_t(weights[f"{prefix}{name}_proj.weight"]) for name in ("gate", "up", "down"))
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    gate, up, down = (tensor(weights, f"{prefix}{name}_proj.weight") for name in ("gate", "up", "down"))
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def moe_layer(config, weights, hidden, layer):

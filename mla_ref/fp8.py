@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from .errors import InputError, ShapeError
-from .precision import round_bf16
+from .precision import matmul, round_bf16
 
 BLOCK_SIZE = 128
 AMAX_FLOOR = 1e-4
@@ -219,7 +219,8 @@ def fp8_gemm(a, a_scale, b, b_scale) -> np.ndarray:
     return round_bf16(accumulator)
 
 
-def fp8_linear(x, weight, weight_scale_inv, gemm_impl: str = "fp8", scale_fmt: str | None = None) -> np.ndarray:
+def fp8_linear(x, weight, weight_scale_inv, gemm_impl: str = "fp8", scale_fmt: str | None = None,
+               act_variant: str = "v32") -> np.ndarray:
     """FP8.8 — ``y = x @ W.T`` for an FP8 weight: act_quant + fp8_gemm, or the V3 demo's bf16 dequantisation (EXP model.py:159-163)."""
     if gemm_impl not in GEMM_IMPLS:
         raise InputError("gemm_impl", f"expected one of {list(GEMM_IMPLS)}, got {gemm_impl!r}", "FP8.8")
@@ -234,6 +235,38 @@ def fp8_linear(x, weight, weight_scale_inv, gemm_impl: str = "fp8", scale_fmt: s
             raise ShapeError("x", f"expected [..., {weight_bf16.shape[1]}], got {list(values.shape)}", "FP8.8")
         y = round_bf16(round_bf16(rows) @ weight_bf16.T)  # [tokens, N]
     else:
-        codes, scale = act_quant(rows, scale_fmt)
+        codes, scale = act_quant(rows, scale_fmt, act_variant)
         y = fp8_gemm(codes, scale, weight, weight_scale_inv)  # [tokens, N]
     return y.reshape(leading + (y.shape[-1],))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Linear:
+    """FP8.13 — an FP8 weight as the ``fp8`` profile's emulation runs it: the checkpoint's codes and scales, the
+    dequantised values (FP8.4) and the engine's choices (``fp8_linear`` of spec/tolerance.yaml)."""
+
+    codes: np.ndarray  # [N, K] uint8 e4m3fn
+    weight_scale_inv: np.ndarray  # [ceil(N / 128), ceil(K / 128)] float32
+    gemm_impl: str = "fp8"
+    scale_fmt: str | None = None
+    act_variant: str = "v32"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.codes.shape
+
+    def dense(self) -> np.ndarray:
+        """The weight as the engines that dequantise it hold it: bf16 of FP8.4 (V3 weight_dequant for the absorbed kv_b_proj)."""
+        return round_bf16(weight_dequant(self.codes, self.weight_scale_inv))
+
+
+def linear(x: np.ndarray, weight) -> np.ndarray:
+    """FP8.13 — ``x @ W.T`` of a linear layer: FP8.8 for an :class:`Fp8Linear` (the fp8 profile's emulation), else the product."""
+    if isinstance(weight, Fp8Linear):
+        return fp8_linear(x, weight.codes, weight.weight_scale_inv, weight.gemm_impl, weight.scale_fmt, weight.act_variant)
+    return matmul(x, weight.T)
+
+
+def dense(weight) -> np.ndarray:
+    """FP8.13 — a weight as an array: :meth:`Fp8Linear.dense` for an FP8 weight, else the array itself."""
+    return weight.dense() if isinstance(weight, Fp8Linear) else weight

@@ -21,10 +21,11 @@ from .checks import all_finite, check_int_vector, check_tensor, compute_dtype, f
 from .errors import CacheError, InputError, ShapeError, shown
 from .fp8_cache import check_latent_records, decode_latent_record
 from .norm import rms_norm
+from .fp8 import Fp8Linear, dense, linear
 from .precision import exp, log, matmul
 from .rope import apply_rope, rope_angles, softmax_scale
 from .trace import Trace, emit
-from .weights import attention_weight_shapes, check_weights
+from .weights import attention_weight_shapes, check_weights, dequantize_checkpoint, fp8_tensors
 
 # Bound on the elements of one [batch, head group, query_chunk, keys] logits block (MLA.9/MLA.14):
 # 8 MiB in float32, small enough to stay in the CPU's cache through the softmax.
@@ -37,21 +38,21 @@ DEFAULT_EXPANDED_ELEMENTS = 1 << 22
 
 def query_latent(hidden: np.ndarray, weights: dict, eps: float) -> np.ndarray:
     """MLA.1 — compressed query ``c_q = RMSNorm(x @ Wq_a.T)`` (V2R eq. 12; V3R eq. 6)."""
-    c_q = matmul(hidden, weights["q_a_proj.weight"].T)  # [batch, seq, q_lora_rank]
+    c_q = linear(hidden, weights["q_a_proj.weight"])  # [batch, seq, q_lora_rank]
     return rms_norm(c_q, weights["q_a_layernorm.weight"], eps)
 
 
 def query_heads(config: ModelConfig, query_input: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
     """MLA.2 — ``q = c_q @ Wq_b.T`` (or ``x @ Wq.T``), per head ``[nope | rope]`` (V2R eq. 13, 14; V3R eq. 7-8)."""
     weight = weights["q_b_proj.weight"] if config.q_lora_rank else weights["q_proj.weight"]
-    q = matmul(query_input, weight.T)  # [batch, seq, heads * qk_head_dim]
+    q = linear(query_input, weight)  # [batch, seq, heads * qk_head_dim]
     q = q.reshape(q.shape[:-1] + (config.num_attention_heads, config.qk_head_dim))  # [batch, seq, heads, qk_head_dim]
     return q[..., : config.qk_nope_head_dim], q[..., config.qk_nope_head_dim:]
 
 
 def kv_latent_and_rope_key(config: ModelConfig, hidden: np.ndarray, weights: dict) -> tuple[np.ndarray, np.ndarray]:
     """MLA.3 — ``[c_kv | k_pe] = x @ Wkv_a.T``; RMSNorm on the latent only (V2R eq. 9, 15; V3R eq. 1, 3)."""
-    kv_a = matmul(hidden, weights["kv_a_proj_with_mqa.weight"].T)  # [batch, seq, kv_lora_rank + qk_rope_head_dim]
+    kv_a = linear(hidden, weights["kv_a_proj_with_mqa.weight"])  # [batch, seq, kv_lora_rank + qk_rope_head_dim]
     kv_latent = rms_norm(kv_a[..., : config.kv_lora_rank], weights["kv_a_layernorm.weight"], config.rms_norm_eps)
     return kv_latent, kv_a[..., config.kv_lora_rank:]  # [batch, seq, kv_lora_rank], [batch, seq, qk_rope_head_dim]
 
@@ -76,8 +77,13 @@ def expand_latent(config: ModelConfig, kv_latent: np.ndarray, weights: dict) -> 
     """MLA.6 — ``kv = c_kv @ Wkv_b.T``, per head ``[k_nope | value]`` (V2R eq. 10-11; V3R eq. 2, 5).
 
     Computed per head with the W_UK / W_UV blocks of kv_b_proj into head-major buffers that
-    attention reads without a copy; returned as ``[batch, keys, heads, ..]`` views.
+    attention reads without a copy; returned as ``[batch, keys, heads, ..]`` views. An FP8 kv_b_proj (the fp8
+    profile's emulation, FP8.13) is one FP8 linear layer over all heads, as V3's naive path runs it.
     """
+    if isinstance(weights["kv_b_proj.weight"], Fp8Linear):
+        kv = linear(kv_latent, weights["kv_b_proj.weight"])  # [batch, keys, heads * (qk_nope_head_dim + v_head_dim)]
+        kv = kv.reshape(kv.shape[:2] + (-1, config.qk_nope_head_dim + config.v_head_dim))  # [batch, keys, heads, nope + v]
+        return kv[..., : config.qk_nope_head_dim], kv[..., config.qk_nope_head_dim:]
     w_uk, w_uv = _kv_b_heads(config, weights)  # [heads, nope, kv_lora_rank], [heads, v, kv_lora_rank]
     k_nope = matmul(kv_latent[:, None], w_uk.swapaxes(-1, -2))  # [batch, heads, keys, qk_nope_head_dim]
     value = matmul(kv_latent[:, None], w_uv.swapaxes(-1, -2))  # [batch, heads, keys, v_head_dim]
@@ -142,12 +148,12 @@ def attention_values(probs: np.ndarray, value_heads: np.ndarray) -> np.ndarray:
 def output_projection(attn: np.ndarray, weights: dict) -> np.ndarray:
     """MLA.12 — head-major concat, then ``@ Wo.T`` (V2R eq. 19; V3R eq. 11)."""
     flat = attn.reshape(attn.shape[:2] + (attn.shape[2] * attn.shape[3],))  # [batch, seq, heads * v_head_dim]
-    return matmul(flat, weights["o_proj.weight"].T)  # [batch, seq, hidden_size]
+    return linear(flat, weights["o_proj.weight"])  # [batch, seq, hidden_size]
 
 
 def _kv_b_heads(config: ModelConfig, weights: dict) -> tuple[np.ndarray, np.ndarray]:
     """W_UK ``[heads, qk_nope_head_dim, kv_lora_rank]`` and W_UV ``[heads, v_head_dim, kv_lora_rank]``: per-head slices of kv_b_proj."""
-    per_head = weights["kv_b_proj.weight"].reshape(-1, config.qk_nope_head_dim + config.v_head_dim, config.kv_lora_rank)
+    per_head = dense(weights["kv_b_proj.weight"]).reshape(-1, config.qk_nope_head_dim + config.v_head_dim, config.kv_lora_rank)
     return per_head[:, : config.qk_nope_head_dim], per_head[:, config.qk_nope_head_dim:]
 
 
@@ -257,12 +263,13 @@ def naive_attention_from_latent(config: ModelConfig, weights: dict, q_nope: np.n
     batch, seq, heads, _ = q_nope.shape
     rank, keys = config.kv_lora_rank, key_rows.shape[1]
     group = heads if trace is not None else max(1, DEFAULT_EXPANDED_ELEMENTS // max(1, batch * keys * config.qk_head_dim))
-    kv_b_rows = weights["kv_b_proj.weight"].reshape(heads, -1, rank)  # [heads, qk_nope_head_dim + v_head_dim, kv_lora_rank]
+    kv_b_proj = weights["kv_b_proj.weight"]
+    kv_b_rows = dense(kv_b_proj).reshape(heads, -1, rank)  # [heads, qk_nope_head_dim + v_head_dim, kv_lora_rank]
     attn = np.empty((batch, seq, heads, config.v_head_dim), q_nope.dtype)  # [batch, seq, heads, v_head_dim]
     lse = np.empty((batch, heads, seq), q_nope.dtype)
     for start in range(0, heads, group):
         h = slice(start, start + group)
-        group_weights = {"kv_b_proj.weight": kv_b_rows[h].reshape(-1, rank)}
+        group_weights = {"kv_b_proj.weight": kv_b_proj if group == heads else kv_b_rows[h].reshape(-1, rank)}
         k_nope, value = emit(trace, "MLA.6", *expand_latent(config, key_rows[..., :rank], group_weights))
         q_full, k_full = emit(trace, "MLA.7", *assemble_query_key(q_nope[:, :, h], q_pe[:, :, h], k_nope, key_rows[..., rank:]))
         attn[:, :, h], lse[:, h] = naive_attention(q_full, k_full, value, visible, scale, query_chunk, trace)  # MLA.9-11
@@ -415,10 +422,11 @@ def _finite_steps(*outputs: tuple[str, np.ndarray]) -> None:
 def _prepare(config, weights, hidden, start_positions, cache, attention, query_lengths, dtype, allow_nonfinite, trace):
     """Validate the inputs of :func:`mla_forward`; return them cast to ``dtype`` (and rounded per the trace's profile)."""
     dtype = compute_dtype(dtype)
-    w = check_weights(attention_weight_shapes(config), weights, "MLA.weights", dtype)
+    fp8 = fp8_tensors(weights)  # an FP8 checkpoint: {name: (codes, weight_scale_inv)} (FP8.13)
+    w = check_weights(attention_weight_shapes(config), dequantize_checkpoint(weights) if fp8 else weights, "MLA.weights", dtype)
     x = check_tensor("hidden", hidden, ("batch", "seq", config.hidden_size), "MLA.1", dtype, allow_nonfinite)
     if trace is not None:
-        w = {name: trace.round_input(value, "weights") for name, value in w.items()}
+        w = {name: trace.weight(value, fp8.get(name)) for name, value in w.items()}
         x = trace.round_input(x)
     batch, seq, _ = x.shape
     if cache is not None:

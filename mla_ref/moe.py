@@ -20,6 +20,7 @@ import numpy.typing as npt
 from .config import ModelConfig
 from .errors import InputError, NumericError, ShapeError, WeightError
 from .checks import all_finite, check_tensor, checked_weight, compute_dtype, finite_output, first_nonfinite
+from .fp8 import check_codes, linear, weight_dequant
 from .precision import exp, matmul
 from .spec import evaluate_shape, load_spec_file
 from .trace import Trace, emit
@@ -178,9 +179,10 @@ def _route_tokens(config, gate, bias, x, allow_nonfinite, trace, forced_expert_i
 # ------------------------------------------------------------------ experts: MOE.9-MOE.13
 
 def swiglu(x: np.ndarray, gate_proj: np.ndarray, up_proj: np.ndarray, down_proj: np.ndarray) -> np.ndarray:
-    """SwiGLU MLP ``(silu(x @ gate.T) * (x @ up.T)) @ down.T`` of MOE.9, MOE.11 and MOE.13 (OFF Expert, MLP)."""
-    gate = matmul(x, gate_proj.T)  # [rows, inner]
-    return matmul(gate * sigmoid(gate) * matmul(x, up_proj.T), down_proj.T)  # [rows, hidden_size]
+    """SwiGLU MLP ``(silu(x @ gate.T) * (x @ up.T)) @ down.T`` of MOE.9, MOE.11 and MOE.13 (OFF Expert, MLP); FP8 weights
+    of the fp8 profile's emulation through FP8.8 (FP8.13)."""
+    gate = linear(x, gate_proj)  # [rows, inner]
+    return linear(gate * sigmoid(gate) * linear(x, up_proj), down_proj)  # [rows, hidden_size]
 
 
 def assignment_order(expert_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -347,16 +349,24 @@ def _spec_table(config: ModelConfig, group: str, experts: bool) -> tuple[tuple[s
 
 def _tensor(weights: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], spec_id: str, dtype,
             trace: Trace | None = None, hint: str = "") -> np.ndarray:
-    """Read one tensor, check its dtype and shape, cast it to ``dtype`` (and round it as the trace's profile stores weights)."""
+    """Read one tensor, check its dtype and shape, cast it to ``dtype`` (and hold it as the trace's profile holds weights).
+
+    A tensor with a ``{name}_scale_inv`` is FP8 (uint8 codes of an FP8 checkpoint): dequantised by FP8.4, kept FP8
+    under a profile with ``fp8_linear`` (FP8.13).
+    """
     if name not in weights:
         raise WeightError(name, f"missing (expected shape {list(shape)}){hint}", spec_id)
     value = np.asarray(weights[name])
+    fp8 = None
+    if name + "_scale_inv" in weights:
+        fp8 = (check_codes(value, name, "FP8.4"), weights[name + "_scale_inv"])
+        value = weight_dequant(*fp8)
     if value.dtype.kind != "f":
         raise WeightError(name, f"expected a real floating dtype, got {value.dtype}", spec_id)
     if value.shape != tuple(shape):
         raise WeightError(name, f"expected shape {list(shape)}, got {list(value.shape)}", spec_id)
     value = checked_weight(name, value, dtype, spec_id)
-    return value if trace is None else trace.round_input(value, "weights")
+    return value if trace is None else trace.weight(value, fp8)
 
 
 def _router_tensors(config: ModelConfig, weights: Mapping[str, np.ndarray], dtype,
@@ -385,6 +395,7 @@ def _reject_unexpected(config: ModelConfig, weights: Mapping[str, np.ndarray], l
     moe = config.is_moe_layer(layer)
     allowed = set(_spec_shapes(config, "moe_mlp" if moe else "dense_mlp"))
     for name in map(str, weights):
+        name = name.removesuffix("_scale_inv")  # an FP8 tensor's scale goes with its tensor (FP8.4)
         if not name.startswith("mlp.") or name in allowed:
             continue
         match = _EXPERT_NAME.match(name)

@@ -14,6 +14,7 @@ import functools
 import numpy as np
 
 from .errors import InputError
+from .fp8 import Fp8Linear
 from .precision import ROUNDING
 from .spec import load_spec_file, step_by_id
 
@@ -53,6 +54,15 @@ class Trace:
             return value
         fmt = self.profile.get(kind, self.profile["storage"])
         return ROUNDING[fmt](value).astype(np.asarray(value).dtype, copy=False)
+
+    def weight(self, value: np.ndarray, fp8: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray | Fp8Linear:
+        """FP8.13 — a weight as the profile holds it: a tensor of an FP8 checkpoint (``fp8`` = its codes and
+        weight_scale_inv) stays FP8 (an :class:`Fp8Linear`) under a profile with ``fp8_linear``; any other is rounded as
+        :meth:`round_input` rounds weights."""
+        options = None if self.profile is None else self.profile.get("fp8_linear")
+        if fp8 is None or options is None:
+            return self.round_input(value, "weights")
+        return Fp8Linear(*fp8, gemm_impl=options["gemm_impl"], scale_fmt=options["scale_fmt"], act_variant=options["act_quant"])
 
     def record(self, step_id: str, **arrays: np.ndarray) -> None:
         """Store the named outputs of one step (a later call for the same step adds names)."""

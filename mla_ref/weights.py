@@ -178,11 +178,17 @@ def generate_weights(config: ModelConfig, seed: int = 0, names: Iterable[str] | 
     for name, shape in table.items():
         rule = _init_rule(name, rules)
         if fp8 and rule == "linear" and not _matches(name, _fp8_checkpoint()["kept"]):
-            scale_fmt = None if _matches(name, _fp8_checkpoint()["amax_scales"]) else "ue8m0"
-            weights[name], weights[name + "_scale_inv"] = _read_only(*weight_quant(generate_tensor(seed, name, shape, rule), scale_fmt))
+            weights[name], weights[name + "_scale_inv"] = quantize_checkpoint_tensor(name, generate_tensor(seed, name, shape, rule))
         else:
             weights[name] = generate_tensor(seed, name, shape, rule, dtype)
     return weights
+
+
+def quantize_checkpoint_tensor(name: str, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FP8.5 as the FP8 checkpoint applies it to tensor ``name`` (spec/fp8.yaml checkpoint): codes and weight_scale_inv,
+    amax / 448 scales for the names of ``amax_scales``, ue8m0 for the others; read-only."""
+    scale_fmt = None if _matches(name, _fp8_checkpoint()["amax_scales"]) else "ue8m0"
+    return _read_only(*weight_quant(value, scale_fmt))
 
 
 def _fp8_checkpoint() -> dict:
@@ -219,6 +225,16 @@ def dequantize_checkpoint(weights: Mapping[str, np.ndarray]) -> dict[str, np.nda
             value.setflags(write=False)
         dequantized[name] = value
     return dequantized
+
+
+def fp8_tensors(weights) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """FP8.13 — ``{name: (codes, weight_scale_inv)}`` for every tensor of ``weights`` that has a ``{name}_scale_inv``
+    (empty for a checkpoint without FP8 tensors, or for anything that is not a mapping)."""
+    if not isinstance(weights, Mapping):
+        return {}
+    suffix = "_scale_inv"
+    return {name[: -len(suffix)]: (weights[name[: -len(suffix)]], weights[name]) for name in map(str, weights)
+            if name.endswith(suffix) and name[: -len(suffix)] in weights}
 
 
 def generate_attention_weights(config: ModelConfig, seed: int = 0, layer: int = 0, dtype: npt.DTypeLike = np.float64,

@@ -17,7 +17,7 @@ ENTRY_POINTS = ("mla_prefill", "mla_extend", "latent_attention_core")
 
 def test_an_independent_float64_implementation_passes_every_case_it_covers():
     report = check(independent_fp64_adapter, "fp64")
-    covered = [case for case in report.cases if case.entry_point in ENTRY_POINTS]
+    covered = [case for case in report.cases if case.entry_point in ENTRY_POINTS and not case.reason.startswith("case has no ")]  # GC-FP8: fp8 only
     assert report.ok and covered and all(case.status == "pass" for case in covered), report.table()
 
 

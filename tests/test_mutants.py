@@ -25,13 +25,15 @@ from mutants import mutate  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
-DTYPES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16"}
-MUTANTS = mutate.catalogue()
-GOLDEN_GAPS = {entry["name"]: entry["golden_gap"] for entry in MUTANTS if "golden_gap" in entry}
+DTYPES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "fp8": "fp8"}
+MUTANTS = tuple(entry for entry in mutate.catalogue() if entry.get("profile") != "fp8")
+FP8_MUTANTS = tuple(entry for entry in mutate.catalogue() if entry.get("profile") == "fp8")  # judged at profile fp8 only
+GOLDEN_GAPS = {entry["name"]: entry["golden_gap"] for entry in MUTANTS + FP8_MUTANTS if "golden_gap" in entry}
 KNOWN_CHECKER_ISSUES: dict[str, dict[str, str]] = {  # waivers: the case must fail (a waived case that passes fails the run)
     "fp64": {},
     "fp32": {},
     "bf16": {},
+    "fp8": {},
 }
 
 
@@ -97,7 +99,7 @@ def test_checker_accepts_a_float64_rope_table(profile):
     assert result.failed == [], result.table()
 
 
-@pytest.mark.parametrize("profile", list(DTYPES))
+@pytest.mark.parametrize("profile", ["fp64", "fp32", "bf16"])  # the tie cases carry no fp8 profile
 @pytest.mark.parametrize("variant", mutate.correct_variants(), ids=lambda entry: entry["name"])
 def test_checker_accepts_correct_variants(variant, profile):
     """torch.topk's tie order (TOLERANCE.4): accepted in every profile, with the accepted choice noted where it differs."""
@@ -133,6 +135,28 @@ def test_checker_rejects_mutant_at_fp32(name):
 @pytest.mark.parametrize("name", _mutant_params("bf16"))
 def test_checker_rejects_mutant_at_bf16(name):
     assert report(name, "bf16").failed and rejections(name, "bf16"), f"mutant {name} passes bf16"
+
+
+@pytest.mark.parametrize("name", [pytest.param(entry["name"], id=entry["name"], marks=[pytest.mark.xfail(strict=True, reason=GOLDEN_GAPS[entry["name"]])]
+                                               if entry["name"] in GOLDEN_GAPS else []) for entry in FP8_MUTANTS])
+def test_checker_rejects_fp8_mutant(name, capsys):
+    """Each FP8 mutant fails the fp8 profile in some GC-FP8 case past the allowed error, and a case it breaks blames one of its steps."""
+    assert report(name, "fp8").failed and rejections(name, "fp8"), f"mutant {name} passes fp8"
+    broken = [case for case in report(name, "fp8").cases if case.case_id in rejections(name, "fp8")]
+    crashed = all(case.reason.startswith("adapter raised") for case in broken)
+    assert {case.first_divergent_step for case in broken} & set(mutate.mutant(name)["steps"]) or crashed
+    if "named_as" in mutate.mutant(name):  # a weight-scale bug the diagnosis names from the outputs alone
+        assert any(mutate.mutant(name)["named_as"] in text for case in broken for text in case.diagnosis), [case.diagnosis for case in broken]
+    with capsys.disabled():
+        print(f"\n{name}: " + ", ".join(f"{case} x{used:.3g}" for case, used in rejections(name, "fp8").items()))
+
+
+def test_checker_accepts_ue8m0_activation_scales():
+    """V3.1 / V3.2's scale_fmt ue8m0 (calibration variant fp8-ue8m0) is a correct FP8 implementation: it passes the fp8 profile."""
+    adapter = mutate.load(None, "fp8")
+    adapter.SCALE_FMT = "ue8m0"
+    result = check(adapter, profile="fp8")
+    assert result.failed == [], result.table()
 
 
 @pytest.mark.parametrize("name", [entry["name"] for entry in MUTANTS if entry["name"] not in GOLDEN_GAPS])

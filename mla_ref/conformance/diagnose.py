@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import math
 import threading
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -132,6 +132,7 @@ class Variant:
     args: dict = dataclasses.field(default_factory=dict)
     patches: dict = dataclasses.field(default_factory=dict)  # (module, function name) -> the buggy function
     keeps_routing: bool = False  # changes the weights or the output only: judged under the candidate's accepted routing
+    weights: Callable[[dict], dict] | None = None  # the case's weights as the bug reads them (FP8 scales)
 
 
 _PATCHING = threading.RLock()
@@ -376,6 +377,39 @@ def _mtp_variants(config, case: dict, point: str) -> list[Variant]:
     return variants
 
 
+def _fp8_variants(weights: Mapping) -> list[Variant]:
+    """FP8.4 bugs on an FP8 checkpoint (spec/fp8.yaml pitfalls): the reference on the weights as the bug reads them."""
+    suffix = "_scale_inv"
+    scaled = [name[: -len(suffix)] for name in weights if name.endswith(suffix) and name[: -len(suffix)] in weights]
+    if not scaled:
+        return []
+
+    def scales(change):
+        return lambda w: {**w, **{name + suffix: change(np.asarray(w[name + suffix], dtype=np.float32)) for name in scaled}}
+
+    def rows_scaled_by(block_row):  # decode(code[i, j]) * scale[block_row(i, rows, scale rows), j // 128], as float weights
+        def read(w):
+            dequantized = {name: value for name, value in w.items() if not name.endswith(suffix)}
+            for name in scaled:
+                codes, scale = np.asarray(w[name]), np.asarray(w[name + suffix], dtype=np.float64)
+                rows = np.minimum(block_row(np.arange(codes.shape[0]), codes.shape[0], scale.shape[0]), scale.shape[0] - 1)
+                dequantized[name] = decode_fp8(codes) * np.repeat(scale[rows], BLOCK_SIZE, axis=1)[:, : codes.shape[1]]
+            return dequantized
+        return read
+
+    variants = [Variant("FP8 weight_scale_inv not applied (the codes read as values)", weights=scales(np.ones_like), keeps_routing=True),
+                Variant("FP8 weight_scale_inv divided instead of multiplied", weights=scales(lambda s: np.float32(1) / s), keeps_routing=True),
+                Variant("FP8 block size inferred from the shapes (rows / scale rows) instead of 128",
+                        weights=rows_scaled_by(lambda i, rows, blocks: i // -(-rows // blocks)), keeps_routing=True),
+                Variant("FP8 edge block given its neighbour's scale (the last full block's)",
+                        weights=rows_scaled_by(lambda i, rows, blocks: np.minimum(i // BLOCK_SIZE, max(rows // BLOCK_SIZE - 1, 0))),
+                        keeps_routing=True)]
+    if any(np.any(np.frexp(np.asarray(weights[name + suffix], dtype=np.float64))[0] != 0.5) for name in scaled):
+        variants.append(Variant("FP8 weight scales truncated to powers of two (amax / 448 scales read as ue8m0)",
+                                weights=scales(lambda s: np.ldexp(np.float32(0.5), np.frexp(s)[1]).astype(np.float32)), keeps_routing=True))
+    return variants
+
+
 def _variants(entry: dict, config, case: dict) -> list[Variant]:
     """The known-bug variants for this entry point."""
     point = entry["entry_point"]
@@ -395,7 +429,7 @@ def _variants(entry: dict, config, case: dict) -> list[Variant]:
         variants += [variant for variant in _routing_variants(config, {"weight": {}}) if config.moe_layers]
     if point in ("mtp_forward", "mtp_draft", "speculative_decode"):
         variants += _mtp_variants(config, case, point)
-    return variants
+    return variants + _fp8_variants(case.get("weight", {}))
 
 
 MODEL_LEVEL = ("model_logits", "greedy_decode", "mtp_forward", "mtp_draft", "speculative_decode")
@@ -447,7 +481,8 @@ def diagnose(entry: dict, case: dict, produced: Mapping, profile: str, failures:
         try:
             changed = from_dict({**entry["config"], **variant.config})
             args, inputs = _shifted(entry["args"], case["input"], variant.args, width)
-            available = {**inputs, **args, "config": changed.to_dict(), "weights": dict(case["weight"])}
+            weights = dict(case["weight"]) if variant.weights is None else variant.weights(dict(case["weight"]))
+            available = {**inputs, **args, "config": changed.to_dict(), "weights": weights}
             extra = {"forced_expert_ids": forced} if forced is not None and variant.keeps_routing else {}
             with _patched(variant.patches):
                 expected = call(getattr(reference_adapter, entry["entry_point"]), entry["entry_point"], available, **extra)

@@ -27,7 +27,7 @@ from ..precision import UNIT_ROUNDOFF
 from ..rope import softmax_scale
 from ..spec import load_spec_file
 from ..trace import Trace, profile as trace_profile
-from ..weights import generate_attention_weights, generate_weights, subtree, weight_shapes
+from ..weights import generate_attention_weights, generate_weights, quantize_checkpoint_tensor, subtree, weight_shapes
 
 CASE_ID = re.compile(r"^[a-z0-9][a-z0-9_.\-]*(/[a-z0-9][a-z0-9_.\-]*)*$")
 
@@ -212,11 +212,40 @@ def fp8_record_pool(definition: dict, config: ModelConfig, k_cache: np.ndarray, 
 
 
 def _layer_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
-    return attention_weights_with_gain(config, definition.get("seed", 0), definition["layout"].get("logit_gain", 1.0))
+    layout = definition["layout"]
+    weights = attention_weights_with_gain(config, definition.get("seed", 0), layout.get("logit_gain", 1.0), layout.get("fp8", False))
+    if "block_gain" in layout:
+        weights = fp8_block_gain(weights, generate_attention_weights(config, seed=definition.get("seed", 0)), layout["block_gain"])
+    return weights
 
 
-def attention_weights_with_gain(config: ModelConfig, seed: int, gain: float) -> dict[str, np.ndarray]:
-    """One MLA layer's generated weights with the query and key-value up-projections scaled by ``gain`` (peaked softmax rows: GC-PREFILL)."""
+def fp8_block_gain(checkpoint: dict[str, np.ndarray], values: dict[str, np.ndarray], gain: float) -> dict[str, np.ndarray]:
+    """GC-FP8: every FP8 tensor of ``checkpoint`` re-quantised from its float64 ``values`` with row block b scaled by
+    ``gain ** b``: with gain > 2 neighbouring row blocks (an edge block and the one before it included) get scales a
+    power of two or more apart, so a wrong scale block never hides behind an equal one; amax / 448 scales (o_proj)
+    get the mantissa 1.9."""
+    designed = dict(checkpoint)
+    for name in checkpoint:
+        if name + "_scale_inv" in checkpoint:
+            rows = np.arange(values[name].shape[0]) // 128  # each row's block
+            value = values[name] * gain ** rows[:, None]
+            _, scale = quantize_checkpoint_tensor(name, value)
+            mantissa, _ = np.frexp(scale.astype(np.float64))  # [row blocks, column blocks], in [0.5, 1)
+            if np.any(mantissa != 0.5):  # amax / 448 scales: each block's moved to mantissa 1.9 (0.95 x 2), so that a
+                # scale truncated to a power of two loses half of its block (a mantissa near 1 would hide it)
+                stretch = np.repeat(np.repeat(0.95 / mantissa, 128, axis=0), 128, axis=1)[: value.shape[0], : value.shape[1]]
+                value = value * stretch
+            designed[name], designed[name + "_scale_inv"] = quantize_checkpoint_tensor(name, value)
+    return designed
+
+
+def attention_weights_with_gain(config: ModelConfig, seed: int, gain: float, fp8: bool = False) -> dict[str, np.ndarray]:
+    """One MLA layer's generated weights with the query and key-value up-projections scaled by ``gain`` (peaked softmax rows: GC-PREFILL);
+    ``fp8``: as an FP8 checkpoint (GC-FP8: codes and scales, which take no gain)."""
+    if fp8:
+        if gain != 1.0:
+            raise GoldenError("layout.logit_gain", f"expected 1.0 with fp8 weights (FP8 codes take no gain), got {gain}", "GOLDEN.cases")
+        return generate_attention_weights(config, seed=seed, fp8=True)
     weights = generate_attention_weights(config, seed=seed)
     q_name = "q_b_proj.weight" if config.q_lora_rank else "q_proj.weight"
     weights[q_name] = weights[q_name] * gain
@@ -229,6 +258,7 @@ def build_mla_prefill(definition: dict, config: ModelConfig):
     layout = definition["layout"]
     starts = np.array(layout["start_positions"], dtype=np.int64)
     hidden = _rng(definition, "hidden").standard_normal((len(starts), layout["seq"], config.hidden_size))
+    hidden[0, -1] *= layout.get("loud_token", 1.0)  # GC-FP8: a token whose activations dwarf the others' (per-tensor scales)
     return {"hidden": hidden, "start_positions": starts}, _layer_weights(definition, config)
 
 
@@ -253,7 +283,11 @@ def _gate_weights(definition: dict, config: ModelConfig, layer: int, experts: bo
     shifted by ``bias_shift``. Built by name: a V3 layer's 256 experts are never generated for a router case."""
     prefix = f"model.layers.{layer}.mlp." + ("" if experts else "gate.")
     names = [name for name in weight_shapes(config) if name.startswith(prefix)]
-    weights = subtree(generate_weights(config, seed=definition.get("seed", 0), names=names), f"model.layers.{layer}.")
+    fp8 = definition["layout"].get("fp8", False)  # GC-FP8: the experts as an FP8 checkpoint stores them (the gate is kept)
+    weights = subtree(generate_weights(config, seed=definition.get("seed", 0), names=names, fp8=fp8), f"model.layers.{layer}.")
+    if "block_gain" in definition["layout"]:
+        values = subtree(generate_weights(config, seed=definition.get("seed", 0), names=names), f"model.layers.{layer}.")
+        weights = fp8_block_gain(weights, values, definition["layout"]["block_gain"])
     shift = definition["layout"].get("bias_shift")
     if shift is not None and "mlp.gate.e_score_correction_bias" in weights:
         weights["mlp.gate.e_score_correction_bias"] = weights["mlp.gate.e_score_correction_bias"] + shift
@@ -460,8 +494,11 @@ def weights_recipe(definition: dict) -> dict | None:
             recipe["norm_spread"] = float(layout["norm_spread"])
         return recipe
     if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend"):
-        return {"generator": "mla_ref.weights.generate_attention_weights", "seed": seed, "design": "logit_gain",
-                "logit_gain": float(layout.get("logit_gain", 1.0))}
+        recipe = {"generator": "mla_ref.weights.generate_attention_weights", "seed": seed, "design": "logit_gain",
+                  "logit_gain": float(layout.get("logit_gain", 1.0))}
+        if layout.get("fp8"):
+            recipe["fp8"] = True
+        return recipe
     return None
 
 
@@ -470,7 +507,7 @@ def rebuild_weights(config: ModelConfig, recipe: dict) -> dict[str, np.ndarray]:
     if recipe["design"] == "echo":
         return echo_weights(config, recipe["seed"], recipe["block_scale"])
     if recipe["design"] == "logit_gain":
-        return attention_weights_with_gain(config, recipe["seed"], recipe["logit_gain"])
+        return attention_weights_with_gain(config, recipe["seed"], recipe["logit_gain"], recipe.get("fp8", False))
     if recipe["design"] in SPREAD_NORMS:
         return norm_spread_weights(config, recipe["seed"], recipe["norm_spread"], SPREAD_NORMS[recipe["design"]])
     if recipe["design"] != "none":

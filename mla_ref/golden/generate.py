@@ -14,7 +14,7 @@ from ..config import ModelConfig
 from ..errors import GoldenError, InputError, shown
 from ..precision import UNIT_ROUNDOFF
 from ..spec import spec_dir, spec_version
-from ..trace import arithmetic
+from ..trace import arithmetic, profile as trace_profile
 from .cases import build_case, case_definitions, file_name, folder_definitions, own_config_name, stored_recipe_weights
 from .integrity import definition_differences
 from .manifest import case_entry, read_manifest, write_manifest
@@ -25,7 +25,7 @@ from .storage import TEMPORARY_MARK, make_folder, read_npz, tensor_digest, write
 # case's emulation of profile p (fp32 first), u_p its unit roundoff. Measured (spec 0.3.0, every coretype from
 # Prescott to Cooperlake, 1 and 2 threads): at most 26 u of e / u_fp32 (mla.core.big, large logits, 210 u of |x| + rms).
 FLOAT64_ULPS = 64
-CONDITIONING_PROFILES = ("fp32", "tf32", "bf16", "fp16")  # whose largest error measures a tensor's conditioning, first recorded wins
+CONDITIONING_PROFILES = ("fp32", "tf32", "bf16", "fp16", "fp8")  # whose largest error measures a tensor's conditioning, first recorded wins
 # Float64 tensors no profile emulates, measured by the tensor they are computed from: the inputs the reference
 # computed, by the output computed the same way at later positions (larger RoPE angles); a margin (TOLERANCE.4),
 # a difference of two of the scores it is taken from, by those scores (counted twice).
@@ -174,7 +174,7 @@ def _close(name: str, stored: np.ndarray, rebuilt: np.ndarray, magnified: float 
         return f"{name}: stored {stored.dtype} {list(stored.shape)}, rebuilt {rebuilt.dtype} {list(rebuilt.shape)}"
     if stored.dtype.kind != "f":
         return "" if np.array_equal(stored, rebuilt) else f"{name}: integer values differ ({int((stored != rebuilt).sum())} elements)"
-    fmt = name.split(":")[1] if name.startswith("emulated:") else "fp64"
+    fmt = trace_profile(name.split(":")[1])["storage"] if name.startswith("emulated:") else "fp64"  # fp8 stores bf16
     if fmt == "fp64":
         units = FLOAT64_ULPS * UNIT_ROUNDOFF["fp64"]
     else:
@@ -206,7 +206,7 @@ def _magnified_size(name: str, recorded: dict, rebuilt: dict) -> float:
         measured = [value for value in (recorded.get(profile, {}).get("noise_max", {}).get(key), rebuilt.get(profile, {}).get(key))
                     if value is not None]
         if measured:
-            return factor * max(measured) / UNIT_ROUNDOFF[profile]
+            return factor * max(measured) / UNIT_ROUNDOFF[trace_profile(profile)["storage"]]
     return 0.0
 
 

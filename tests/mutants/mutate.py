@@ -19,7 +19,8 @@ CATALOGUE = Path(__file__).with_name("catalogue.yaml")
 
 @functools.lru_cache(maxsize=None)
 def catalogue() -> tuple[dict, ...]:
-    """Every mutant: ``{name, bug, steps, find, replace, fp32_only?}``."""
+    """Every mutant: ``{name, bug, steps, find, replace, fp32_only?, profile?, scale_fmt?, golden_gap?}``; ``profile: fp8``
+    marks a bug of the FP8 code path, judged under the fp8 profile only (in the adapter's fp8 mode)."""
     return tuple(yaml.safe_load(CATALOGUE.read_text())["mutants"])
 
 
@@ -59,4 +60,6 @@ def load(entry: dict | None, dtype: str = "float64", device: str = "cpu") -> typ
     module.__file__ = str(ADAPTER)
     exec(compile(source, f"{ADAPTER} [{name}]", "exec"), module.__dict__)  # noqa: S102 - our own adapter text
     module.configure(dtype, device)
+    if entry is not None and "scale_fmt" in entry:  # a mutant of the ue8m0 activation scales runs with them
+        module.SCALE_FMT = entry["scale_fmt"]
     return module
