@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mla_ref import Unsupported
+
 PROFILES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16"}
 DTYPE_NAME = os.environ.get("MLA_REF_JAX_DTYPE", "float32")
 if DTYPE_NAME not in PROFILES:
@@ -126,6 +128,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, config: dict) -> "Config":
+        if config.get("index_topk") is not None:
+            raise Unsupported("DeepSeek Sparse Attention (index_topk set, spec/dsa.yaml): this adapter's MLA is dense")
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in config]
         if missing:
             raise ValueError(f"config: missing fields {missing}")
