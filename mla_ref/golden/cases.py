@@ -416,6 +416,7 @@ class MarginTrace(Trace):
     def __init__(self, index_topk: int | None = None) -> None:
         super().__init__()
         self.margins: list[np.ndarray] = []
+        self.selection_margins: list[np.ndarray] = []
         self.index_topk = index_topk
 
     def record(self, step_id: str, **arrays: np.ndarray) -> None:
@@ -424,21 +425,24 @@ class MarginTrace(Trace):
             if name in arrays:
                 self.margins.append(np.asarray(arrays[name]))
         if step_id == "DSA.9" and self.index_topk is not None:  # every layer's DSA selection margins (GC-DSA)
-            self.margins.append(selection_margins(arrays["masked_scores"], self.index_topk))
+            self.selection_margins.append(selection_margins(arrays["masked_scores"], self.index_topk))
 
 
 def _token_with_margins(definition: dict, config: ModelConfig, weights: dict, prefix: np.ndarray, candidates: np.ndarray) -> int:
-    """The first candidate token after ``prefix`` whose routing at every MoE layer keeps ``min_margin`` (tried 16 at a time)."""
+    """The first candidate token after ``prefix`` whose routing at every MoE layer keeps ``min_margin`` and whose DSA selection at
+    every layer keeps ``selection_margin`` (default 0.06, relative: :func:`selection_margins`), tried 16 at a time."""
     from ..model import model_forward
     for start in range(0, len(candidates), 16):
         batch = candidates[start: start + 16]
         trial = np.concatenate([np.repeat(prefix[None, :], len(batch), axis=0), batch[:, None]], axis=1)
         trace = MarginTrace(config.index_topk)
         model_forward(config, weights, trial, trace=trace)
-        if not trace.margins:
-            return int(batch[0])
-        last = np.min([margin.reshape(len(batch), -1)[:, -1] for margin in trace.margins], axis=0)
-        good = np.flatnonzero(last > definition["layout"]["min_margin"])
+        keeps = np.ones(len(batch), bool)
+        for margins, least in ((trace.margins, definition["layout"]["min_margin"]),
+                               (trace.selection_margins, definition["layout"].get("selection_margin", 0.06))):
+            for margin in margins:
+                keeps &= margin.reshape(len(batch), -1)[:, -1] > least
+        good = np.flatnonzero(keeps)
         if good.size:
             return int(batch[good[0]])
     raise GoldenError(definition["id"], f"no token keeps the routing margins at position {len(prefix)}", "GOLDEN.cases")
