@@ -125,7 +125,7 @@ def test_a_case_file_with_a_tensor_more_or_less_than_its_manifest_entry_is_tampe
 # ---------------------------------------------------------------- definitions the generator does not know
 
 def test_an_unknown_weights_design_is_refused_not_guessed():
-    with pytest.raises(GoldenError, match=r"^weights\.design: expected none, echo, logit_gain or final_norm_spread, got 'lora' "
+    with pytest.raises(GoldenError, match=r"^weights\.design: expected none, echo, logit_gain, final_norm_spread or mtp_norm_spread, got 'lora' "
                                           r"\(GOLDEN.storage\)$"):
         rebuild_weights(load_preset("tiny"), {"design": "lora", "seed": 0})
 
