@@ -1,0 +1,117 @@
+"""An independent, deliberately slow float64 oracle for DeepSeek Sparse Attention (V3.2).
+
+A test oracle only: nothing here imports mla_ref. It is written from the facts sheet
+(shared/facts/v32-sparse-attention-and-fp8.md, part A, A1-A5, and recipe C), not from
+the reference code, and reads as plain loops so that each step can be checked by eye:
+
+* the Hadamard matrix is built by the Sylvester doubling H_2n = [[H, H], [H, -H]] and
+  divided by sqrt(n);
+* the indexer RoPE is the split-half (NeoX) rotation of independent_mla.slow_rotate on
+  the first qk_rope_head_dim entries of each indexer vector ([rope | nope], A1.3 step 2);
+* LayerNorm (with bias, eps 1e-6, A1.1) is written out with the population variance;
+* the score is I[t, s] = sum_h w[t, h] * index_n_heads^-0.5 * index_head_dim^-0.5 * ReLU(q[t, h] . k[s])
+  (A1.3 step 8), -inf for a key after the query (A1.7);
+* the sparse attention reuses independent_mla.slow_mla, whose visibility rule becomes
+  "key j is among query i's selected keys" (the MHA form with an index mask, A2.1).
+
+No FP8 emulation: this is the float64 path the issue asks to work without it.
+The config only needs the attributes read here (MLA's plus index_n_heads,
+index_head_dim, index_topk); weights are named relative to ``self_attn.``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from independent_mla import _linear, _rms_norm, slow_frequencies, slow_mla, slow_rope_amplitude, slow_rotate
+
+LAYER_NORM_EPS = 1e-6  # indexer k_norm = LayerNorm(index_head_dim), eps 1e-6 (facts A1.1)
+
+
+def slow_hadamard(size: int) -> np.ndarray:
+    """The normalised Sylvester Hadamard matrix of order ``size`` (a power of two), float64."""
+    if size < 1 or size & (size - 1):
+        raise ValueError(f"Hadamard order must be a power of two, got {size}")
+    rows = [[1.0]]
+    while len(rows) < size:
+        top = [row + row for row in rows]
+        bottom = [row + [-value for value in row] for row in rows]
+        rows = top + bottom
+    norm = 1.0 / math.sqrt(size)
+    return np.array([[value * norm for value in row] for row in rows], dtype=np.float64)
+
+
+def slow_layer_norm(vector, gain, bias, eps: float = LAYER_NORM_EPS) -> np.ndarray:
+    """(x - mean) / sqrt(mean((x - mean)^2) + eps) * g + b, written out."""
+    x = [float(v) for v in vector]
+    mean = sum(x) / len(x)
+    variance = sum((v - mean) * (v - mean) for v in x) / len(x)
+    inv = 1.0 / math.sqrt(variance + eps)
+    return np.array([(x[k] - mean) * inv * float(gain[k]) + float(bias[k]) for k in range(len(x))], dtype=np.float64)
+
+
+def _indexer_rope(vector, position: int, cfg) -> np.ndarray:
+    """Split-half RoPE on the first qk_rope_head_dim entries; the rest (nope) passes unchanged."""
+    rope = int(cfg.qk_rope_head_dim)
+    rotated = slow_rotate(vector[:rope], position, slow_frequencies(cfg), slow_rope_amplitude(cfg), "half")
+    return np.concatenate([rotated, np.asarray(vector[rope:], dtype=np.float64)])
+
+
+def _hadamard_apply(vector, hadamard: np.ndarray) -> np.ndarray:
+    """H v, one output entry at a time (H is symmetric, so this is also v H)."""
+    return np.array([sum(float(hadamard[r, c]) * float(vector[c]) for c in range(len(vector)))
+                     for r in range(len(vector))], dtype=np.float64)
+
+
+def slow_indexer_scores(cfg, weights, hidden, positions) -> np.ndarray:
+    """Lightning-indexer scores I [T, T] of one sequence (row = query, column = key), -inf where not visible."""
+    x_all = np.asarray(hidden, dtype=np.float64)
+    pos = [int(p) for p in positions]
+    n_tokens = len(pos)
+    heads = int(cfg.index_n_heads)
+    dim = int(cfg.index_head_dim)
+
+    def get(name):
+        return np.asarray(weights[name], dtype=np.float64)
+
+    hadamard = slow_hadamard(dim)
+    queries, keys, head_weights = [], [], []
+    for i in range(n_tokens):
+        x = x_all[i]
+        query_latent = _rms_norm(_linear(x, get("q_a_proj.weight")), get("q_a_layernorm.weight"), float(cfg.rms_norm_eps))
+        q_flat = _linear(query_latent, get("indexer.wq_b.weight"))
+        queries.append([_hadamard_apply(_indexer_rope(q_flat[h * dim:(h + 1) * dim], pos[i], cfg), hadamard)
+                        for h in range(heads)])
+        key = slow_layer_norm(_linear(x, get("indexer.wk.weight")), get("indexer.k_norm.weight"), get("indexer.k_norm.bias"))
+        keys.append(_hadamard_apply(_indexer_rope(key, pos[i], cfg), hadamard))
+        head_weights.append(_linear(x, get("indexer.weights_proj.weight")) / math.sqrt(heads))
+
+    scores = np.full((n_tokens, n_tokens), -np.inf, dtype=np.float64)
+    for t in range(n_tokens):
+        for s in range(n_tokens):
+            if pos[s] > pos[t]:
+                continue
+            total = 0.0
+            for h in range(heads):
+                dot = sum(float(a) * float(b) for a, b in zip(queries[t][h], keys[s]))
+                total += float(head_weights[t][h]) * max(dot, 0.0) / math.sqrt(dim)
+            scores[t, s] = total
+    return scores
+
+
+def slow_topk(scores_row, k: int) -> list[int]:
+    """The indices of the min(k, visible) largest finite scores, ascending; a tie goes to the lower index."""
+    candidates = [(-float(value), index) for index, value in enumerate(scores_row) if value != -np.inf]
+    candidates.sort()
+    return sorted(index for _, index in candidates[:k])
+
+
+def slow_dsa_mla(cfg, weights, hidden, positions):
+    """Sparse MLA of one sequence: (out [T, hidden_size], lse [heads, T], selected: list of index lists)."""
+    scores = slow_indexer_scores(cfg, weights, hidden, positions)
+    selected = [slow_topk(scores[t], int(cfg.index_topk)) for t in range(len(scores))]
+    chosen = [set(row) for row in selected]
+    out, lse = slow_mla(cfg, weights, hidden, positions, sees=lambda i, j: j in chosen[i])
+    return out, lse, selected
