@@ -14,6 +14,10 @@ the reference code, and reads as plain loops so that each step can be checked by
 * the sparse attention reuses independent_mla.slow_mla, whose visibility rule becomes
   "key j is among query i's selected keys" (the MHA form with an index mask, A2.1).
 
+* FlashMLA's two sparse kernels (facts A2.2) loop over queries, heads and the listed
+  rows: decode over a paged cache (index = page * block_size + offset, -1 invalid),
+  prefill over one KV (index < 0 or >= s_kv invalid); nothing valid gives out 0, lse +inf.
+
 No FP8 emulation: this is the float64 path the issue asks to work without it.
 The config only needs the attributes read here (MLA's plus index_n_heads,
 index_head_dim, index_topk); weights are named relative to ``self_attn.``.
@@ -25,7 +29,7 @@ import math
 
 import numpy as np
 
-from independent_mla import _linear, _rms_norm, slow_frequencies, slow_mla, slow_rope_amplitude, slow_rotate
+from independent_mla import _linear, _rms_norm, _softmax_with_lse, slow_frequencies, slow_mla, slow_rope_amplitude, slow_rotate
 
 LAYER_NORM_EPS = 1e-6  # indexer k_norm = LayerNorm(index_head_dim), eps 1e-6 (facts A1.1)
 
@@ -115,3 +119,50 @@ def slow_dsa_mla(cfg, weights, hidden, positions):
     chosen = [set(row) for row in selected]
     out, lse = slow_mla(cfg, weights, hidden, positions, sees=lambda i, j: j in chosen[i])
     return out, lse, selected
+
+
+def _slow_sparse_query(q_heads, rows, softmax_scale: float, head_dim_v: int):
+    """One query's heads over its list of rows (None = invalid): (out [heads, head_dim_v], lse [heads], max_logit [heads])."""
+    heads = len(q_heads)
+    out = np.zeros((heads, head_dim_v), dtype=np.float64)
+    lse = np.full(heads, np.inf, dtype=np.float64)  # FlashMLA: a query with nothing to attend gets lse +inf, out 0
+    max_logit = np.full(heads, -np.inf, dtype=np.float64)
+    read = [row for row in rows if row is not None]
+    if not read:
+        return out, lse, max_logit
+    for h in range(heads):
+        logits = [float(softmax_scale) * sum(float(a) * float(b) for a, b in zip(q_heads[h], row)) for row in read]
+        probs, lse[h] = _softmax_with_lse(logits)
+        max_logit[h] = max(logits)
+        for p, row in zip(probs, read):
+            for d in range(head_dim_v):
+                out[h, d] += p * float(row[d])
+    return out, lse, max_logit
+
+
+def slow_sparse_decode(q, k_cache, indices, head_dim_v: int, softmax_scale: float):
+    """FlashMLA sparse decode by loops: index = page * block_size + offset, -1 invalid. (out [b, s_q, h, dv], lse [b, h, s_q])."""
+    q = np.asarray(q, dtype=np.float64)
+    batch, s_q, heads, _ = q.shape
+    block_size = np.shape(k_cache)[1]
+    out = np.zeros((batch, s_q, heads, head_dim_v), dtype=np.float64)
+    lse = np.zeros((batch, heads, s_q), dtype=np.float64)
+    for b in range(batch):
+        for r in range(s_q):
+            rows = [None if int(i) == -1 else k_cache[int(i) // block_size][int(i) % block_size][0] for i in indices[b][r]]
+            out[b, r], lse[b, :, r], _ = _slow_sparse_query(q[b, r], rows, softmax_scale, head_dim_v)
+    return out, lse
+
+
+def slow_sparse_prefill(q, kv, indices, softmax_scale: float, head_dim_v: int):
+    """FlashMLA sparse prefill by loops: index i reads kv[i, 0]; i < 0 or i >= s_kv is invalid. (out, max_logits, lse)."""
+    q = np.asarray(q, dtype=np.float64)
+    s_q, heads, _ = q.shape
+    s_kv = len(kv)
+    out = np.zeros((s_q, heads, head_dim_v), dtype=np.float64)
+    max_logits = np.zeros((s_q, heads), dtype=np.float64)
+    lse = np.zeros((s_q, heads), dtype=np.float64)
+    for r in range(s_q):
+        rows = [kv[int(i)][0] if 0 <= int(i) < s_kv else None for i in indices[r][0]]
+        out[r], lse[r], max_logits[r] = _slow_sparse_query(q[r], rows, softmax_scale, head_dim_v)
+    return out, max_logits, lse
