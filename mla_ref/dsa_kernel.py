@@ -1,14 +1,14 @@
-"""DSA kernel contract — FlashMLA's sparse MLA kernels, steps DSA.20 onwards of spec/dsa.yaml.
+"""DSA kernel contract — FlashMLA's sparse MLA kernels, steps DSA.20 and DSA.21 of spec/dsa.yaml.
 
 Each query attends to its own list of ``topk`` latent rows named by integer indices,
-instead of to every cached key. Two kernels share the math (gather the rows, DSA.20;
-attend over them with MLA.14, MLA.10 and MLA.15, DSA.21) and differ in where the rows
-live and which index is invalid:
+instead of to every cached key. Two kernels share the math (gather the rows and attend
+over them with MLA.14, MLA.10 and MLA.15) and differ in where the rows live and which
+index is invalid:
 
-* :func:`sparse_decode_core` (``flash_mla_with_kvcache`` with ``indices``): a paged cache
+* :func:`sparse_decode_core` (DSA.20, ``flash_mla_with_kvcache`` with ``indices``): a paged cache
   ``[num_blocks, block_size, 1, width]``; an index is ``page * block_size + offset``; -1 is
   the only invalid index.
-* :func:`sparse_prefill_core` (``flash_mla_sparse_fwd``): one KV ``[s_kv, 1, width]``; any
+* :func:`sparse_prefill_core` (DSA.21, ``flash_mla_sparse_fwd``): one KV ``[s_kv, 1, width]``; any
   index < 0 or >= s_kv is invalid.
 
 A query whose every index is invalid gets out 0 and lse +inf (FlashMLA's convention, unlike
@@ -29,21 +29,21 @@ from .mla import latent_logits, latent_values, masked_softmax
 from .trace import Trace, emit
 
 
-def sparse_key_rows(flat_rows: np.ndarray, indices: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """DSA.20 — gather ``flat_rows[indices]`` ``[..., topk, width]``; an invalid entry is a zero row, its slot never read."""
+def _gather_rows(flat_rows: np.ndarray, indices: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Gather ``flat_rows[indices]`` ``[..., topk, width]``; an invalid entry is a zero row, its slot never read."""
     safe = np.where(valid, indices, 0)  # [..., topk]
     rows = flat_rows[safe]  # [..., topk, width], a new array
     rows[~valid] = 0.0
     return rows
 
 
-def sparse_latent_attention(q: np.ndarray, key_rows: np.ndarray, valid: np.ndarray, softmax_scale: float, head_dim_v: int,
-                            trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """DSA.21 — each query attends to its own ``topk`` rows: MLA.14, MLA.10, MLA.15 with the valid entries visible.
+def _attend_rows(q: np.ndarray, key_rows: np.ndarray, valid: np.ndarray, softmax_scale: float, head_dim_v: int,
+                 trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each query attends to its own ``topk`` rows: MLA.14, MLA.10, MLA.15 with the valid entries visible.
 
     ``q [batch, s_q, heads, width]``, ``key_rows [batch, s_q, topk, width]``, ``valid [batch, s_q, topk]``. Returns
-    ``out [batch, s_q, heads, head_dim_v]``, the natural-log ``lse [batch, heads, s_q]`` and ``max_logits [batch, heads, s_q]``;
-    a query with no valid entry gets out 0, lse +inf and max_logits -inf. A repeated index counts as often as it appears.
+    ``out [batch, s_q, heads, head_dim_v]`` and the natural-log ``lse [batch, heads, s_q]``; a query with no valid entry
+    gets out 0 and lse +inf. A repeated index counts as often as it appears.
     """
     batch, s_q, heads, width = q.shape
     topk = key_rows.shape[2]
@@ -53,10 +53,8 @@ def sparse_latent_attention(q: np.ndarray, key_rows: np.ndarray, valid: np.ndarr
     logits = emit(trace, "MLA.14", latent_logits(per_query_q, per_query_rows, softmax_scale))  # [batch * s_q, heads, 1, topk]
     probs, lse = emit(trace, "MLA.10", *masked_softmax(logits, visible[:, None]))  # lse [batch * s_q, heads, 1]
     out = emit(trace, "MLA.15", latent_values(probs, per_query_rows, head_dim_v))  # [batch * s_q, 1, heads, head_dim_v]
-    max_logits = np.where(visible[:, None], logits, -np.inf).max(axis=-1)  # [batch * s_q, heads, 1]
     lse = np.where(np.isneginf(lse), np.inf, lse).reshape(batch, s_q, heads).transpose(0, 2, 1)  # [batch, heads, s_q]
-    max_logits = max_logits.reshape(batch, s_q, heads).transpose(0, 2, 1)  # [batch, heads, s_q]
-    return out.reshape(batch, s_q, heads, head_dim_v), lse, max_logits
+    return out.reshape(batch, s_q, heads, head_dim_v), lse
 
 
 def _check_indices(indices, shape: tuple, spec_id: str) -> np.ndarray:
@@ -91,59 +89,58 @@ def _check_read_rows(name: str, rows: np.ndarray, valid: np.ndarray, indices: np
 def sparse_decode_core(q: np.ndarray, k_cache: np.ndarray, indices: np.ndarray, head_dim_v: int, softmax_scale: float, *,
                        dtype: npt.DTypeLike = np.float64, allow_nonfinite: bool = False,
                        trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """DSA.22 — FlashMLA sparse decode (``flash_mla_with_kvcache`` with ``indices``) over a paged latent cache.
+    """DSA.20 — FlashMLA sparse decode (``flash_mla_with_kvcache`` with ``indices``) over a paged latent cache.
 
     ``q [batch, s_q, heads, width]`` (``[q_absorbed | q_pe]``, width = kv_lora_rank + qk_rope_head_dim = 576 for V3.2),
     ``k_cache [num_blocks, block_size, 1, width]``, ``indices [batch, s_q, topk]``: entry ``page * block_size + offset``
     names row ``k_cache[page, offset, 0]`` (no block table); -1 is invalid. Returns ``out [batch, s_q, heads, head_dim_v]``
     and the natural-log ``lse [batch, heads, s_q]`` (+inf and out 0 for a query with no valid index).
     """
-    dtype = compute_dtype(dtype, "DSA.22")
-    q = check_tensor("q", q, ("batch", "s_q", "heads", "width"), "DSA.22", dtype, allow_nonfinite)
+    dtype = compute_dtype(dtype, "DSA.20")
+    q = check_tensor("q", q, ("batch", "s_q", "heads", "width"), "DSA.20", dtype, allow_nonfinite)
     batch, s_q, heads, width = q.shape
-    cache = check_tensor("k_cache", k_cache, ("num_blocks", "block_size", 1, width), "DSA.22", dtype, allow_nonfinite=True)
+    cache = check_tensor("k_cache", k_cache, ("num_blocks", "block_size", 1, width), "DSA.20", dtype, allow_nonfinite=True)
     slots = cache.shape[0] * cache.shape[1]
-    index = _check_indices(indices, (batch, s_q, "topk"), "DSA.22")
+    index = _check_indices(indices, (batch, s_q, "topk"), "DSA.20")
     out_of_range = (index < -1) | (index >= slots)
     if out_of_range.any():
         where = tuple(int(i) for i in np.argwhere(out_of_range)[0])
         raise InputError("indices", f"expected -1 (invalid) or page * block_size + offset in 0 .. {slots - 1} "
-                         f"({cache.shape[0]} pages of {cache.shape[1]}), got {int(index[where])} at {list(where)}", "DSA.22")
-    _check_scale_and_width(softmax_scale, head_dim_v, width, "DSA.22")
+                         f"({cache.shape[0]} pages of {cache.shape[1]}), got {int(index[where])} at {list(where)}", "DSA.20")
+    _check_scale_and_width(softmax_scale, head_dim_v, width, "DSA.20")
     q = q if trace is None else trace.round_input(q)
     cache = cache if trace is None else trace.round_input(cache)
     valid = index != -1  # [batch, s_q, topk]
-    key_rows = emit(trace, "DSA.20", sparse_key_rows(cache.reshape(slots, width), index, valid))  # [batch, s_q, topk, width]
+    key_rows = _gather_rows(cache.reshape(slots, width), index, valid)  # [batch, s_q, topk, width]
     if not allow_nonfinite:
-        _check_read_rows("k_cache", key_rows, valid, index, "DSA.22")
-    out, lse, _ = emit(trace, "DSA.21", *sparse_latent_attention(q, key_rows, valid, float(softmax_scale), int(head_dim_v), trace))
-    out = out if allow_nonfinite else finite_output("out", out, "DSA.22")
-    return emit(trace, "DSA.22", out, lse)
+        _check_read_rows("k_cache", key_rows, valid, index, "DSA.20")
+    out, lse = _attend_rows(q, key_rows, valid, float(softmax_scale), int(head_dim_v), trace)
+    out = out if allow_nonfinite else finite_output("out", out, "DSA.20")
+    return emit(trace, "DSA.20", out, lse)
 
 
 def sparse_prefill_core(q: np.ndarray, kv: np.ndarray, indices: np.ndarray, softmax_scale: float, head_dim_v: int, *,
                         dtype: npt.DTypeLike = np.float64, allow_nonfinite: bool = False,
-                        trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """DSA.23 — FlashMLA sparse prefill (``flash_mla_sparse_fwd``) on one KV of latent rows.
+                        trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """DSA.21 — FlashMLA sparse prefill (``flash_mla_sparse_fwd``) on one KV of latent rows.
 
     ``q [s_q, heads, width]``, ``kv [s_kv, 1, width]``, ``indices [s_q, 1, topk]``: entry i names row ``kv[i, 0]``; any
     index < 0 or >= s_kv is invalid. No batch dimension (batches are flattened and their indices offset). Returns
-    ``out [s_q, heads, head_dim_v]``, ``max_logits [s_q, heads]`` (-inf with no valid index) and the natural-log
-    ``lse [s_q, heads]`` (+inf and out 0 with no valid index).
+    ``out [s_q, heads, head_dim_v]`` and the natural-log ``lse [s_q, heads]`` (+inf and out 0 with no valid index).
+    FlashMLA also returns max_logits; this contract does not include it.
     """
-    dtype = compute_dtype(dtype, "DSA.23")
-    q = check_tensor("q", q, ("s_q", "heads", "width"), "DSA.23", dtype, allow_nonfinite)
+    dtype = compute_dtype(dtype, "DSA.21")
+    q = check_tensor("q", q, ("s_q", "heads", "width"), "DSA.21", dtype, allow_nonfinite)
     s_q, heads, width = q.shape
-    rows = check_tensor("kv", kv, ("s_kv", 1, width), "DSA.23", dtype, allow_nonfinite=True)
-    index = _check_indices(indices, (s_q, 1, "topk"), "DSA.23")[:, 0]  # [s_q, topk]
-    _check_scale_and_width(softmax_scale, head_dim_v, width, "DSA.23")
+    rows = check_tensor("kv", kv, ("s_kv", 1, width), "DSA.21", dtype, allow_nonfinite=True)
+    index = _check_indices(indices, (s_q, 1, "topk"), "DSA.21")[:, 0]  # [s_q, topk]
+    _check_scale_and_width(softmax_scale, head_dim_v, width, "DSA.21")
     q = q if trace is None else trace.round_input(q)
     rows = rows if trace is None else trace.round_input(rows)
     valid = (index >= 0) & (index < rows.shape[0])  # [s_q, topk]
-    key_rows = emit(trace, "DSA.20", sparse_key_rows(rows[:, 0], index, valid))  # [s_q, topk, width]
+    key_rows = _gather_rows(rows[:, 0], index, valid)  # [s_q, topk, width]
     if not allow_nonfinite:
-        _check_read_rows("kv", key_rows, valid, index, "DSA.23")
-    out, lse, max_logits = emit(trace, "DSA.21", *sparse_latent_attention(
-        q[None], key_rows[None], valid[None], float(softmax_scale), int(head_dim_v), trace))
-    out = out[0] if allow_nonfinite else finite_output("out", out[0], "DSA.23")  # [s_q, heads, head_dim_v]
-    return emit(trace, "DSA.23", out, max_logits[0].T, lse[0].T)
+        _check_read_rows("kv", key_rows, valid, index, "DSA.21")
+    out, lse = _attend_rows(q[None], key_rows[None], valid[None], float(softmax_scale), int(head_dim_v), trace)
+    out = out[0] if allow_nonfinite else finite_output("out", out[0], "DSA.21")  # [s_q, heads, head_dim_v]
+    return emit(trace, "DSA.21", out, lse[0].T)  # lse [s_q, heads]

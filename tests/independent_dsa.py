@@ -122,22 +122,20 @@ def slow_dsa_mla(cfg, weights, hidden, positions):
 
 
 def _slow_sparse_query(q_heads, rows, softmax_scale: float, head_dim_v: int):
-    """One query's heads over its list of rows (None = invalid): (out [heads, head_dim_v], lse [heads], max_logit [heads])."""
+    """One query's heads over its list of rows (None = invalid): (out [heads, head_dim_v], lse [heads])."""
     heads = len(q_heads)
     out = np.zeros((heads, head_dim_v), dtype=np.float64)
     lse = np.full(heads, np.inf, dtype=np.float64)  # FlashMLA: a query with nothing to attend gets lse +inf, out 0
-    max_logit = np.full(heads, -np.inf, dtype=np.float64)
     read = [row for row in rows if row is not None]
     if not read:
-        return out, lse, max_logit
+        return out, lse
     for h in range(heads):
         logits = [float(softmax_scale) * sum(float(a) * float(b) for a, b in zip(q_heads[h], row)) for row in read]
         probs, lse[h] = _softmax_with_lse(logits)
-        max_logit[h] = max(logits)
         for p, row in zip(probs, read):
             for d in range(head_dim_v):
                 out[h, d] += p * float(row[d])
-    return out, lse, max_logit
+    return out, lse
 
 
 def slow_sparse_decode(q, k_cache, indices, head_dim_v: int, softmax_scale: float):
@@ -150,19 +148,18 @@ def slow_sparse_decode(q, k_cache, indices, head_dim_v: int, softmax_scale: floa
     for b in range(batch):
         for r in range(s_q):
             rows = [None if int(i) == -1 else k_cache[int(i) // block_size][int(i) % block_size][0] for i in indices[b][r]]
-            out[b, r], lse[b, :, r], _ = _slow_sparse_query(q[b, r], rows, softmax_scale, head_dim_v)
+            out[b, r], lse[b, :, r] = _slow_sparse_query(q[b, r], rows, softmax_scale, head_dim_v)
     return out, lse
 
 
 def slow_sparse_prefill(q, kv, indices, softmax_scale: float, head_dim_v: int):
-    """FlashMLA sparse prefill by loops: index i reads kv[i, 0]; i < 0 or i >= s_kv is invalid. (out, max_logits, lse)."""
+    """FlashMLA sparse prefill by loops: index i reads kv[i, 0]; i < 0 or i >= s_kv is invalid. (out [s_q, h, dv], lse [s_q, h])."""
     q = np.asarray(q, dtype=np.float64)
     s_q, heads, _ = q.shape
     s_kv = len(kv)
     out = np.zeros((s_q, heads, head_dim_v), dtype=np.float64)
-    max_logits = np.zeros((s_q, heads), dtype=np.float64)
     lse = np.zeros((s_q, heads), dtype=np.float64)
     for r in range(s_q):
         rows = [kv[int(i)][0] if 0 <= int(i) < s_kv else None for i in indices[r][0]]
-        out[r], lse[r], max_logits[r] = _slow_sparse_query(q[r], rows, softmax_scale, head_dim_v)
-    return out, max_logits, lse
+        out[r], lse[r] = _slow_sparse_query(q[r], rows, softmax_scale, head_dim_v)
+    return out, lse

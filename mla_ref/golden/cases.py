@@ -143,6 +143,8 @@ def case_args(definition: dict, config: ModelConfig) -> dict:
     if entry_point == "latent_attention_core":
         causal = bool(layout.get("causal", layout.get("s_q", 1) > 1))
         return {"head_dim_v": config.kv_lora_rank, "softmax_scale": softmax_scale(config), "causal": causal}
+    if entry_point in ("sparse_decode_core", "sparse_prefill_core"):
+        return {"head_dim_v": config.kv_lora_rank, "softmax_scale": softmax_scale(config)}
     if entry_point == "mtp_forward":
         return {"mtp_lambda": layout.get("mtp_lambda", 0.3)}
     from_layout = {"moe_layer": "layer", "dispatch_plan": "ranks", "greedy_decode": "steps", "speculative_decode": "steps"}
@@ -174,6 +176,68 @@ def build_paged_core(definition: dict, config: ModelConfig):
             direction = q[b].reshape(-1, width).mean(axis=0)
             k_cache[table[b, seqlens[b] // block_size], seqlens[b] % block_size, 0] = 50.0 * direction / np.linalg.norm(direction)
     return {"q": q, "k_cache": k_cache, "block_table": table, "cache_seqlens": seqlens}, {}
+
+
+def _canary_row(q: np.ndarray, width: int) -> np.ndarray:
+    """A large key aligned with the mean query: attending it moves every output far from the truth."""
+    direction = q.reshape(-1, width).mean(axis=0)
+    return 50.0 * direction / np.linalg.norm(direction)
+
+
+def _sparse_index_row(rng: np.random.Generator, candidates: np.ndarray, topk: int, invalid: np.ndarray) -> np.ndarray:
+    """``topk`` entries: distinct candidates in random order with ``invalid`` values at random places."""
+    row = np.empty(topk, dtype=np.int64)
+    places = rng.permutation(topk)
+    row[places[: len(invalid)]] = invalid
+    row[places[len(invalid):]] = rng.choice(candidates, size=topk - len(invalid), replace=False)
+    return row
+
+
+def build_sparse_decode(definition: dict, config: ModelConfig):
+    """Kernel level (DSA.20): indices in the token encoding page * block_size + offset, each sequence's rows on three
+    shuffled pages, -1 padding, one query with every index -1 (layout ``empty_query``), canary keys in the first and
+    the last slot (where a -1 read as row 0 or as the last row lands); with ``poison: nan`` NaN in every other unread
+    slot, else finite decoys (so that a bug reading them can be named)."""
+    layout = definition["layout"]
+    rng = _rng(definition, "inputs")
+    batch, s_q, block_size, pages, topk = (layout[key] for key in ("batch", "s_q", "block_size", "pages", "topk"))
+    heads, width, slots = config.num_attention_heads, config.latent_cache_width, pages * block_size
+    q = rng.standard_normal((batch, s_q, heads, width))
+    flat = rng.standard_normal((slots, width)) if layout.get("poison") != "nan" else np.full((slots, width), np.nan)
+    indices = np.empty((batch, s_q, topk), dtype=np.int64)
+    for b in range(batch):
+        own_pages = rng.permutation(pages)[:3]
+        candidates = (own_pages[:, None] * block_size + np.arange(block_size)[None, :]).ravel()
+        candidates = candidates[(candidates != 0) & (candidates != slots - 1)]  # the canary slots are never read
+        for i in range(s_q):
+            indices[b, i] = _sparse_index_row(rng, candidates, topk, np.full(layout["invalid"], -1))
+    if layout.get("empty_query", False):
+        indices[-1, -1] = -1
+    read = np.unique(indices[indices >= 0])
+    flat[read] = rng.standard_normal((len(read), width))
+    flat[0] = flat[slots - 1] = _canary_row(q, width)
+    return {"q": q, "k_cache": flat.reshape(pages, block_size, 1, width), "indices": indices}, {}
+
+
+# FlashMLA's sparse prefill tests use these out-of-range indices (facts A2.2); s_kv itself is added per case
+PREFILL_INVALID = (-1, -123456, 114514, 2147483647, -2147483648)
+
+
+def build_sparse_prefill(definition: dict, config: ModelConfig):
+    """Kernel level (DSA.21): indices over one KV with every kind of invalid index, one query with none valid, canary
+    rows at 0 and s_kv - 1 that no valid index reads (where -1 read as row 0 or as the last row lands)."""
+    layout = definition["layout"]
+    rng = _rng(definition, "inputs")
+    s_q, s_kv, topk = layout["s_q"], layout["s_kv"], layout["topk"]
+    heads, width = config.num_attention_heads, config.latent_cache_width
+    q = rng.standard_normal((s_q, heads, width))
+    kv = rng.standard_normal((s_kv, 1, width))
+    kv[0, 0] = kv[-1, 0] = _canary_row(q, width)
+    kinds = np.array(PREFILL_INVALID + (s_kv,), dtype=np.int64)
+    candidates = np.arange(1, s_kv - 1)
+    indices = np.stack([_sparse_index_row(rng, candidates, topk, rng.choice(kinds, size=layout["invalid"])) for _ in range(s_q)])
+    indices[-1] = np.resize(kinds, topk)  # nothing to attend
+    return {"q": q, "kv": kv, "indices": indices[:, None, :]}, {}
 
 
 def _layer_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -518,7 +582,8 @@ def build_speculative_decode(definition: dict, config: ModelConfig):
     return _stable_prompts(definition, config, weights, case_args(definition, config)), weights
 
 
-BUILDERS = {"latent_attention_core": build_paged_core, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
+BUILDERS = {"latent_attention_core": build_paged_core, "sparse_decode_core": build_sparse_decode,
+            "sparse_prefill_core": build_sparse_prefill, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
             "moe_route": build_moe_route, "moe_layer": build_moe_layer, "moe_balance": build_moe_balance,
             "dispatch_plan": build_dispatch_plan, "model_logits": build_model_logits, "greedy_decode": build_greedy_decode,
             "mtp_forward": build_mtp_forward, "mtp_draft": build_mtp_draft, "speculative_decode": build_speculative_decode}
