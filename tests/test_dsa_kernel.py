@@ -1,7 +1,12 @@
 """FlashMLA's sparse kernels (DSA.20, DSA.21) against the loop oracle of tests/independent_dsa.py and against dense MLA.17,
-with invalid indices, all-invalid rows, repeated indices, NaN in every slot no index reads, and the bad inputs refused."""
+with invalid indices, all-invalid rows, repeated indices, NaN in every slot no index reads, and the bad inputs refused;
+the golden sparse cases pass the loop oracles and name the contract's bugs built into them (diagnose.py variants)."""
 
 from __future__ import annotations
+
+import functools
+import math
+import types
 
 import numpy as np
 import pytest
@@ -9,6 +14,8 @@ import pytest
 from conftest import relative_error
 from independent_dsa import slow_sparse_decode, slow_sparse_prefill
 from mla_ref import latent_attention_core
+from mla_ref.conformance import check as check_module
+from mla_ref.conformance.check import check
 from mla_ref.dsa_kernel import sparse_decode_core, sparse_prefill_core
 from mla_ref.errors import InputError, ShapeError
 
@@ -111,3 +118,52 @@ def test_float32_arithmetic_stays_close_to_float64():
     out32, lse32 = sparse_decode_core(q, cache, indices, head_dim_v, SCALE, dtype=np.float32)
     assert out32.dtype == np.float32 and relative_error(out32, out64) <= 1e-5
     assert np.array_equal(lse32 == np.inf, lse64 == np.inf)
+
+
+def loop_adapter(bug: str | None = None) -> types.SimpleNamespace:
+    """The loop oracles behind the adapter protocol, with one FlashMLA-contract bug built in (or none)."""
+    def indices_with_bug(indices, slots, num_blocks=None, block_size=None):
+        indices = np.asarray(indices)
+        if bug == "minus_one_as_row_0":
+            return np.where(indices == -1, 0, indices)
+        if bug == "page_major" and num_blocks is not None:
+            return np.where(indices >= 0, (indices % num_blocks) * block_size + indices // num_blocks, indices)
+        return indices
+
+    def scale_with_bug(q, softmax_scale):
+        return np.shape(q)[-1] ** -0.5 if bug == "scale_576" else softmax_scale
+
+    def lse_with_bug(lse):
+        return lse / math.log(2) if bug == "base_2" else lse
+
+    def sparse_decode_core(q, k_cache, indices, head_dim_v, softmax_scale):
+        num_blocks, block_size = np.shape(k_cache)[:2]
+        out, lse = slow_sparse_decode(q, k_cache, indices_with_bug(indices, num_blocks * block_size, num_blocks, block_size),
+                                      int(head_dim_v), scale_with_bug(q, softmax_scale))
+        return {"out": out, "lse": lse_with_bug(lse)}
+
+    def sparse_prefill_core(q, kv, indices, softmax_scale, head_dim_v):
+        out, lse = slow_sparse_prefill(q, kv, indices_with_bug(indices, len(kv)), scale_with_bug(q, softmax_scale), int(head_dim_v))
+        return {"out": out, "lse": lse_with_bug(lse)}
+
+    return types.SimpleNamespace(sparse_decode_core=sparse_decode_core, sparse_prefill_core=sparse_prefill_core)
+
+
+@pytest.fixture(scope="module")
+def manifest_once():
+    """check() parses golden/manifest.yaml on every call: parse it once for this module's checker runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(check_module, "read_manifest", functools.lru_cache(maxsize=None)(check_module.read_manifest))
+        yield
+
+
+def test_the_loop_oracles_pass_the_golden_sparse_cases(manifest_once):
+    report = check(loop_adapter(), profile="fp64", select="dsa.core*")
+    assert report.ok and len(report.cases) == 3, report.table()
+
+
+@pytest.mark.parametrize("bug, name", [("scale_576", "576^-0.5"), ("base_2", "LSE in base 2"),
+                                       ("minus_one_as_row_0", "-1 padding attended: read as row 0"), ("page_major", "page-major")])
+def test_sparse_contract_bugs_are_rejected_and_named(bug, name, manifest_once):
+    failed = [case for case in check(loop_adapter(bug), profile="fp64", select="dsa.core*").cases if case.status == "fail"]
+    assert failed and any(case.diagnosis and name in case.diagnosis[0] for case in failed), [(case.case_id, case.diagnosis[:1]) for case in failed]
