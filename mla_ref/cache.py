@@ -100,12 +100,17 @@ class LatentCache:
         _check_rows("rows", self.rows, 3, self.lengths)
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, dtype: npt.DTypeLike = np.float64, capacity: int = 0) -> "LatentCache":
-        """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows."""
+    def empty(cls, config: ModelConfig, batch: int, dtype: npt.DTypeLike = np.float64, capacity: int = 0,
+              width: int | None = None) -> "LatentCache":
+        """A cache holding no token for ``batch`` sequences, with room for ``capacity`` before it grows.
+
+        ``width``: the row width, default ``latent_cache_width`` (the DSA indexer keys use index_head_dim, DSA.7).
+        """
         _check_size(batch, capacity)
-        check_allocation("LatentCache", (batch, capacity, config.latent_cache_width), dtype, "MLA.18")
+        width = config.latent_cache_width if width is None else width
+        check_allocation("LatentCache", (batch, capacity, width), dtype, "MLA.18")
         lengths = np.zeros(batch, np.int64)
-        cache = cls(np.zeros((batch, capacity, config.latent_cache_width), dtype), lengths, config_fingerprint(config))
+        cache = cls(np.zeros((batch, capacity, width), dtype), lengths, config_fingerprint(config))
         return _shared(cache, _Written(lengths))
 
     def check(self, config: ModelConfig, batch: int) -> None:

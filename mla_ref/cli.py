@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="print a spec step: equation, shapes for a preset, the implementing function, pitfalls")
     explain.add_argument("step", help="a step id, e.g. MLA.13 or MOE.4")
-    explain.add_argument("--preset", default="deepseek-v3", help="config for the shapes (default deepseek-v3)")
+    explain.add_argument("--preset", default=None, help="config for the shapes (default deepseek-v3, deepseek-v3.2 for DSA steps)")
 
     golden = commands.add_parser("golden", help="golden tensors: generate, verify, export")
     golden_commands = golden.add_subparsers(dest="golden_command", required=True)
@@ -130,7 +130,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "explain":
         from .explain import explain
-        print(explain(args.step, load_config(args.preset)))
+        default = "deepseek-v3.2" if args.step.startswith("DSA.") else "deepseek-v3"
+        print(explain(args.step, load_config(args.preset or default)))
         return 0
     if args.command == "golden":
         return _golden(args)

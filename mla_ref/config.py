@@ -37,6 +37,10 @@ class ModelConfig:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+    index_n_heads: int | None
+    index_head_dim: int | None
+    index_topk: int | None
+    index_norm_eps: float
     rope_theta: float
     rope_scaling_type: str | None
     rope_factor: float
@@ -92,6 +96,11 @@ class ModelConfig:
     def latent_cache_width(self) -> int:
         """``kv_lora_rank + qk_rope_head_dim``: one latent cache row (576 for V3)."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def sparse_attention(self) -> bool:
+        """Whether the layer runs DeepSeek Sparse Attention (spec/dsa.yaml): ``index_topk`` is set (CONFIG.R10)."""
+        return self.index_topk is not None
 
     @property
     def yarn_active(self) -> bool:
@@ -230,7 +239,23 @@ def _validate(config: ModelConfig) -> None:
     if (reuse == "modulo" and modules < 1) or (reuse == "recurrent" and modules != 1):
         expected = ">= 1" if reuse == "modulo" else "== 1 (the recurrent scheme is specified for one module)"
         raise ConfigError("num_nextn_predict_layers", f"expected {expected} with mtp_module_reuse {reuse!r}, got {modules}", "CONFIG.R8")
+    _check_indexer(config)
     _check_derived_constants(config)
+
+
+def _check_indexer(config: ModelConfig) -> None:
+    """CONFIG.R10 — the DSA indexer fields are all set or all null; a power-of-two key width covering the rope dims; a query latent."""
+    fields = {"index_n_heads": config.index_n_heads, "index_head_dim": config.index_head_dim, "index_topk": config.index_topk}
+    missing = [name for name, value in fields.items() if value is None]
+    if not missing:
+        width = config.index_head_dim
+        if width & (width - 1) or width < config.qk_rope_head_dim:
+            raise ConfigError("index_head_dim", f"expected a power of two >= qk_rope_head_dim = {config.qk_rope_head_dim}, got {width}", "CONFIG.R10")
+        if config.q_lora_rank is None:
+            raise ConfigError("q_lora_rank", "expected an int: the DSA indexer query reads the query latent c_q (index_topk is set), got null", "CONFIG.R10")
+    elif len(missing) < len(fields):
+        given = [name for name in fields if name not in missing]
+        raise ConfigError(missing[0], f"expected an int beside {given} (the DSA indexer needs all three), got null", "CONFIG.R10")
 
 
 def _check_derived_constants(config: ModelConfig) -> None:
@@ -417,9 +442,12 @@ def _check_derived(values: Mapping[str, Any], config: ModelConfig) -> None:
     """HF keys that restate derived values must agree with them."""
     expected = {"head_dim": config.qk_rope_head_dim, "qk_head_dim": config.qk_head_dim, "num_key_value_heads": config.num_attention_heads,
                 "mlp_layer_types": ["sparse" if config.is_moe_layer(layer) else "dense" for layer in range(config.num_hidden_layers)]}
+    if config.sparse_attention:
+        expected["layer_types"] = ["indexed_attention"] * config.num_hidden_layers
     for key, value in expected.items():
         if key in values and values[key] is not None and not _same(values[key], value):
-            shown_value = value if key != "mlp_layer_types" else "per first_k_dense_replace / moe_layer_freq"
+            shown_value = {"mlp_layer_types": "per first_k_dense_replace / moe_layer_freq",
+                           "layer_types": "indexed_attention in every layer (index_topk is set)"}.get(key, value)
             raise ConfigError(key, f"{shown(values[key])} contradicts the config's {shown(shown_value)}", "CONFIG.format")
 
 

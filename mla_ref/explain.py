@@ -10,7 +10,7 @@ from .errors import SpecError
 from .spec import evaluate_dim, load_spec_file, parse_shape, resolve_function, spec_dir
 
 RUNTIME_EXAMPLE = {"batch": 2, "seq": 16, "keys": 4096, "expanded": 4096, "tokens": 32, "num_blocks": 128, "block_size": 64, "max_blocks": 64,
-                   "ranks": 8, "width": 576, "depth": 1}
+                   "ranks": 8, "width": 576, "depth": 1, "selected": 2048}
 
 
 def all_steps() -> dict[str, dict]:
@@ -44,7 +44,7 @@ def explain(step_id: str, config: ModelConfig) -> str:
     step = steps[step_id]
     symbols = {**RUNTIME_EXAMPLE, **config.symbols()}
     lines = [f"{step_id} {step['name']}  (spec/{step['file']})", "", "equation:", f"  {' '.join(str(step['equation']).split())}",
-             f"paper: {step['paper']}", "", f"shapes for {config.name} (batch 2, seq 16, keys 4096, tokens 32):"]
+             f"paper: {step['paper']}", "", f"shapes for {config.name} (batch 2, seq 16, keys 4096, tokens 32, selected 2048):"]
     for side in ("inputs", "outputs"):
         for name, shape in step[side].items():
             lines.append(f"  {side[:-1]:6s} {name:18s} {shape}  =  {_shape_text(shape, symbols)}")

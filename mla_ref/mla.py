@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 import numpy.typing as npt
 
+from . import dsa  # the sparse (DSA) path; dsa refers to this module by name too, so either may be imported first
 from .cache import LatentCache, NaiveCache, PagedLatentCache, gather_paged_rows, validate_block_table
 from .config import ModelConfig
 from .checks import all_finite, check_int_vector, check_tensor, compute_dtype, finite_output
@@ -339,9 +340,11 @@ class MLAResult:
 
 
 def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray,
-                start_positions: npt.ArrayLike | None = None, cache: LatentCache | PagedLatentCache | NaiveCache | None = None, *,
+                start_positions: npt.ArrayLike | None = None,
+                cache: LatentCache | PagedLatentCache | NaiveCache | dsa.SparseCache | None = None, *,
                 attention: str | None = None, query_lengths: npt.ArrayLike | None = None, query_chunk: int | None = None,
-                dtype: npt.DTypeLike = np.float64, allow_nonfinite: bool = False, trace: Trace | None = None) -> MLAResult:
+                indexer_fp8: bool = False, dtype: npt.DTypeLike = np.float64, allow_nonfinite: bool = False,
+                trace: Trace | None = None) -> MLAResult:
     """One MLA layer: prefill, prefill after a cached prefix, or cached decode (spec/mla.yaml).
 
     ``weights``: the attention tensors under names relative to ``self_attn.``.
@@ -352,9 +355,16 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     padded tokens produce 0 and are not cached. ``attention``: ``naive`` (per-head k, v) or
     ``absorbed`` (latent rows); default naive without a cache or with a NaiveCache,
     absorbed with a latent cache.
+
+    A config with ``index_topk`` runs DeepSeek Sparse Attention (spec/dsa.yaml): the indexer
+    (DSA.1-DSA.10, ``indexer_fp8`` switches DSA.6's FP8 on) selects the keys each query
+    attends to, the absorbed form gathers their latent rows (DSA.11-DSA.12) and the naive form
+    masks the others out; its cache is a :class:`mla_ref.dsa.SparseCache`.
     """
     w, x, starts, lengths, attention = _prepare(config, weights, hidden, start_positions, cache, attention,
                                                 query_lengths, dtype, allow_nonfinite, trace)
+    if not isinstance(indexer_fp8, (bool, np.bool_)):
+        raise InputError("indexer_fp8", f"expected a bool, got {shown(indexer_fp8)}", "DSA.6")
     batch, seq, _ = x.shape
     scale = softmax_scale(config)
     positions = starts[:, None] + np.arange(seq)[None, :]  # [batch, seq]
@@ -364,6 +374,8 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     table_dtype = np.float64 if trace is None else trace.rope_table
     q_pe, k_pe = emit(trace, "MLA.4", *rotate_query_key(config, q_pe_raw, k_pe_raw, positions, table_dtype))  # rotated, same shapes
     new_rows = emit(trace, "MLA.5", latent_cache_rows(kv_latent, k_pe))  # [batch, seq, kv_lora_rank + rope]
+    if config.sparse_attention:  # DSA.1-DSA.6: [batch, seq, index_heads, index_dim], [batch, seq, index_dim], [batch, seq, index_heads]
+        q_hat, k_hat, head_weights = dsa.indexer_query_key(config, w, x, query_input, positions, indexer_fp8, table_dtype, trace)
     key_offsets = np.zeros(batch, np.int64) if cache is None else cache.lengths  # keys before the new tokens
     if isinstance(cache, NaiveCache):
         k_nope, value = emit(trace, "MLA.6", *expand_latent(config, kv_latent, w))  # the new tokens only
@@ -373,7 +385,10 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
         for rows in (k_full, value):
             _check_used_rows("cache", rows, cache.lengths, allow_nonfinite, "MLA.18")
     else:
-        cache = None if cache is None else cache.append(new_rows, lengths)  # MLA.18
+        if isinstance(cache, dsa.SparseCache):
+            cache = cache.append(new_rows, k_hat, lengths)  # MLA.18, DSA.7
+        else:
+            cache = None if cache is None else cache.append(new_rows, lengths)  # MLA.18
         key_rows = new_rows if cache is None else cache.key_rows()  # [batch, keys, kv_lora_rank + rope]
         if cache is not None:
             _check_used_rows("cache", key_rows, cache.lengths, allow_nonfinite, "MLA.18")
@@ -381,9 +396,17 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
         emit(trace, "MLA.18", cache.lengths)
     num_keys = k_full.shape[1] if isinstance(cache, NaiveCache) else key_rows.shape[1]
     visible = emit(trace, "MLA.8", causal_visibility(key_offsets, lengths, seq, num_keys))  # [batch, seq, keys]
+    if config.sparse_attention:
+        index_keys = k_hat if cache is None else cache.index_key_rows()  # [batch, keys, index_dim]
+        indices, _ = dsa.select_keys(config, q_hat, index_keys, head_weights, visible, trace=trace)  # DSA.8-DSA.10
+        if attention != "absorbed":
+            visible = visible & dsa.selected_visibility(indices, num_keys)  # the index mask narrows MLA.10
     if attention == "absorbed":
         q_absorbed, q_latent = emit(trace, "MLA.13", *absorb_query(config, q_nope, q_pe, w))  # [.., kv_lora_rank (+ rope)]
-        out_latent, lse = latent_attention(q_latent, key_rows, visible, scale, config.kv_lora_rank, query_chunk, trace)
+        if config.sparse_attention:
+            out_latent, lse = dsa.sparse_attention(q_latent, key_rows, indices, scale, config.kv_lora_rank, query_chunk, trace)
+        else:
+            out_latent, lse = latent_attention(q_latent, key_rows, visible, scale, config.kv_lora_rank, query_chunk, trace)
         attn = emit(trace, "MLA.16", unabsorb_output(config, out_latent, w))  # [batch, seq, heads, v_head_dim]
     elif isinstance(cache, NaiveCache):
         attn, lse = naive_attention(q_full, k_full, value, visible, scale, query_chunk, trace)  # MLA.9-11
@@ -413,7 +436,10 @@ def _prepare(config, weights, hidden, start_positions, cache, attention, query_l
         x = trace.round_input(x)
     batch, seq, _ = x.shape
     if cache is not None:
-        if not isinstance(cache, (LatentCache, PagedLatentCache, NaiveCache)):
+        if config.sparse_attention and not isinstance(cache, dsa.SparseCache):
+            raise CacheError("cache", f"expected a SparseCache (latent rows and the indexer's keys: the config sets index_topk), "
+                             f"got {type(cache).__name__}", "DSA.7")
+        if not isinstance(cache, (LatentCache, PagedLatentCache, NaiveCache, dsa.SparseCache)):
             raise CacheError("cache", f"expected LatentCache, PagedLatentCache or NaiveCache, got {type(cache).__name__}", "MLA.18")
         cache.check(config, batch)
         if cache.dtype != dtype:
@@ -432,7 +458,7 @@ def _prepare(config, weights, hidden, start_positions, cache, attention, query_l
         bad = int(np.argmax(last >= config.max_position_embeddings))
         raise InputError("positions", f"sequence {bad} reaches position {int(last[bad])}, expected < max_position_embeddings = {config.max_position_embeddings}", "MLA.4")
     if attention is None:
-        attention = "absorbed" if isinstance(cache, (LatentCache, PagedLatentCache)) else "naive"
+        attention = "absorbed" if isinstance(cache, (LatentCache, PagedLatentCache, dsa.SparseCache)) else "naive"
     if attention not in ("naive", "absorbed"):
         raise InputError("attention", f"expected 'naive' or 'absorbed', got {attention!r}", "MLA.13")
     if attention == "absorbed" and isinstance(cache, NaiveCache):

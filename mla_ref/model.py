@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .cache import LatentCache, LayerCache, NaiveCache, PagedLatentCache
+from .dsa import SparseCache
 from .checks import checked_weight, finite_output
 from .config import ModelConfig
 from .errors import CacheError, InputError, ShapeError, WeightError
@@ -97,20 +98,27 @@ class ModelCache:
         """Empty caches for ``num_layers`` layers (default the main stack): ``latent``, ``naive`` or ``paged``.
 
         ``paged`` needs ``max_tokens`` (the capacity per sequence); ``shuffle_seed`` scatters
-        each layer's block table (layer l uses seed ``shuffle_seed + l``).
+        each layer's block table (layer l uses seed ``shuffle_seed + l``). A DSA config
+        (``index_topk`` set) gets a SparseCache per layer around the latent or paged one (DSA.7).
         """
         num_layers = config.num_hidden_layers if num_layers is None else num_layers
         if kind not in CACHE_KINDS:
             raise CacheError("kind", f"expected one of {list(CACHE_KINDS)}, got {kind!r}", "MODEL.2")
         if kind == "paged" and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise CacheError("max_tokens", f"a paged cache needs a capacity max_tokens >= 1, got {max_tokens!r}", "MLA.19")
+        if kind == "naive" and config.sparse_attention:
+            raise CacheError("kind", "a DSA config (index_topk set) caches latent rows and indexer keys: expected 'latent' or 'paged', got 'naive'", "DSA.7")
         if kind == "latent":
-            return cls(tuple(LatentCache.empty(config, batch) for _ in range(num_layers)))
-        if kind == "naive":
-            return cls(tuple(NaiveCache.empty(config, batch) for _ in range(num_layers)))
-        return cls(tuple(PagedLatentCache.empty(config, batch, max_tokens, block_size,
-                                                shuffle_seed=None if shuffle_seed is None else shuffle_seed + layer)
-                         for layer in range(num_layers)))
+            layers: tuple = tuple(LatentCache.empty(config, batch) for _ in range(num_layers))
+        elif kind == "naive":
+            layers = tuple(NaiveCache.empty(config, batch) for _ in range(num_layers))
+        else:
+            layers = tuple(PagedLatentCache.empty(config, batch, max_tokens, block_size,
+                                                  shuffle_seed=None if shuffle_seed is None else shuffle_seed + layer)
+                           for layer in range(num_layers))
+        if config.sparse_attention:
+            layers = tuple(SparseCache.empty(config, batch, latent=latent) for latent in layers)
+        return cls(layers)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -284,8 +292,8 @@ def check_model_cache(config: ModelConfig, cache, batch: int, num_layers: int) -
     if len(cache.layers) != num_layers:
         raise CacheError("cache", f"expected {num_layers} layer caches, got {len(cache.layers)}", "MODEL.2")
     for layer, layer_cache in enumerate(cache.layers):
-        if not isinstance(layer_cache, (LatentCache, NaiveCache, PagedLatentCache)):
-            raise CacheError(f"cache.layers[{layer}]", f"expected LatentCache, NaiveCache or PagedLatentCache, got {type(layer_cache).__name__}", "MODEL.2")
+        if not isinstance(layer_cache, (LatentCache, NaiveCache, PagedLatentCache, SparseCache)):
+            raise CacheError(f"cache.layers[{layer}]", f"expected LatentCache, NaiveCache, PagedLatentCache or SparseCache, got {type(layer_cache).__name__}", "MODEL.2")
         layer_cache.check(config, batch)
         if not np.array_equal(layer_cache.lengths, cache.lengths):
             raise CacheError(f"cache.layers[{layer}]", f"holds {layer_cache.lengths.tolist()} positions, layer 0 holds {cache.lengths.tolist()}", "MODEL.2")

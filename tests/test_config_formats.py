@@ -13,9 +13,9 @@ from mla_ref.errors import ConfigError, ConfigWarning
 from mla_ref.rope import softmax_scale
 
 DATA = Path(__file__).parent / "data" / "configs"
-CHECKPOINTS = {"deepseek-v3": "deepseek-v3", "deepseek-v3.1": "deepseek-v3", "deepseek-v3.2-exp": "deepseek-v3",
+CHECKPOINTS = {"deepseek-v3": "deepseek-v3", "deepseek-v3.1": "deepseek-v3", "deepseek-v3.2-exp": "deepseek-v3.2",
                "deepseek-v2": "deepseek-v2", "deepseek-v2-lite": "deepseek-v2-lite", "kimi-k2-0905": "kimi-k2"}
-NOT_MODELLED = {"deepseek-v3.2-exp"}  # the DSA indexer: a ConfigWarning, never silence
+NOT_MODELLED: set[str] = set()  # keys read but not computed would warn (none since the DSA indexer, spec/dsa.yaml)
 
 
 def _values(name: str, style: str) -> dict:
@@ -39,6 +39,13 @@ def test_transformers_4_and_5_forms_load_to_the_preset(checkpoint):
     hf4 = _load(_values(checkpoint, "hf4"), checkpoint, strict=True)
     hf5 = _load(_values(checkpoint, "hf5"), checkpoint, strict=True)
     assert _fields(hf4) == _fields(hf5) == _fields(load_preset(CHECKPOINTS[checkpoint]))
+
+
+def test_v32_layer_types_must_say_indexed_attention_in_every_layer():
+    values = _values("deepseek-v3.2-exp", "hf5")
+    assert load_config(values).index_topk == 2048
+    with pytest.raises(ConfigError, match="layer_types"):
+        load_config({**values, "layer_types": ["full_attention"] * values["num_hidden_layers"]})
 
 
 def test_the_transformers_5_file_states_rope_theta_and_yarn_only_inside_rope_parameters():

@@ -17,7 +17,7 @@ from mla_ref.trace import Trace
 from mla_ref.weights import generate_weights, layer_weight_shapes, subtree
 
 STEPS = load_steps("moe.yaml")
-BIG = ["deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "kimi-k2"]
+BIG = ["deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "deepseek-v3.2", "kimi-k2"]
 
 
 class ZeroWeights(Mapping):
