@@ -1,9 +1,9 @@
 """DSA kernel contract — FlashMLA's sparse MLA kernels, steps DSA.20 and DSA.21 of spec/dsa.yaml.
 
 Each query attends to its own list of ``topk`` latent rows named by integer indices,
-instead of to every cached key. Two kernels share the math (gather the rows and attend
-over them with MLA.14, MLA.10 and MLA.15) and differ in where the rows live and which
-index is invalid:
+instead of to every cached key. Both kernels are the layer's DSA.11 -> DSA.12
+(:func:`mla_ref.dsa.sparse_attention`) over rows that live elsewhere, with another rule
+for which index is invalid:
 
 * :func:`sparse_decode_core` (DSA.20, ``flash_mla_with_kvcache`` with ``indices``): a paged cache
   ``[num_blocks, block_size, 1, width]``; an index is ``page * block_size + offset``; -1 is
@@ -24,37 +24,9 @@ import numpy as np
 import numpy.typing as npt
 
 from .checks import check_tensor, compute_dtype, finite_output
+from .dsa import sparse_attention
 from .errors import InputError, ShapeError, shown
-from .mla import latent_logits, latent_values, masked_softmax
 from .trace import Trace, emit
-
-
-def _gather_rows(flat_rows: np.ndarray, indices: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Gather ``flat_rows[indices]`` ``[..., topk, width]``; an invalid entry is a zero row, its slot never read."""
-    safe = np.where(valid, indices, 0)  # [..., topk]
-    rows = flat_rows[safe]  # [..., topk, width], a new array
-    rows[~valid] = 0.0
-    return rows
-
-
-def _attend_rows(q: np.ndarray, key_rows: np.ndarray, valid: np.ndarray, softmax_scale: float, head_dim_v: int,
-                 trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each query attends to its own ``topk`` rows: MLA.14, MLA.10, MLA.15 with the valid entries visible.
-
-    ``q [batch, s_q, heads, width]``, ``key_rows [batch, s_q, topk, width]``, ``valid [batch, s_q, topk]``. Returns
-    ``out [batch, s_q, heads, head_dim_v]`` and the natural-log ``lse [batch, heads, s_q]``; a query with no valid entry
-    gets out 0 and lse +inf. A repeated index counts as often as it appears.
-    """
-    batch, s_q, heads, width = q.shape
-    topk = key_rows.shape[2]
-    per_query_q = q.reshape(batch * s_q, 1, heads, width)  # one query per "sequence" of its own rows
-    per_query_rows = key_rows.reshape(batch * s_q, topk, width)
-    visible = valid.reshape(batch * s_q, 1, topk)
-    logits = emit(trace, "MLA.14", latent_logits(per_query_q, per_query_rows, softmax_scale))  # [batch * s_q, heads, 1, topk]
-    probs, lse = emit(trace, "MLA.10", *masked_softmax(logits, visible[:, None]))  # lse [batch * s_q, heads, 1]
-    out = emit(trace, "MLA.15", latent_values(probs, per_query_rows, head_dim_v))  # [batch * s_q, 1, heads, head_dim_v]
-    lse = np.where(np.isneginf(lse), np.inf, lse).reshape(batch, s_q, heads).transpose(0, 2, 1)  # [batch, heads, s_q]
-    return out.reshape(batch, s_q, heads, head_dim_v), lse
 
 
 def _check_indices(indices, shape: tuple, spec_id: str) -> np.ndarray:
@@ -77,13 +49,18 @@ def _check_scale_and_width(softmax_scale, head_dim_v, width: int, spec_id: str) 
                          f"never FlashMLA's default 576^-0.5), got {shown(softmax_scale)}", spec_id)
 
 
-def _check_read_rows(name: str, rows: np.ndarray, valid: np.ndarray, indices: np.ndarray, spec_id: str) -> None:
-    """Every row a valid index reads must be finite; rows no index reads may hold anything."""
-    bad = valid & ~np.isfinite(rows).all(axis=-1)
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InputError(name, f"row {int(indices[where])} read by indices{list(where)} is not finite; "
-                         "pass allow_nonfinite=True to accept NaN/Inf", spec_id)
+def _check_read_rows(name: str, flat_rows: np.ndarray, indices: np.ndarray, spec_id: str) -> None:
+    """Every row a valid index (>= 0) reads must be finite; rows no index reads may hold anything (NaN in unused pages)."""
+    read = np.unique(indices[indices >= 0])
+    bad = read[~np.isfinite(flat_rows[read]).all(axis=-1)]
+    if bad.size:
+        where = [int(i) for i in np.argwhere(indices == bad[0])[0]]
+        raise InputError(name, f"row {int(bad[0])} read by indices{where} is not finite; pass allow_nonfinite=True to accept NaN/Inf", spec_id)
+
+
+def _flashmla_lse(lse: np.ndarray) -> np.ndarray:
+    """FlashMLA's convention for a query with nothing to attend: lse +inf (DSA.12 and MLA.10 give -inf)."""
+    return np.where(np.isneginf(lse), np.inf, lse)
 
 
 def sparse_decode_core(q: np.ndarray, k_cache: np.ndarray, indices: np.ndarray, head_dim_v: int, softmax_scale: float, *,
@@ -110,13 +87,13 @@ def sparse_decode_core(q: np.ndarray, k_cache: np.ndarray, indices: np.ndarray, 
     _check_scale_and_width(softmax_scale, head_dim_v, width, "DSA.20")
     q = q if trace is None else trace.round_input(q)
     cache = cache if trace is None else trace.round_input(cache)
-    valid = index != -1  # [batch, s_q, topk]
-    key_rows = _gather_rows(cache.reshape(slots, width), index, valid)  # [batch, s_q, topk, width]
+    flat = cache.reshape(slots, width)  # row page * block_size + offset
     if not allow_nonfinite:
-        _check_read_rows("k_cache", key_rows, valid, index, "DSA.20")
-    out, lse = _attend_rows(q, key_rows, valid, float(softmax_scale), int(head_dim_v), trace)
+        _check_read_rows("k_cache", flat, index, "DSA.20")
+    key_rows = np.broadcast_to(flat, (batch, slots, width))  # every sequence indexes the whole pool
+    out, lse = sparse_attention(q, key_rows, index, float(softmax_scale), int(head_dim_v), trace=trace)  # DSA.11, DSA.12
     out = out if allow_nonfinite else finite_output("out", out, "DSA.20")
-    return emit(trace, "DSA.20", out, lse)
+    return emit(trace, "DSA.20", out, _flashmla_lse(lse))
 
 
 def sparse_prefill_core(q: np.ndarray, kv: np.ndarray, indices: np.ndarray, softmax_scale: float, head_dim_v: int, *,
@@ -137,10 +114,9 @@ def sparse_prefill_core(q: np.ndarray, kv: np.ndarray, indices: np.ndarray, soft
     _check_scale_and_width(softmax_scale, head_dim_v, width, "DSA.21")
     q = q if trace is None else trace.round_input(q)
     rows = rows if trace is None else trace.round_input(rows)
-    valid = (index >= 0) & (index < rows.shape[0])  # [s_q, topk]
-    key_rows = _gather_rows(rows[:, 0], index, valid)  # [s_q, topk, width]
+    index = np.where((index >= 0) & (index < rows.shape[0]), index, -1)  # every invalid index becomes DSA.11's -1
     if not allow_nonfinite:
-        _check_read_rows("kv", key_rows, valid, index, "DSA.21")
-    out, lse = _attend_rows(q[None], key_rows[None], valid[None], float(softmax_scale), int(head_dim_v), trace)
+        _check_read_rows("kv", rows[:, 0], index, "DSA.21")
+    out, lse = sparse_attention(q[None], rows[None, :, 0], index[None], float(softmax_scale), int(head_dim_v), trace=trace)
     out = out[0] if allow_nonfinite else finite_output("out", out[0], "DSA.21")  # [s_q, heads, head_dim_v]
-    return emit(trace, "DSA.21", out, lse[0].T)  # lse [s_q, heads]
+    return emit(trace, "DSA.21", out, _flashmla_lse(lse[0].T))  # lse [s_q, heads]

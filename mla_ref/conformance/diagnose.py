@@ -21,7 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .. import dsa_kernel as dsa_kernel_module, mla as mla_module, moe as moe_module, rope as rope_module
+from .. import mla as mla_module, moe as moe_module, rope as rope_module
 from ..cache import gather_paged_rows
 from ..config import from_dict
 from ..mla import causal_visibility, latent_attention
@@ -262,7 +262,7 @@ def _sparse_core_variants(point: str) -> list[Variant]:
     variants = [Variant("softmax scale 576^-0.5 style (FlashMLA's default): 1/sqrt(q width) instead of the passed scale",
                         args={"softmax_scale": "width"}),
                 Variant("LSE in base 2 instead of the natural log (FlashMLA's first sparse release)",
-                        patches={(dsa_kernel_module, "masked_softmax"): _lse_base_two}),
+                        patches={(mla_module, "masked_softmax"): _lse_base_two}),
                 Variant("-1 padding attended: read as row 0 (a clamped gather)", args={"indices": _minus_one_read_as("first")}),
                 Variant("-1 padding attended: read as the last row (negative indexing)", args={"indices": _minus_one_read_as("last")})]
     if point == "sparse_decode_core":
