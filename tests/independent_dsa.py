@@ -5,7 +5,7 @@ A test oracle only: nothing here imports mla_ref. It is written from the facts s
 the reference code, and reads as plain loops so that each step can be checked by eye:
 
 * the Hadamard matrix is built by the Sylvester doubling H_2n = [[H, H], [H, -H]] and
-  divided by sqrt(n);
+  divided by sqrt(n); scores apply it by the Walsh-Hadamard butterfly (checked against it);
 * the indexer RoPE is the split-half (NeoX) rotation of independent_mla.slow_rotate on
   the first qk_rope_head_dim entries of each indexer vector ([rope | nope], A1.3 step 2);
 * LayerNorm (with bias, eps 1e-6, A1.1) is written out with the population variance;
@@ -63,10 +63,21 @@ def _indexer_rope(vector, position: int, cfg) -> np.ndarray:
     return np.concatenate([rotated, np.asarray(vector[rope:], dtype=np.float64)])
 
 
-def _hadamard_apply(vector, hadamard: np.ndarray) -> np.ndarray:
-    """H v, one output entry at a time (H is symmetric, so this is also v H)."""
-    return np.array([sum(float(hadamard[r, c]) * float(vector[c]) for c in range(len(vector)))
-                     for r in range(len(vector))], dtype=np.float64)
+def slow_hadamard_apply(vector) -> np.ndarray:
+    """H v / sqrt(n) by the fast Walsh-Hadamard butterfly (pairs (j, j + h) -> (a + b, a - b) for h = 1, 2, 4, ...).
+
+    The butterfly builds the same Sylvester matrix as :func:`slow_hadamard` (a test checks the two agree)."""
+    values = [float(v) for v in vector]
+    size = len(values)
+    span = 1
+    while span < size:
+        for start in range(0, size, 2 * span):
+            for j in range(start, start + span):
+                a, b = values[j], values[j + span]
+                values[j], values[j + span] = a + b, a - b
+        span *= 2
+    norm = 1.0 / math.sqrt(size)
+    return np.array([v * norm for v in values], dtype=np.float64)
 
 
 def slow_indexer_scores(cfg, weights, hidden, positions) -> np.ndarray:
@@ -80,16 +91,14 @@ def slow_indexer_scores(cfg, weights, hidden, positions) -> np.ndarray:
     def get(name):
         return np.asarray(weights[name], dtype=np.float64)
 
-    hadamard = slow_hadamard(dim)
     queries, keys, head_weights = [], [], []
     for i in range(n_tokens):
         x = x_all[i]
         query_latent = _rms_norm(_linear(x, get("q_a_proj.weight")), get("q_a_layernorm.weight"), float(cfg.rms_norm_eps))
         q_flat = _linear(query_latent, get("indexer.wq_b.weight"))
-        queries.append([_hadamard_apply(_indexer_rope(q_flat[h * dim:(h + 1) * dim], pos[i], cfg), hadamard)
-                        for h in range(heads)])
+        queries.append([slow_hadamard_apply(_indexer_rope(q_flat[h * dim:(h + 1) * dim], pos[i], cfg)) for h in range(heads)])
         key = slow_layer_norm(_linear(x, get("indexer.wk.weight")), get("indexer.k_norm.weight"), get("indexer.k_norm.bias"))
-        keys.append(_hadamard_apply(_indexer_rope(key, pos[i], cfg), hadamard))
+        keys.append(slow_hadamard_apply(_indexer_rope(key, pos[i], cfg)))
         head_weights.append(_linear(x, get("indexer.weights_proj.weight")) / math.sqrt(heads))
 
     scores = np.full((n_tokens, n_tokens), -np.inf, dtype=np.float64)

@@ -1,8 +1,11 @@
-"""The independent DSA oracle (tests/independent_dsa.py) checked on its own: the Hadamard against its closed form,
-the indexer RoPE as a rotation, a two-token case worked by hand, the top-k rule, and sparse MLA against dense MLA."""
+"""The independent DSA oracle (tests/independent_dsa.py) checked on its own — the Hadamard against its closed form,
+the indexer RoPE as a rotation, a two-token case worked by hand, the top-k rule, sparse MLA against dense MLA — and
+then the reference (mla_ref.dsa, mla_forward on a DSA config) against it on the tiny-dsa preset: scores, selected
+index sets, output and LSE to 1e-12, in prefill, chunked prefill on a cached prefix and cached decode."""
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -10,8 +13,13 @@ import numpy as np
 import pytest
 
 from conftest import attention_weights, hidden_states, preset, relative_error
-from independent_dsa import _indexer_rope, slow_dsa_mla, slow_hadamard, slow_indexer_scores, slow_layer_norm, slow_topk
+from independent_dsa import (_indexer_rope, slow_dsa_mla, slow_hadamard, slow_hadamard_apply, slow_indexer_scores, slow_layer_norm,
+                             slow_topk)
 from independent_mla import slow_mla
+from mla_ref import mla_forward
+from mla_ref.dsa import SparseCache, indexer_forward
+from mla_ref.trace import Trace
+from mla_ref.weights import generate_attention_weights
 
 TOL = 1e-12
 
@@ -42,6 +50,11 @@ def test_hadamard_is_the_normalised_popcount_matrix_and_orthogonal(order):
     assert np.array_equal(matrix, closed_form)  # scipy.linalg.hadamard / sqrt(n) (facts A1.5)
     assert np.abs(matrix @ matrix.T - np.eye(order)).max() <= TOL
     assert np.array_equal(matrix, matrix.T)
+
+
+def test_the_butterfly_applies_the_sylvester_matrix():
+    vector = np.random.default_rng(4).standard_normal(128)
+    assert np.abs(slow_hadamard_apply(vector) - slow_hadamard(128) @ vector).max() <= TOL
 
 
 def test_hadamard_rejects_an_order_that_is_not_a_power_of_two():
@@ -132,3 +145,63 @@ def test_sparse_mla_attends_exactly_the_top_k_keys():
     dense_out, _ = slow_mla(cfg, weights, hidden, range(10))
     assert relative_error(out[3:], dense_out[3:]) > 1e-3  # past k visible keys the sparsity shows
     assert relative_error(out[:3], dense_out[:3]) <= TOL
+
+
+# ------------------------------------------------------------------ the reference against the oracle (tiny-dsa)
+
+SEQ = 20  # past index_topk = 8, so most rows drop keys
+
+
+@functools.lru_cache(maxsize=None)
+def oracle(seed: int):
+    """(config, weights, hidden [1, SEQ, hidden_size], scores, (out, lse, selected)) of the oracle on tiny-dsa."""
+    config = preset("tiny-dsa")
+    weights = generate_attention_weights(config, seed=seed)
+    hidden = hidden_states(config, 1, SEQ, seed=seed)
+    scores = slow_indexer_scores(config, weights, hidden[0], range(SEQ))
+    return config, weights, hidden, scores, slow_dsa_mla(config, weights, hidden[0], range(SEQ))
+
+
+def selected_sets(indices: np.ndarray) -> list[list[int]]:
+    return [sorted(int(i) for i in row if i >= 0) for row in indices]
+
+
+def test_the_tiny_dsa_inputs_have_a_gap_at_the_kth_score():
+    """The selected set is well defined: every row past k visible keys separates its k-th and (k+1)-th score."""
+    config, _, _, scores, _ = oracle(0)
+    for t in range(config.index_topk, SEQ):
+        ranked = np.sort(scores[t, : t + 1])[::-1]
+        assert ranked[config.index_topk - 1] - ranked[config.index_topk] > 1e-6 * np.abs(ranked).max(), t
+
+
+def test_reference_indexer_equals_the_oracle_in_prefill():
+    config, weights, hidden, scores, (_, _, selected) = oracle(0)
+    result = indexer_forward(config, weights, hidden)
+    finite = np.isfinite(scores)
+    assert np.array_equal(np.isfinite(result.scores[0]), finite)
+    assert relative_error(result.scores[0][finite], scores[finite]) <= TOL
+    assert selected_sets(result.indices[0]) == selected
+
+
+def test_reference_sparse_prefill_equals_the_oracle():
+    config, weights, hidden, _, (out, lse, _) = oracle(0)
+    for attention in ("naive", "absorbed"):
+        got = mla_forward(config, weights, hidden, [0], attention=attention)
+        assert relative_error(got.output[0], out) <= TOL and relative_error(got.lse[0], lse) <= TOL, attention
+
+
+@pytest.mark.parametrize("chunks", [[(0, 13), (13, 20)], [(0, 19), (19, 20)]], ids=["chunked-prefill", "decode"])
+def test_reference_with_a_cache_equals_the_oracle(chunks):
+    """A prefix, then the rest on the cache (bottom-right causal rule): scores, index sets, output and LSE of the new rows."""
+    config, weights, hidden, scores, (out, lse, selected) = oracle(1)
+    cache = SparseCache.empty(config, 1)
+    for begin, end in chunks:
+        trace = Trace()
+        step = mla_forward(config, weights, hidden[:, begin:end], cache=cache, trace=trace)
+        cache = step.cache
+        masked = trace["DSA.9"]["masked_scores"][0]  # [new, keys]
+        assert np.array_equal(np.isfinite(masked), np.isfinite(scores[begin:end, :end]))
+        assert relative_error(masked[np.isfinite(masked)], scores[begin:end, :end][np.isfinite(masked)]) <= TOL
+        assert selected_sets(trace["DSA.10"]["indices"][0]) == selected[begin:end]
+        assert relative_error(step.output[0], out[begin:end]) <= TOL
+        assert relative_error(step.lse[0], lse[:, begin:end]) <= TOL
