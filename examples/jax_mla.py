@@ -56,6 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mla_ref import Unsupported
+
 PROFILES = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16"}
 DTYPE_NAME = os.environ.get("MLA_REF_JAX_DTYPE", "float32")
 if DTYPE_NAME not in PROFILES:
@@ -489,6 +491,8 @@ def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, so
     if q.ndim != 4:
         _fail(entry, f"q: expected [batch, s_q, heads, width], got {q.shape}")
     batch, _, _, width = q.shape
+    if np.asarray(k_cache).dtype == np.uint8:
+        raise Unsupported("FlashMLA's FP8 cache (uint8 records, spec/fp8.yaml FP8.12) is not implemented in this port")
     cache = _floats(entry, "k_cache", np.asarray(k_cache), (None, None, 1, width))
     table = _ints(entry, "block_table", block_table, (batch, None))
     seqlens = _ints(entry, "cache_seqlens", cache_seqlens, (batch,))

@@ -257,20 +257,41 @@ def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths
     return _np({"output": output, "rows": rows, "lse": lse, "MLA.12/output": output, **steps})
 
 
+def decode_records(records: torch.Tensor, rank: int) -> torch.Tensor:
+    """FP8.11 — FlashMLA's FP8 cache records ``[..., rank + 4 * rank / 128 + 2 * rope]`` (656 bytes for V3.2: e4m3 codes,
+    float32 scales one per 128, bf16 rope, little-endian) to rows ``[latent | rope]``; in bf16 mode the product is taken
+    in bf16 as FlashMLA's kernel does (bf16(code) * bf16(scale))."""
+    tiles = rank // 128
+    codes = records[..., :rank].contiguous().view(torch.float8_e4m3fn)  # [..., rank]
+    scales = records[..., rank:rank + 4 * tiles].contiguous().view(torch.float32)  # [..., tiles]
+    rope = records[..., rank + 4 * tiles:].contiguous().view(torch.bfloat16)  # [..., rope]
+    product = torch.bfloat16 if DTYPE == "bfloat16" else _stat()
+    latent = codes.to(product).unflatten(-1, (tiles, 128)) * scales.to(product)[..., None]  # [..., tiles, 128]
+    return torch.cat([latent.flatten(-2).to(_dtype()), rope.to(_dtype())], dim=-1)
+
+
 def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
-    """MLA.17 — FlashMLA ``flash_mla_with_kvcache``: paged gather (MLA.19), then latent attention with the given scale."""
-    q, cache, table, seqlens = _t(q), _t(k_cache), _ints(block_table), _ints(cache_seqlens)
+    """MLA.17 — FlashMLA ``flash_mla_with_kvcache``: paged gather (MLA.19), then latent attention with the given scale.
+
+    A uint8 ``k_cache`` is FlashMLA's FP8 cache (``is_fp8_kvcache``): records gathered, then decoded (FP8.11)."""
+    q, table, seqlens = _t(q), _ints(block_table), _ints(cache_seqlens)
+    cache = torch.as_tensor(np.asarray(k_cache), device=DEVICE)
+    records = cache.dtype == torch.uint8
+    cache = cache if records else cache.to(_dtype())
     batch, s_q = q.shape[:2]
     block_size = cache.shape[1]
     t = torch.arange(int(seqlens.max()), device=DEVICE)  # [keys]
     held = t[None] < seqlens[:, None]  # [batch, keys]
     blocks = table[:, t // block_size].clamp(min=0)  # [batch, keys]
-    key_rows = cache[blocks, t % block_size, 0].masked_fill(~held[..., None], 0.0)  # [batch, keys, width]; NaN slots dropped
+    key_rows = cache[blocks, t % block_size, 0].masked_fill(~held[..., None], 0)  # [batch, keys, width or record]; NaN slots dropped
+    steps = {"MLA.19/key_rows": key_rows}
+    if records:
+        key_rows = steps["FP8.11/rows"] = decode_records(key_rows, int(head_dim_v))  # [batch, keys, width]
     if causal:
         visible = causal_visible(seqlens - s_q, torch.full((batch,), s_q, device=DEVICE), s_q, t.numel())
     else:
         visible = held[:, None].expand(-1, s_q, -1)
-    steps = {"MLA.19/key_rows": key_rows, "MLA.8/visible": visible}
+    steps["MLA.8/visible"] = visible
     scale = float(softmax_scale)
     out, lse = latent_attention(q, key_rows, visible, scale, int(head_dim_v), steps)
     return _np({"out": out, "lse": lse, "MLA.17/out": out, "MLA.17/lse": lse, **steps})

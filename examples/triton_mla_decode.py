@@ -53,6 +53,8 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 import triton  # noqa: E402 - must follow the interpreter switch
 import triton.language as tl  # noqa: E402
 
+from mla_ref import Unsupported  # noqa: E402
+
 PROFILES = {"float32": "fp32", "bfloat16": "bf16"}
 DTYPE, SPLITS, PROFILE = "float32", 1, "fp32"
 BLOCK_M = 16  # query rows (heads x draft tokens) per program; 16 is tl.dot's smallest tile
@@ -288,6 +290,8 @@ def validate(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, 
         raise ValueError(f"q: expected [batch, s_q, heads, width] with batch, s_q, heads >= 1, got {list(q.shape)} (MLA.17)")
     if not np.all(np.isfinite(q)):
         raise ValueError(f"q: expected finite values, found {int(np.sum(~np.isfinite(q)))} NaN/inf (MLA.17)")
+    if np.asarray(k_cache).dtype == np.uint8:
+        raise Unsupported("FlashMLA's FP8 cache (uint8 records, spec/fp8.yaml FP8.12): this kernel reads float rows only")
     k_cache = _float_array("k_cache", k_cache, 4)
     if k_cache.shape[2] != 1 or k_cache.shape[3] != width or min(k_cache.shape[:2]) < 1:
         raise ValueError(f"k_cache: expected [num_blocks, block_size, 1, {width}] (one latent head, q's width), "

@@ -1,7 +1,7 @@
 """mla-ref: the NumPy reference for DeepSeek MLA, DeepSeek-MoE routing and MTP (see spec/)."""
 
 from .balance import bias_update, expert_load, sequence_balance_loss, v2_balance_losses
-from .cache import LatentCache, NaiveCache, PagedLatentCache
+from .cache import Fp8LatentCache, LatentCache, NaiveCache, PagedLatentCache
 from .config import ModelConfig, load_config, load_preset, preset_names
 from .dispatch import DispatchPlan, dispatch_plan
 from .errors import CacheError, ConfigError, GoldenError, InputError, MlaRefError, ShapeError, SpecError, Unsupported, WeightError
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DispatchPlan", "FFNResult", "GoldenError", "Routing", "bias_update", "dispatch_plan", "expert_load", "ffn_forward",
     "needed_expert_weight_names", "route", "sequence_balance_loss", "v2_balance_losses",
-    "CacheError", "ConfigError", "InputError", "LatentCache", "MLAResult", "MlaRefError", "ModelConfig", "NaiveCache",
+    "CacheError", "ConfigError", "Fp8LatentCache", "InputError", "LatentCache", "MLAResult", "MlaRefError", "ModelConfig", "NaiveCache",
     "PagedLatentCache", "ShapeError", "SpecError", "Trace", "Unsupported", "WeightError", "attention_weight_shapes",
     "generate_attention_weights", "generate_weights", "latent_attention_core", "load_config", "load_preset",
     "mla_forward", "preset_names", "spec_version", "weight_shapes",

@@ -4,6 +4,8 @@
   ``kv_lora_rank + qk_rope_head_dim`` per token (the absorbed form's cache, MLA.5).
 * :class:`PagedLatentCache` — the same rows in a block pool ``[num_blocks, block_size, 1,
   width]`` addressed through a block table (FlashMLA / vLLM layout).
+* :class:`Fp8LatentCache` — the rows as FP8 records (spec/fp8.yaml FP8.12: 656 bytes per token
+  for V3.2), quantised when appended, dequantised when read.
 * :class:`NaiveCache` — full per-head keys ``[nope | rope]`` and values.
 
 Caches are immutable values: ``append`` returns a new cache, so an old one is a
@@ -28,6 +30,7 @@ import numpy.typing as npt
 from .config import ModelConfig
 from .checks import check_allocation
 from .errors import CacheError, ShapeError, shown
+from .fp8_cache import check_record_dims, check_scale_rule, decode_latent_record, encode_latent_record, record_width
 
 
 def config_fingerprint(config: ModelConfig) -> str:
@@ -227,6 +230,57 @@ class PagedLatentCache:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fp8LatentCache:
+    """FP8.12 — contiguous latent cache of FP8 records (656 bytes per token for V3.2): ``store.rows [batch, capacity,
+    record_width]`` uint8, quantised when appended (FP8.10 with ``scale_rule``), read dequantised (FP8.11) in ``dtype``."""
+
+    store: LatentCache
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    scale_rule: str = "ue8m0"
+    dtype: np.dtype = np.dtype(np.float64)
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, dtype: npt.DTypeLike = np.float64, capacity: int = 0,
+              scale_rule: str = "ue8m0") -> "Fp8LatentCache":
+        """A cache holding no token; its rows are read back as ``dtype`` (the compute dtype of mla_forward)."""
+        check_record_dims(config.kv_lora_rank, config.qk_rope_head_dim, "FP8.12")
+        check_scale_rule(scale_rule, "FP8.12")
+        _check_size(batch, capacity)
+        width = record_width(config.kv_lora_rank, config.qk_rope_head_dim)
+        check_allocation("Fp8LatentCache", (batch, capacity, width), np.uint8, "FP8.12")
+        lengths = np.zeros(batch, np.int64)
+        store = _shared(LatentCache(np.zeros((batch, capacity, width), np.uint8), lengths, config_fingerprint(config)), _Written(lengths))
+        return cls(store, config.kv_lora_rank, config.qk_rope_head_dim, scale_rule, np.dtype(dtype))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.store.lengths
+
+    def check(self, config: ModelConfig, batch: int) -> None:
+        """Raise ``CacheError`` if this cache was built for another config or batch."""
+        _check_common(self.store, self.lengths, self.store.rows.shape[0], self.store.rows.shape[-1], config, batch,
+                      width_name="record_width", width=record_width(config.kv_lora_rank, config.qk_rope_head_dim))
+
+    def append(self, new_rows: np.ndarray, query_lengths: np.ndarray) -> "Fp8LatentCache":
+        """MLA.18 with FP8.10 — quantise the real rows of ``new_rows [batch, seq, kv_lora_rank + rope]`` and write their records."""
+        batch, seq, _ = new_rows.shape
+        written = np.arange(seq)[None, :] < query_lengths[:, None]  # [batch, seq]: padding is neither quantised nor cached
+        records = np.zeros((batch, seq, self.store.rows.shape[-1]), np.uint8)  # [batch, seq, record_width]
+        real = new_rows[written]  # [tokens, kv_lora_rank + rope]
+        records[written] = encode_latent_record(real[:, : self.kv_lora_rank], real[:, self.kv_lora_rank:], self.scale_rule)
+        return dataclasses.replace(self, store=self.store.append(records, query_lengths))
+
+    def key_rows(self) -> np.ndarray:
+        """FP8.11 — the cached rows dequantised, ``[batch, max(lengths), kv_lora_rank + rope]`` in ``dtype``."""
+        return decode_latent_record(self.store.key_rows(), self.kv_lora_rank, self.qk_rope_head_dim).astype(self.dtype)
+
+    def truncate(self, lengths: npt.ArrayLike) -> "Fp8LatentCache":
+        """Forget positions >= ``lengths`` (a rollback); lengths may only shrink."""
+        return dataclasses.replace(self, store=self.store.truncate(lengths))
+
+
+@dataclasses.dataclass(frozen=True)
 class NaiveCache:
     """Per-head cache: ``keys [batch, capacity, heads, qk_head_dim]``, ``values [.., v_head_dim]``."""
 
@@ -299,9 +353,10 @@ def _check_size(batch, capacity) -> None:
 
 def _check_rows(name: str, rows, ndim: int, lengths) -> None:
     """A cache's array: an ndarray of ``ndim`` axes ``[batch, capacity, ...]`` whose lengths never exceed its capacity."""
-    if not isinstance(rows, np.ndarray) or rows.ndim != ndim or rows.dtype.kind != "f":
+    if not isinstance(rows, np.ndarray) or rows.ndim != ndim or not (rows.dtype.kind == "f" or rows.dtype == np.uint8):
         described = f"{rows.dtype} {list(rows.shape)}" if isinstance(rows, np.ndarray) else type(rows).__name__
-        raise CacheError(name, f"expected a float array of {ndim} axes [batch, capacity, ...], got {described}", "MLA.18")
+        raise CacheError(name, f"expected a float array (or the uint8 records of an Fp8LatentCache) of {ndim} axes "
+                         f"[batch, capacity, ...], got {described}", "MLA.18")
     held = _lengths(lengths, rows.shape[0], "lengths")
     if (held > rows.shape[1]).any():
         bad = int(np.argmax(held > rows.shape[1]))
@@ -371,4 +426,4 @@ def gather_paged_rows(blocks: np.ndarray, block_table: np.ndarray, lengths: np.n
     return rows
 
 
-LayerCache = LatentCache | PagedLatentCache | NaiveCache  # the cache of one attention layer
+LayerCache = LatentCache | PagedLatentCache | Fp8LatentCache | NaiveCache  # the cache of one attention layer

@@ -16,10 +16,11 @@ import numpy as np
 import numpy.typing as npt
 
 from . import dsa  # the sparse (DSA) path; dsa refers to this module by name too, so either may be imported first
-from .cache import LatentCache, NaiveCache, PagedLatentCache, gather_paged_rows, validate_block_table
+from .cache import Fp8LatentCache, LatentCache, NaiveCache, PagedLatentCache, gather_paged_rows, validate_block_table
 from .config import ModelConfig
 from .checks import all_finite, check_int_vector, check_tensor, compute_dtype, finite_output
 from .errors import CacheError, InputError, ShapeError, shown
+from .fp8_cache import check_latent_records, decode_latent_record
 from .norm import rms_norm
 from .precision import exp, log, matmul
 from .rope import apply_rope, rope_angles, softmax_scale
@@ -297,19 +298,25 @@ def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.nd
     s_q = 1). ``softmax_scale`` is required: FlashMLA's default 576^-0.5 is wrong for
     DeepSeek. Returns ``out [batch, s_q, heads, head_dim_v]`` and the natural-log
     ``lse [batch, heads, s_q]``; a query with no visible key gets out 0 and lse -inf.
-    Unused cache slots are never read, so they may hold NaN.
+    Unused cache slots are never read, so they may hold NaN. A uint8 ``k_cache [num_blocks,
+    block_size, 1, record_width]`` is FlashMLA's FP8 cache (FP8.12): 656-byte records for V3
+    (FP8.10), gathered, then decoded (FP8.11) to the rows the attention reads.
     """
     dtype = compute_dtype(dtype)
     q = check_tensor("q", q, ("batch", "s_q", "heads", "width"), "MLA.17", dtype, allow_nonfinite)
     batch, s_q, heads, width = q.shape
-    cache = check_tensor("k_cache", k_cache, ("num_blocks", "block_size", 1, width), "MLA.17", dtype, allow_nonfinite=True)
+    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, (int, np.integer)) or not 0 < head_dim_v <= width:
+        raise InputError("head_dim_v", f"expected an int in 1 .. {width}, got {shown(head_dim_v)}", "MLA.17")
+    records = np.asarray(k_cache).dtype == np.uint8  # FP8.12: 656-byte records, the latent being the first head_dim_v columns
+    if records:
+        cache = check_latent_records("k_cache", k_cache, head_dim_v, width - head_dim_v, "FP8.12", rank_name="head_dim_v")
+    else:
+        cache = check_tensor("k_cache", k_cache, ("num_blocks", "block_size", 1, width), "MLA.17", dtype, allow_nonfinite=True)
     seqlens = check_int_vector("cache_seqlens", cache_seqlens, batch, "MLA.17")
     table = np.asarray(block_table)
     if table.ndim != 2 or table.shape[0] != batch:
         raise ShapeError("block_table", f"expected [{batch}, max_blocks], got {list(table.shape)}", "MLA.19")
     validate_block_table(table, cache.shape[0], cache.shape[1], seqlens)
-    if isinstance(head_dim_v, bool) or not isinstance(head_dim_v, (int, np.integer)) or not 0 < head_dim_v <= width:
-        raise InputError("head_dim_v", f"expected an int in 1 .. {width}, got {shown(head_dim_v)}", "MLA.17")
     if (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (float, int, np.floating, np.integer))
             or not (math.isfinite(softmax_scale) and softmax_scale > 0)):
         raise InputError("softmax_scale", f"expected a finite float > 0 (the model's scale, e.g. 0.1352337788608801 for V3), got {shown(softmax_scale)}", "MLA.17")
@@ -317,7 +324,9 @@ def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.nd
         raise InputError("causal", f"expected a bool, got {shown(causal)} ({type(causal).__name__})", "MLA.17")
     q = q if trace is None else trace.round_input(q)
     cache = cache if trace is None else trace.round_input(cache)
-    key_rows = emit(trace, "MLA.19", gather_paged_rows(cache, table.astype(np.int64), seqlens))  # [batch, keys, width]
+    key_rows = emit(trace, "MLA.19", gather_paged_rows(cache, table.astype(np.int64), seqlens))  # [batch, keys, width or record]
+    if records:
+        key_rows = emit(trace, "FP8.11", decode_latent_record(key_rows, head_dim_v, width - head_dim_v).astype(dtype))  # [batch, keys, width]
     _check_used_rows("k_cache", key_rows, seqlens, allow_nonfinite, "MLA.17")
     keys = key_rows.shape[1]
     if causal:
@@ -335,13 +344,13 @@ class MLAResult:
     """``output [batch, seq, hidden_size]``, the updated cache (None without one) and ``lse [batch, heads, seq]``."""
 
     output: np.ndarray
-    cache: LatentCache | PagedLatentCache | NaiveCache | None
+    cache: LatentCache | PagedLatentCache | Fp8LatentCache | NaiveCache | None
     lse: np.ndarray
 
 
 def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray,
                 start_positions: npt.ArrayLike | None = None,
-                cache: LatentCache | PagedLatentCache | NaiveCache | dsa.SparseCache | None = None, *,
+                cache: LatentCache | PagedLatentCache | Fp8LatentCache | NaiveCache | dsa.SparseCache | None = None, *,
                 attention: str | None = None, query_lengths: npt.ArrayLike | None = None, query_chunk: int | None = None,
                 indexer_fp8: bool = False, dtype: npt.DTypeLike = np.float64, allow_nonfinite: bool = False,
                 trace: Trace | None = None) -> MLAResult:
@@ -439,8 +448,8 @@ def _prepare(config, weights, hidden, start_positions, cache, attention, query_l
         if config.sparse_attention and not isinstance(cache, dsa.SparseCache):
             raise CacheError("cache", f"expected a SparseCache (latent rows and the indexer's keys: the config sets index_topk), "
                              f"got {type(cache).__name__}", "DSA.7")
-        if not isinstance(cache, (LatentCache, PagedLatentCache, NaiveCache, dsa.SparseCache)):
-            raise CacheError("cache", f"expected LatentCache, PagedLatentCache or NaiveCache, got {type(cache).__name__}", "MLA.18")
+        if not isinstance(cache, (LatentCache, PagedLatentCache, Fp8LatentCache, NaiveCache, dsa.SparseCache)):
+            raise CacheError("cache", f"expected LatentCache, PagedLatentCache, Fp8LatentCache or NaiveCache, got {type(cache).__name__}", "MLA.18")
         cache.check(config, batch)
         if cache.dtype != dtype:
             raise CacheError("cache", f"expected dtype {dtype} (the compute dtype), got {cache.dtype}: build it with dtype={dtype.name}", "MLA.18")
@@ -458,7 +467,7 @@ def _prepare(config, weights, hidden, start_positions, cache, attention, query_l
         bad = int(np.argmax(last >= config.max_position_embeddings))
         raise InputError("positions", f"sequence {bad} reaches position {int(last[bad])}, expected < max_position_embeddings = {config.max_position_embeddings}", "MLA.4")
     if attention is None:
-        attention = "absorbed" if isinstance(cache, (LatentCache, PagedLatentCache, dsa.SparseCache)) else "naive"
+        attention = "absorbed" if isinstance(cache, (LatentCache, PagedLatentCache, Fp8LatentCache, dsa.SparseCache)) else "naive"
     if attention not in ("naive", "absorbed"):
         raise InputError("attention", f"expected 'naive' or 'absorbed', got {attention!r}", "MLA.13")
     if attention == "absorbed" and isinstance(cache, NaiveCache):

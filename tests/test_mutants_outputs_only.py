@@ -56,6 +56,12 @@ CATALOGUE_NAMES = {  # mutant -> what its diagnosis must say first in some case 
     "group_top2_sum_for_v2": "the other group score rule",
     "mtp_concat_hidden_first": "MTP concat order swapped",
     "mtp_pre_norm_hidden": "mtp_hidden_source",
+    "cache_scales_read_as_bf16": "FP8 cache scales read as bf16",
+    "cache_codes_read_as_fnuz": "FP8 cache codes read as e4m3fnuz",
+    "cache_scales_fnuz_normalised": "FP8 cache scales doubled",
+    "cache_rope_quantised": "FP8 cache rope part quantised",
+    "cache_scales_reversed": "FP8 cache scales applied in reverse order",
+    "cache_scales_after_rope": "FP8 cache scales read after the rope part",
 }
 
 

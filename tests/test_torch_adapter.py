@@ -17,6 +17,7 @@ from mla_ref.balance import bias_update, expert_load, sequence_balance_loss, v2_
 from mla_ref.cache import LatentCache  # noqa: E402
 from mla_ref.config import load_preset  # noqa: E402
 from mla_ref.dispatch import dispatch_plan  # noqa: E402
+from mla_ref.fp8_cache import encode_latent_record, record_width  # noqa: E402
 from mla_ref.conformance.check import load_case  # noqa: E402
 from mla_ref.conformance.protocol import call, entry_points  # noqa: E402
 from mla_ref.golden.generate import default_golden_dir  # noqa: E402
@@ -154,6 +155,23 @@ def test_latent_attention_core_matches_reference(seqlens, block_size, s_q, causa
     assert_close(produced["out"], out, "out")
     assert_close(produced["lse"], lse, "lse")
     assert assert_steps_match(produced, trace) >= 4
+
+
+@pytest.mark.parametrize("scale_rule", ["ue8m0", "amax", "flt_min"])
+def test_latent_attention_core_reads_fp8_records_as_the_reference(scale_rule):
+    """FlashMLA's FP8 cache (FP8.12): the records decoded with torch's float8_e4m3fn view (float64 mode: exact products)."""
+    config = load_preset("tiny").replace(kv_lora_rank=256)
+    q, cache, table, lengths = paged_cache(config, [5, 19, 0], 16, 1)
+    held = np.isfinite(cache).all(axis=-1)  # [num_blocks, block_size, 1]
+    records = np.full(cache.shape[:3] + (record_width(256, config.qk_rope_head_dim),), 0x7F, np.uint8)  # NaN bytes unused
+    records[held] = encode_latent_record(cache[held][:, :256], cache[held][:, 256:], scale_rule)
+    trace = Trace()
+    out, lse = latent_attention_core(q, records, table, lengths, 256, 0.1, False, trace=trace)
+    produced = adapter().latent_attention_core(q, records, table, lengths, 256, 0.1, False)
+    assert_close(produced["out"], out, "out")
+    assert_close(produced["lse"], lse, "lse")
+    assert np.array_equal(produced["MLA.19/key_rows"], trace["MLA.19"]["key_rows"])
+    assert np.array_equal(produced["FP8.11/rows"], trace["FP8.11"]["rows"])
 
 
 @pytest.mark.parametrize("changes", [

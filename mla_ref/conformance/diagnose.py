@@ -21,9 +21,10 @@ from typing import Mapping
 
 import numpy as np
 
-from .. import mla as mla_module, moe as moe_module, rope as rope_module
+from .. import fp8_cache as fp8_cache_module, mla as mla_module, moe as moe_module, rope as rope_module
 from ..cache import gather_paged_rows
 from ..config import from_dict
+from ..fp8 import BLOCK_SIZE, decode_fp8, encode_fp8
 from ..mla import causal_visibility, latent_attention
 from ..moe import BIAS, renormalises_topk, routing_weights
 from ..norm import rms_norm
@@ -200,6 +201,8 @@ _reference_kv = mla_module.kv_latent_and_rope_key
 _reference_visibility = mla_module.causal_visibility
 _reference_softmax = mla_module.masked_softmax
 _reference_routing_weights = moe_module.routing_weights
+_reference_record_scales = fp8_cache_module.record_scales
+_reference_record_rope = fp8_cache_module.record_rope
 
 
 def _shifted_mask(shift: int | None):
@@ -271,6 +274,35 @@ def _sparse_core_variants(point: str) -> list[Variant]:
     return variants
 
 
+def _bf16_record_scales(records: np.ndarray, kv_lora_rank: int) -> np.ndarray:
+    """FP8.11 read with 2-byte bf16 scales at the scales' offset (the record stores float32)."""
+    halves = np.ascontiguousarray(records[..., kv_lora_rank: kv_lora_rank + 2 * (kv_lora_rank // BLOCK_SIZE)]).view("<u2")
+    return (halves.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+
+
+def _record_scales_after_rope(records: np.ndarray, kv_lora_rank: int) -> np.ndarray:
+    """FP8.11 read with the scales taken from the record's last bytes (a [latent | rope | scales] layout)."""
+    return np.ascontiguousarray(records[..., -4 * (kv_lora_rank // BLOCK_SIZE):]).view("<f4").astype(np.float64)
+
+
+def _fp8_cache_variants() -> list[Variant]:
+    """FP8.11 reader bugs (E5 and the record layout): the reference's decoder with one field read wrong."""
+    def scales(twin) -> dict:
+        return {(fp8_cache_module, "record_scales"): twin}
+    return [
+        Variant("FP8 cache codes read as e4m3fnuz: OCP codes with the FNUZ bias, every latent value x0.5 (E5 reversed)",
+                patches={(fp8_cache_module, "decode_fp8"): lambda codes: decode_fp8(codes, "e4m3fnuz")}),
+        Variant("FP8 cache scales doubled (FNUZ-normalised scales on OCP codes): every latent value x2 (E5)",
+                patches=scales(lambda records, rank: 2.0 * _reference_record_scales(records, rank))),
+        Variant("FP8 cache scales read as bf16 (2 bytes each) where the record stores float32", patches=scales(_bf16_record_scales)),
+        Variant("FP8 cache scales applied in reverse order",
+                patches=scales(lambda records, rank: _reference_record_scales(records, rank)[..., ::-1])),
+        Variant("FP8 cache scales read after the rope part (a [latent | rope | scales] layout)", patches=scales(_record_scales_after_rope)),
+        Variant("FP8 cache rope part quantised to e4m3 (it is stored as bf16)",
+                patches={(fp8_cache_module, "record_rope"): lambda records, rank: decode_fp8(encode_fp8(_reference_record_rope(records, rank)))}),
+    ]
+
+
 def _routing_variants(config, case: dict) -> list[Variant]:
     """MOE.2-MOE.8 and MOE.12 bugs of the catalogue."""
     variants = [
@@ -317,8 +349,12 @@ def _variants(entry: dict, config, case: dict) -> list[Variant]:
         variants.append(Variant("one key too many: the canary past cache_seqlens is attended", args={"cache_seqlens": +1}))
         variants.append(Variant("the causal mask is not applied", args={"causal": "flip"}))
         variants.append(Variant("softmax scale 576^-0.5 style: 1/sqrt(q width) instead of the passed scale", args={"softmax_scale": "width"}))
+        if np.asarray(case["input"]["k_cache"]).dtype == np.uint8:
+            variants += _fp8_cache_variants()
     if point in ("sparse_decode_core", "sparse_prefill_core"):
         variants += _sparse_core_variants(point)
+        if point == "sparse_decode_core" and np.asarray(case["input"]["k_cache"]).dtype == np.uint8:
+            variants += _fp8_cache_variants()
     if point in ("moe_route", "moe_layer"):
         variants += _routing_variants(config, case)
     if point in MODEL_LEVEL:  # the same bugs inside every layer of the stack

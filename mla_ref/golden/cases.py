@@ -21,6 +21,8 @@ from ..config import ModelConfig, load_preset
 from ..conformance import reference_adapter
 from ..conformance.protocol import call
 from ..errors import GoldenError
+from ..fp8 import BLOCK_SIZE
+from ..fp8_cache import encode_latent_record, latent_tile_scale, record_width
 from ..precision import UNIT_ROUNDOFF
 from ..rope import softmax_scale
 from ..spec import load_spec_file
@@ -175,6 +177,9 @@ def build_paged_core(definition: dict, config: ModelConfig):
         if layout.get("canary", True):  # a large key aligned with the queries in the first slot past the length
             direction = q[b].reshape(-1, width).mean(axis=0)
             k_cache[table[b, seqlens[b] // block_size], seqlens[b] % block_size, 0] = 50.0 * direction / np.linalg.norm(direction)
+    if layout.get("fp8_cache", False):
+        canaries = [(table[b, seqlens[b] // block_size], seqlens[b] % block_size) for b in range(batch)]
+        k_cache = fp8_record_pool(definition, config, k_cache, [table[b, 0] for b in range(batch) if seqlens[b] > 0], canaries)
     return {"q": q, "k_cache": k_cache, "block_table": table, "cache_seqlens": seqlens}, {}
 
 
@@ -238,6 +243,36 @@ def build_sparse_prefill(definition: dict, config: ModelConfig):
     indices = np.stack([_sparse_index_row(rng, candidates, topk, rng.choice(kinds, size=layout["invalid"])) for _ in range(s_q)])
     indices[-1] = np.resize(kinds, topk)  # nothing to attend
     return {"q": q, "kv": kv, "indices": indices[:, None, :]}, {}
+
+
+FP8_CASE_RULES = ("ue8m0", "amax", "flt_min", "ue8m0_scale_floor")  # the writers' scale rules (FP8.9), in turn per tile
+
+
+def fp8_record_pool(definition: dict, config: ModelConfig, k_cache: np.ndarray, first_blocks: list, canaries: list) -> np.ndarray:
+    """GC-FP8-CACHE: every finite row of a float pool as an FP8 record (FP8.10) with explicit scales, each tile's from
+    one of the writers' rules in turn; latents but the canaries' scaled by 2^-6 .. 2^1 (scales span powers of two), rope parts by 2; in the first
+    slot of the first held sequence an all-zero tile (scale floored by its rule, FLT_MIN for the unfloored one), in the
+    first slot of the second a tile whose scale is 1.5x too small, so its largest values saturate at 448; unused
+    slots hold 0x7F bytes (NaN codes, NaN scales, NaN rope)."""
+    rank, rope = config.kv_lora_rank, config.qk_rope_head_dim
+    rng = _rng(definition, "fp8")
+    held = np.isfinite(k_cache).all(axis=-1)  # [num_blocks, block_size, 1]
+    slots = np.argwhere(held)  # [rows, 3], in pool order
+    canary = np.array([(int(block), int(offset)) in canaries for block, offset, _ in slots])  # [rows]
+    rows = k_cache[held]  # [rows, rank + rope]
+    rows[~canary, :rank] *= 2.0 ** rng.uniform(-6, 1, size=(int((~canary).sum()), 1))
+    rows[~canary, rank:] *= 2.0  # the rope part weighs in the logits as much as the latent
+    zero_row = int(np.flatnonzero((slots[:, 0] == first_blocks[0]) & (slots[:, 1] == 0))[0])
+    rows[zero_row, BLOCK_SIZE: 2 * BLOCK_SIZE] = 0.0
+    amax = np.abs(rows[:, :rank]).reshape(len(rows), -1, BLOCK_SIZE).max(axis=-1)  # [rows, tiles]
+    rules = [[FP8_CASE_RULES[(row + tile) % len(FP8_CASE_RULES)] for tile in range(amax.shape[1])] for row in range(len(rows))]
+    scale = np.array([[latent_tile_scale(value, "flt_min" if rule == "amax" and value == 0 else rule)
+                       for value, rule in zip(row_amax, row_rules)] for row_amax, row_rules in zip(amax, rules)], dtype=np.float32)
+    saturating_row = int(np.flatnonzero((slots[:, 0] == first_blocks[1]) & (slots[:, 1] == 0))[0])
+    scale[saturating_row, 2] = amax[saturating_row, 2] / np.float32(448 * 1.5)
+    pool = np.full(k_cache.shape[:3] + (record_width(rank, rope),), 0x7F, dtype=np.uint8)  # [num_blocks, block_size, 1, record]
+    pool[held] = encode_latent_record(rows[:, :rank], rows[:, rank:], scale=scale)
+    return pool
 
 
 def _layer_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
