@@ -5,7 +5,7 @@ activations in one dtype, attention logits, softmax, LSE and the router in fp32 
 in float64 mode), interleaved-pair RoPE through complex numbers, prefill in the naive form
 (per-head keys and values), cached extension in the absorbed form against latent rows
 ``[normalised latent | rotated k_pe]``, the FlashMLA-layout kernel over a paged cache, and
-FlashMLA's sparse decode and prefill kernels (DSA.20, DSA.21).
+FlashMLA's sparse decode and prefill kernels (DSA.13, DSA.14).
 
 The precision is the one setting the protocol's arguments do not carry, so it is a module
 setting: ``configure(dtype, device, tf32, rope_table)``, or at import the environment variables
@@ -307,25 +307,28 @@ def sparse_attention(q: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, s
 
 
 def sparse_decode_core(q, k_cache, indices, head_dim_v, softmax_scale):
-    """DSA.20 — FlashMLA sparse decode: index = page * block_size + offset into the paged cache, -1 invalid."""
-    q, cache, index = _t(q), _t(k_cache), _ints(indices)
+    """DSA.13 — FlashMLA sparse decode: index = page * block_size + offset into the paged cache, -1 invalid.
+
+    A uint8 ``k_cache`` is FlashMLA's FP8 cache: every record decoded (FP8.11; NaN records are never attended)."""
+    q, cache, index = _t(q), torch.as_tensor(np.asarray(k_cache), device=DEVICE), _ints(indices)
     batch, s_q = q.shape[:2]
     flat = cache.flatten(0, 2)  # [num_blocks * block_size, width]: row page * block_size + offset
+    flat = decode_records(flat, int(head_dim_v)) if flat.dtype == torch.uint8 else flat.to(_dtype())
     valid = index != -1  # [batch, s_q, topk]
     rows = flat[index.clamp(min=0)].masked_fill(~valid[..., None], 0.0)  # [batch, s_q, topk, width]; invalid slots dropped
     out, lse = sparse_attention(q.flatten(0, 1), rows.flatten(0, 1), valid.flatten(0, 1), float(softmax_scale), int(head_dim_v))
     out, lse = out.unflatten(0, (batch, s_q)), lse.unflatten(0, (batch, s_q)).transpose(1, 2)  # lse [batch, heads, s_q]
-    return _np({"out": out, "lse": lse, "DSA.20/out": out, "DSA.20/lse": lse})
+    return _np({"out": out, "lse": lse, "DSA.13/out": out, "DSA.13/lse": lse})
 
 
 def sparse_prefill_core(q, kv, indices, softmax_scale, head_dim_v):
-    """DSA.21 — FlashMLA sparse prefill over one KV: any index < 0 or >= s_kv is invalid."""
+    """DSA.14 — FlashMLA sparse prefill over one KV: any index < 0 or >= s_kv is invalid."""
     q, rows_in, index = _t(q), _t(kv)[:, 0], _ints(indices)[:, 0]  # [s_kv, width], [s_q, topk]
     valid = (index >= 0) & (index < rows_in.shape[0])
     rows = rows_in[torch.where(valid, index, 0)].masked_fill(~valid[..., None], 0.0)  # [s_q, topk, width]
     scale = float(softmax_scale)  # the model's scale, passed by the caller
     out, lse = sparse_attention(q, rows, valid, scale, int(head_dim_v))
-    return _np({"out": out, "lse": lse, "DSA.21/out": out, "DSA.21/lse": lse})
+    return _np({"out": out, "lse": lse, "DSA.14/out": out, "DSA.14/lse": lse})
 
 
 # ---------------------------------------------------------------------------- MoE

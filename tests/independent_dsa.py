@@ -14,6 +14,9 @@ the reference code, and reads as plain loops so that each step can be checked by
 * the sparse attention reuses independent_mla.slow_mla, whose visibility rule becomes
   "key j is among query i's selected keys" (the MHA form with an index mask, A2.1).
 
+* FlashMLA's FP8 cache record (facts A3.2, B3) is read byte by byte: e4m3fn codes decoded
+  from their sign, exponent and mantissa bits, little-endian float32 scales one per 128
+  latent values, bf16 rope values as the top half of a float32;
 * FlashMLA's two sparse kernels (facts A2.2) loop over queries, heads and the listed
   rows: decode over a paged cache (index = page * block_size + offset, -1 invalid),
   prefill over one KV (index < 0 or >= s_kv invalid); nothing valid gives out 0, lse +inf.
@@ -26,6 +29,7 @@ index_head_dim, index_topk); weights are named relative to ``self_attn.``.
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 
@@ -130,6 +134,28 @@ def slow_dsa_mla(cfg, weights, hidden, positions):
     return out, lse, selected
 
 
+def slow_e4m3fn(byte: int) -> float:
+    """One float8_e4m3fn code: 1 sign, 4 exponent (bias 7), 3 mantissa bits; exponent 0 is subnormal; 0x7F / 0xFF are NaN."""
+    sign = -1.0 if byte & 0x80 else 1.0
+    exponent, mantissa = (byte >> 3) & 0xF, byte & 0x7
+    if exponent == 0xF and mantissa == 0x7:
+        return math.nan
+    if exponent == 0:
+        return sign * (mantissa / 8.0) * 2.0 ** -6
+    return sign * (1.0 + mantissa / 8.0) * 2.0 ** (exponent - 7)
+
+
+def slow_decode_record(record, rank: int, rope: int) -> np.ndarray:
+    """One FP8 cache record (rank e4m3 codes | rank / 128 float32 scales | rope bf16 values) to [latent | rope]."""
+    data = bytes(int(b) for b in record)
+    tiles = rank // 128
+    scales = struct.unpack(f"<{tiles}f", data[rank:rank + 4 * tiles])
+    latent = [slow_e4m3fn(data[i]) * scales[i // 128] for i in range(rank)]
+    rope_bytes = data[rank + 4 * tiles:rank + 4 * tiles + 2 * rope]
+    rope_values = [struct.unpack("<f", b"\x00\x00" + rope_bytes[2 * j:2 * j + 2])[0] for j in range(rope)]
+    return np.array(latent + rope_values, dtype=np.float64)
+
+
 def _slow_sparse_query(q_heads, rows, softmax_scale: float, head_dim_v: int):
     """One query's heads over its list of rows (None = invalid): (out [heads, head_dim_v], lse [heads])."""
     heads = len(q_heads)
@@ -148,10 +174,18 @@ def _slow_sparse_query(q_heads, rows, softmax_scale: float, head_dim_v: int):
 
 
 def slow_sparse_decode(q, k_cache, indices, head_dim_v: int, softmax_scale: float):
-    """FlashMLA sparse decode by loops: index = page * block_size + offset, -1 invalid. (out [b, s_q, h, dv], lse [b, h, s_q])."""
+    """FlashMLA sparse decode by loops: index = page * block_size + offset, -1 invalid. (out [b, s_q, h, dv], lse [b, h, s_q]).
+
+    A uint8 cache holds FP8 records: the ones the indices read are decoded (latent width head_dim_v)."""
     q = np.asarray(q, dtype=np.float64)
-    batch, s_q, heads, _ = q.shape
+    batch, s_q, heads, width = q.shape
     block_size = np.shape(k_cache)[1]
+    if np.asarray(k_cache).dtype == np.uint8:
+        records = k_cache
+        k_cache = {}  # (page, offset) -> decoded row, only for the slots some index reads
+        for i in np.unique(np.asarray(indices)[np.asarray(indices) >= 0]):
+            k_cache.setdefault(int(i) // block_size, {})[int(i) % block_size] = [
+                slow_decode_record(records[int(i) // block_size][int(i) % block_size][0], head_dim_v, width - head_dim_v)]
     out = np.zeros((batch, s_q, heads, head_dim_v), dtype=np.float64)
     lse = np.zeros((batch, heads, s_q), dtype=np.float64)
     for b in range(batch):

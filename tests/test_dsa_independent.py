@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import attention_weights, hidden_states, preset, relative_error
-from independent_dsa import (_indexer_rope, slow_dsa_mla, slow_hadamard, slow_hadamard_apply, slow_indexer_scores, slow_layer_norm,
-                             slow_topk)
+from independent_dsa import (_indexer_rope, slow_dsa_mla, slow_e4m3fn, slow_hadamard, slow_hadamard_apply, slow_indexer_scores,
+                             slow_layer_norm, slow_topk)
 from independent_mla import slow_mla
 from mla_ref import mla_forward
 from mla_ref.dsa import SparseCache, indexer_forward
+from mla_ref.fp8 import decode_fp8
 from mla_ref.trace import Trace
 from mla_ref.weights import generate_attention_weights
 
@@ -205,3 +206,14 @@ def test_reference_with_a_cache_equals_the_oracle(chunks):
         assert selected_sets(trace["DSA.10"]["indices"][0]) == selected[begin:end]
         assert relative_error(step.output[0], out[begin:end]) <= TOL
         assert relative_error(step.lse[0], lse[:, begin:end]) <= TOL
+
+
+def test_e4m3fn_by_hand_matches_the_facts_and_the_reference_decoder():
+    """Facts B3: max finite 448 = 0x7E, min normal 2^-6 = 0x08, min subnormal 2^-9 = 0x01, 0x80 = -0, NaN only at
+    0x7F / 0xFF; then all 256 codes against mla_ref's FP8.1 decoder."""
+    assert (slow_e4m3fn(0x7E), slow_e4m3fn(0x08), slow_e4m3fn(0x01), slow_e4m3fn(0x38)) == (448.0, 2.0 ** -6, 2.0 ** -9, 1.0)
+    assert math.copysign(1.0, slow_e4m3fn(0x80)) == -1.0 and slow_e4m3fn(0x80) == 0.0
+    values = np.array([slow_e4m3fn(code) for code in range(256)])
+    assert np.flatnonzero(np.isnan(values)).tolist() == [0x7F, 0xFF]
+    reference = decode_fp8(np.arange(256, dtype=np.uint8))
+    assert np.array_equal(values, reference, equal_nan=True)

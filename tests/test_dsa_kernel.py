@@ -1,4 +1,4 @@
-"""FlashMLA's sparse kernels (DSA.20, DSA.21) against the loop oracle of tests/independent_dsa.py and against dense MLA.17,
+"""FlashMLA's sparse kernels (DSA.13, DSA.14) against the loop oracle of tests/independent_dsa.py and against dense MLA.17,
 with invalid indices, all-invalid rows, repeated indices, NaN in every slot no index reads, and the bad inputs refused;
 the golden sparse cases pass the loop oracles and name the contract's bugs built into them (diagnose.py variants)."""
 
@@ -18,6 +18,7 @@ from mla_ref.conformance import check as check_module
 from mla_ref.conformance.check import check
 from mla_ref.dsa_kernel import sparse_decode_core, sparse_prefill_core
 from mla_ref.errors import InputError, ShapeError
+from mla_ref.fp8_cache import decode_latent_record, encode_latent_record
 
 TOL = 1e-12
 SCALE = 0.1352337788608801  # V3.2's model scale (facts A1), not 576^-0.5
@@ -87,7 +88,7 @@ def test_minus_one_is_the_only_invalid_decode_index():
     q, cache, indices, head_dim_v = paged_case(0)
     bad = indices.copy()
     bad[1, 0, 2] = -2
-    with pytest.raises(InputError, match=r"indices.*-1 \(invalid\).*got -2 at \[1, 0, 2\].*DSA.20"):
+    with pytest.raises(InputError, match=r"indices.*-1 \(invalid\).*got -2 at \[1, 0, 2\].*DSA.13"):
         sparse_decode_core(q, cache, bad, head_dim_v, SCALE)
     bad[1, 0, 2] = cache.shape[0] * cache.shape[1]
     with pytest.raises(InputError, match=r"indices.*0 \.\. 23.*got 24"):
@@ -96,19 +97,19 @@ def test_minus_one_is_the_only_invalid_decode_index():
 
 def test_bad_inputs_name_the_tensor_and_the_step():
     q, cache, indices, head_dim_v = paged_case(0)
-    with pytest.raises(ShapeError, match=r"indices.*integer.*float64.*DSA.20"):
+    with pytest.raises(ShapeError, match=r"indices.*integer.*float64.*DSA.13"):
         sparse_decode_core(q, cache, indices.astype(np.float64), head_dim_v, SCALE)
     with pytest.raises(ShapeError, match=r"indices.*\[2, 2, topk\].*\(2, 5\)"):
         sparse_decode_core(q, cache, indices[:, 0], head_dim_v, SCALE)
-    with pytest.raises(ShapeError, match=r"k_cache.*DSA.20"):
+    with pytest.raises(ShapeError, match=r"k_cache.*DSA.13"):
         sparse_decode_core(q, cache[..., :-1], indices, head_dim_v, SCALE)
-    with pytest.raises(InputError, match=r"softmax_scale.*576\^-0.5.*DSA.20"):
+    with pytest.raises(InputError, match=r"softmax_scale.*576\^-0.5.*DSA.13"):
         sparse_decode_core(q, cache, indices, head_dim_v, None)
-    with pytest.raises(InputError, match=r"head_dim_v.*DSA.21"):
+    with pytest.raises(InputError, match=r"head_dim_v.*DSA.14"):
         sparse_prefill_core(q[0], cache[0], indices[:1].transpose(1, 0, 2), SCALE, 99)
     read = cache.copy()
     read.reshape(-1, cache.shape[-1])[indices[1, 0, 0]] = np.nan
-    with pytest.raises(InputError, match=rf"k_cache.*row {indices[1, 0, 0]}.*not finite.*DSA.20"):
+    with pytest.raises(InputError, match=rf"k_cache.*row {indices[1, 0, 0]}.*not finite.*DSA.13"):
         sparse_decode_core(q, read, indices, head_dim_v, SCALE)
 
 
@@ -159,7 +160,7 @@ def manifest_once():
 
 def test_the_loop_oracles_pass_the_golden_sparse_cases(manifest_once):
     report = check(loop_adapter(), profile="fp64", select="dsa.core*")
-    assert report.ok and len(report.cases) == 3, report.table()
+    assert report.ok and len(report.cases) == 4, report.table()
 
 
 @pytest.mark.parametrize("bug, name", [("scale_576", "576^-0.5"), ("base_2", "LSE in base 2"),
@@ -167,3 +168,24 @@ def test_the_loop_oracles_pass_the_golden_sparse_cases(manifest_once):
 def test_sparse_contract_bugs_are_rejected_and_named(bug, name, manifest_once):
     failed = [case for case in check(loop_adapter(bug), profile="fp64", select="dsa.core*").cases if case.status == "fail"]
     assert failed and any(case.diagnosis and name in case.diagnosis[0] for case in failed), [(case.case_id, case.diagnosis[:1]) for case in failed]
+
+
+def test_sparse_decode_on_fp8_records_equals_decode_on_the_decoded_rows():
+    """FP8.11 then DSA.13: records (656 bytes for kv_lora_rank 512, rope 64) read by the indices give exactly the float
+    path on their decoded rows; 0x7F (NaN) bytes in the slots no index reads are never decoded."""
+    rng = np.random.default_rng(7)
+    pages, block_size, rank, rope = 3, 4, 512, 64
+    rows = rng.standard_normal((pages * block_size, rank + rope))
+    records = encode_latent_record(rows[:, :rank], rows[:, rank:])  # [slots, 656]
+    indices = np.array([[[5, -1, 0, 11]], [[-1, -1, -1, -1]]])
+    unread = np.setdiff1d(np.arange(pages * block_size), indices)
+    records[unread] = 0x7F
+    q = rng.standard_normal((2, 1, 2, rank + rope))
+    out, lse = sparse_decode_core(q, records.reshape(pages, block_size, 1, -1), indices, rank, SCALE)
+    slow_out, slow_lse = slow_sparse_decode(q, records.reshape(pages, block_size, 1, -1), indices, rank, SCALE)  # bytes by hand
+    assert relative_error(out, slow_out) <= TOL and relative_error(lse[np.isfinite(lse)], slow_lse[np.isfinite(slow_lse)]) <= TOL
+    decoded = decode_latent_record(records, rank, rope)
+    decoded[unread] = np.nan
+    expected_out, expected_lse = sparse_decode_core(q, decoded.reshape(pages, block_size, 1, -1), indices, rank, SCALE)
+    assert np.array_equal(out, expected_out) and np.array_equal(lse, expected_lse)
+    assert records.shape[-1] == 656 and np.all(lse[1] == np.inf)

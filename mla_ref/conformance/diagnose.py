@@ -244,7 +244,7 @@ def _attention_variants(point: str, config) -> list[Variant]:
 
 
 def _minus_one_read_as(row: str):
-    """DSA.20 / DSA.21 indices with every -1 made a real row: row 0 (clamped, as a gather that zeroes negative indices
+    """DSA.13 / DSA.14 indices with every -1 made a real row: row 0 (clamped, as a gather that zeroes negative indices
     reads) or the last row (Python / torch negative indexing)."""
     def indices(inputs: dict) -> np.ndarray:
         index = np.asarray(inputs["indices"])
@@ -254,14 +254,14 @@ def _minus_one_read_as(row: str):
 
 
 def _page_major_indices(inputs: dict) -> np.ndarray:
-    """DSA.20 indices decoded page-major (page = index % num_blocks, offset = index // num_blocks), re-encoded as tokens."""
+    """DSA.13 indices decoded page-major (page = index % num_blocks, offset = index // num_blocks), re-encoded as tokens."""
     index = np.asarray(inputs["indices"])
     num_blocks, block_size = inputs["k_cache"].shape[:2]
     return np.where(index >= 0, (index % num_blocks) * block_size + index // num_blocks, index)
 
 
 def _sparse_core_variants(point: str) -> list[Variant]:
-    """FlashMLA sparse-kernel bugs (DSA.20, DSA.21): the default scale, the LSE base, -1 padding attended, the index encoding."""
+    """FlashMLA sparse-kernel bugs (DSA.13, DSA.14): the default scale, the LSE base, -1 padding attended, the index encoding."""
     variants = [Variant("softmax scale 576^-0.5 style (FlashMLA's default): 1/sqrt(q width) instead of the passed scale",
                         args={"softmax_scale": "width"}),
                 Variant("LSE in base 2 instead of the natural log (FlashMLA's first sparse release)",

@@ -37,13 +37,13 @@ def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, so
 
 
 def sparse_decode_core(q, k_cache, indices, head_dim_v, softmax_scale, trace=None):
-    """DSA.20 — FlashMLA's sparse decode over a paged latent cache (token-encoded indices, -1 invalid)."""
+    """DSA.13 — FlashMLA's sparse decode over a paged latent cache (token-encoded indices, -1 invalid)."""
     out, lse = decode_core(q, k_cache, indices, int(head_dim_v), float(softmax_scale), dtype=_arithmetic(trace), trace=trace)
     return {"out": out, "lse": lse}
 
 
 def sparse_prefill_core(q, kv, indices, softmax_scale, head_dim_v, trace=None):
-    """DSA.21 — FlashMLA's sparse prefill over one KV (an index < 0 or >= s_kv invalid)."""
+    """DSA.14 — FlashMLA's sparse prefill over one KV (an index < 0 or >= s_kv invalid)."""
     out, lse = prefill_core(q, kv, indices, float(softmax_scale), int(head_dim_v), dtype=_arithmetic(trace), trace=trace)
     return {"out": out, "lse": lse}
 

@@ -199,10 +199,12 @@ def _sparse_index_row(rng: np.random.Generator, candidates: np.ndarray, topk: in
 
 
 def build_sparse_decode(definition: dict, config: ModelConfig):
-    """Kernel level (DSA.20): indices in the token encoding page * block_size + offset, each sequence's rows on three
+    """Kernel level (DSA.13): indices in the token encoding page * block_size + offset, each sequence's rows on three
     shuffled pages, -1 padding, one query with every index -1 (layout ``empty_query``), canary keys in the first and
     the last slot (where a -1 read as row 0 or as the last row lands); with ``poison: nan`` NaN in every other unread
-    slot, else finite decoys (so that a bug reading them can be named)."""
+    slot, else finite decoys (so that a bug reading them can be named); with ``fp8_cache`` the pool as 656-byte FP8
+    records (GC-FP8-CACHE's writers' scale rules, a zero tile and a saturating tile in slot 0 of a page the first
+    query of the first two sequences reads)."""
     layout = definition["layout"]
     rng = _rng(definition, "inputs")
     batch, s_q, block_size, pages, topk = (layout[key] for key in ("batch", "s_q", "block_size", "pages", "topk"))
@@ -210,18 +212,26 @@ def build_sparse_decode(definition: dict, config: ModelConfig):
     q = rng.standard_normal((batch, s_q, heads, width))
     flat = rng.standard_normal((slots, width)) if layout.get("poison") != "nan" else np.full((slots, width), np.nan)
     indices = np.empty((batch, s_q, topk), dtype=np.int64)
+    first_pages = []  # FP8: for the first two sequences a page whose slot 0 the first query reads (the zero and the saturating tile)
     for b in range(batch):
         own_pages = rng.permutation(pages)[:3]
         candidates = (own_pages[:, None] * block_size + np.arange(block_size)[None, :]).ravel()
         candidates = candidates[(candidates != 0) & (candidates != slots - 1)]  # the canary slots are never read
         for i in range(s_q):
             indices[b, i] = _sparse_index_row(rng, candidates, topk, np.full(layout["invalid"], -1))
+        if layout.get("fp8_cache", False) and b < 2:
+            first_pages.append(next(int(page) for page in own_pages if page != 0 and page not in first_pages))
+            if first_pages[-1] * block_size not in indices[b, 0]:
+                indices[b, 0, np.flatnonzero(indices[b, 0] >= 0)[0]] = first_pages[-1] * block_size
     if layout.get("empty_query", False):
         indices[-1, -1] = -1
     read = np.unique(indices[indices >= 0])
     flat[read] = rng.standard_normal((len(read), width))
     flat[0] = flat[slots - 1] = _canary_row(q, width)
-    return {"q": q, "k_cache": flat.reshape(pages, block_size, 1, width), "indices": indices}, {}
+    k_cache = flat.reshape(pages, block_size, 1, width)
+    if layout.get("fp8_cache", False):
+        k_cache = fp8_record_pool(definition, config, k_cache, first_pages, [(0, 0), (pages - 1, block_size - 1)])
+    return {"q": q, "k_cache": k_cache, "indices": indices}, {}
 
 
 # FlashMLA's sparse prefill tests use these out-of-range indices (facts A2.2); s_kv itself is added per case
@@ -229,7 +239,7 @@ PREFILL_INVALID = (-1, -123456, 114514, 2147483647, -2147483648)
 
 
 def build_sparse_prefill(definition: dict, config: ModelConfig):
-    """Kernel level (DSA.21): indices over one KV with every kind of invalid index, one query with none valid, canary
+    """Kernel level (DSA.14): indices over one KV with every kind of invalid index, one query with none valid, canary
     rows at 0 and s_kv - 1 that no valid index reads (where -1 read as row 0 or as the last row lands)."""
     layout = definition["layout"]
     rng = _rng(definition, "inputs")
