@@ -267,6 +267,7 @@ def _feed_forward(cfg: dict, weights: dict, layer: int):
 
 def _model(cfg: dict, weights: dict):
     """HF's whole causal LM, built as HF builds it in the model dtype, with the case's weights (MTP modules left out)."""
+    _require(cfg.get("index_topk") is None, "DeepSeek Sparse Attention (index_topk set): the DeepseekV3/V2 classes run dense MLA")
     family = _routing_family(cfg)
     model = FAMILIES[family].model._from_config(_hf_config(cfg, family), dtype=_dtype())
     layer_id = re.compile(r"^model\.layers\.(\d+)\.")

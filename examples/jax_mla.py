@@ -128,6 +128,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, config: dict) -> "Config":
+        if config.get("index_topk") is not None:
+            raise Unsupported("DeepSeek Sparse Attention (index_topk set, spec/dsa.yaml): this adapter's MLA is dense")
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in config]
         if missing:
             raise ValueError(f"config: missing fields {missing}")

@@ -190,7 +190,8 @@ class SparseCache:
         if not config.sparse_attention or rows.shape[0] != batch or rows.shape[-1] != config.index_head_dim:
             raise CacheError("cache.index_keys", f"expected rows [{batch}, capacity, index_head_dim = {config.index_head_dim}], "
                              f"got {list(rows.shape)}", "DSA.7")
-        if self.index_keys.fingerprint != config_fingerprint(config) or not np.array_equal(self.index_keys.lengths, self.lengths):
+        foreign = self.index_keys.fingerprint not in (None, config_fingerprint(config))
+        if foreign or not np.array_equal(self.index_keys.lengths, self.lengths):
             raise CacheError("cache.index_keys", f"holds {self.index_keys.lengths.tolist()} positions for another config or lengths; "
                              f"the latent cache holds {self.lengths.tolist()}", "DSA.7")
 
@@ -277,7 +278,7 @@ class IndexerResult:
 
 def indexer_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray,
                     start_positions: npt.ArrayLike | None = None, *, query_lengths: npt.ArrayLike | None = None,
-                    quantize: bool = False, dtype: npt.DTypeLike = np.float64) -> IndexerResult:
+                    quantize: bool = False, dtype: npt.DTypeLike = np.float64, trace: Trace | None = None) -> IndexerResult:
     """The lightning indexer of one layer (DSA.1-DSA.10) on a batch of tokens, causal among them (MLA.8).
 
     ``weights``: the attention tensors relative to ``self_attn.`` (the indexer reads MLA.1's
@@ -291,14 +292,18 @@ def indexer_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidd
     dtype = compute_dtype(dtype)
     w = check_weights(attention_weight_shapes(config), weights, "DSA.weights", dtype)
     x = check_tensor("hidden", hidden, ("batch", "seq", config.hidden_size), "DSA.1", dtype)
+    if trace is not None:
+        w = {name: trace.round_input(value, "weights") for name, value in w.items()}
+        x = trace.round_input(x)
     batch, seq, _ = x.shape
     lengths = np.full(batch, seq, np.int64) if query_lengths is None else check_int_vector("query_lengths", query_lengths, batch, "MLA.8")
     if (lengths > seq).any():
         raise InputError("query_lengths", f"expected values <= seq = {seq}, got {lengths.tolist()}", "MLA.8")
     starts = np.zeros(batch, np.int64) if start_positions is None else check_int_vector("start_positions", start_positions, batch, "MLA.4")
     positions = starts[:, None] + np.arange(seq)[None, :]  # [batch, seq]
-    c_q = mla.query_latent(x, w, config.rms_norm_eps)  # MLA.1
-    q_hat, k_hat, head_weights = indexer_query_key(config, w, x, c_q, positions, quantize)
-    visible = mla.causal_visibility(np.zeros(batch, np.int64), lengths, seq, seq)  # MLA.8
-    indices, scores = select_keys(config, q_hat, k_hat, head_weights, visible, keep_scores=True)
+    c_q = emit(trace, "MLA.1", mla.query_latent(x, w, config.rms_norm_eps))
+    table_dtype = np.float64 if trace is None else trace.rope_table
+    q_hat, k_hat, head_weights = indexer_query_key(config, w, x, c_q, positions, quantize, table_dtype, trace)
+    visible = emit(trace, "MLA.8", mla.causal_visibility(np.zeros(batch, np.int64), lengths, seq, seq))
+    indices, scores = select_keys(config, q_hat, k_hat, head_weights, visible, keep_scores=True, trace=trace)
     return IndexerResult(scores, indices, k_hat)

@@ -341,11 +341,13 @@ def latent_attention_core(q: np.ndarray, k_cache: np.ndarray, block_table: np.nd
 
 @dataclasses.dataclass(frozen=True)
 class MLAResult:
-    """``output [batch, seq, hidden_size]``, the updated cache (None without one) and ``lse [batch, heads, seq]``."""
+    """``output [batch, seq, hidden_size]``, the updated cache (None without one), ``lse [batch, heads, seq]`` and, with
+    DSA, the selected key positions ``indices [batch, seq, selected]`` (DSA.10; None for dense MLA)."""
 
     output: np.ndarray
-    cache: LatentCache | PagedLatentCache | Fp8LatentCache | NaiveCache | None
+    cache: LatentCache | PagedLatentCache | Fp8LatentCache | NaiveCache | dsa.SparseCache | None
     lse: np.ndarray
+    indices: np.ndarray | None = None
 
 
 def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray,
@@ -424,7 +426,7 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     output = emit(trace, "MLA.12", output_projection(attn, w))  # [batch, seq, hidden_size]
     if not allow_nonfinite:
         _finite_steps(("MLA.2", q_nope), ("MLA.3", kv_latent), ("MLA.16" if attention == "absorbed" else "MLA.11", attn), ("MLA.12", output))
-    return MLAResult(output, cache, lse)
+    return MLAResult(output, cache, lse, indices if config.sparse_attention else None)
 
 
 def _finite_steps(*outputs: tuple[str, np.ndarray]) -> None:

@@ -4,20 +4,24 @@ dense MLA under the index mask, chunked prefill and decode through the SparseCac
 from __future__ import annotations
 
 import cmath
+import types
 
 import numpy as np
 import pytest
 
 from conftest import attention_weights, hidden_states, preset, relative_error
 from mla_ref import PagedLatentCache, Trace, mla_forward
+from mla_ref import dsa as dsa_module
 from mla_ref.cli import main
+from mla_ref.conformance import reference_adapter
+from mla_ref.conformance.check import check
 from mla_ref.config import load_config
 from mla_ref.dsa import (SparseCache, gather_selected_rows, hadamard_matrix, hadamard_rotate, index_scores, indexer_forward,
                          indexer_quantize, indexer_rope, select_top_k, selected_visibility)
 from mla_ref.errors import CacheError, ConfigError
 from mla_ref.fp8 import decode_fp8, encode_fp8
 from mla_ref.model import ModelCache, greedy_generate, model_forward
-from mla_ref.rope import rope_frequencies
+from mla_ref.rope import apply_rope, rope_angles, rope_frequencies
 from mla_ref.spec import evaluate_shape, load_steps
 from mla_ref.weights import generate_weights
 
@@ -271,3 +275,26 @@ def test_explain_every_dsa_step(step, capsys):
     assert main(["explain", step, "--preset", "deepseek-v3.2"]) == 0
     text = capsys.readouterr().out
     assert text.startswith(step + " ") and "mla_ref/dsa.py:" in text and "pitfalls:" in text
+
+
+def _interleaved_indexer_rope(config, q_index, k_index, positions, table_dtype=np.float64):
+    """The classic bug: the indexer rotated in MLA's interleaved layout (EXP before 8631a81)."""
+    rope = config.qk_rope_head_dim
+    cos, sin = rope_angles(config, positions, q_index.dtype, table_dtype)
+    q, k = q_index.copy(), k_index.copy()
+    q[..., :rope] = apply_rope(q_index[..., :rope], cos[:, :, None, :], sin[:, :, None, :], "interleaved")
+    k[..., :rope] = apply_rope(k_index[..., :rope], cos, sin, "interleaved")
+    return q, k
+
+
+@pytest.mark.slow
+def test_the_checker_rejects_interleaved_indexer_rope_and_dense_attention(monkeypatch):
+    assert check(types.SimpleNamespace(dsa_indexer=reference_adapter.dsa_indexer), "fp32", "dsa.indexer/").ok
+    with monkeypatch.context() as patched:
+        patched.setattr(dsa_module, "indexer_rope", _interleaved_indexer_rope)
+        report = check(types.SimpleNamespace(dsa_indexer=reference_adapter.dsa_indexer), "fp32", "dsa.indexer/")
+    assert report.cases[0].status == "fail" and "indices" in report.cases[0].reason, report.cases[0].reason
+
+    def dense(config, weights, hidden, start_positions):
+        return reference_adapter.mla_prefill({**config, **DENSE_FIELDS}, _without_indexer(weights), hidden, start_positions)
+    assert check(types.SimpleNamespace(dsa_prefill=dense), "fp32", "dsa.prefill/").cases[0].status == "fail"

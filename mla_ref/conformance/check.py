@@ -472,9 +472,11 @@ def _without_padding(entry: dict, case: dict, step: str, tensor: str, truth: np.
 
 def _align_expert_order(produced: Mapping, outputs: Mapping, steps: Mapping) -> dict:
     """Experts chosen as the truth chose them but listed in another order (near ties inside the top-k reorder
-    under low precision) are reordered, with the weights aligned to them: the set and the weights are what count."""
+    under low precision) are reordered, with the weights aligned to them: the set and the weights are what count.
+    The DSA selection (``indices``, DSA.10) likewise: its set is specified, not its order."""
     produced = dict(produced)
-    for ids_name, weights_name in (("expert_ids", "weights"), ("MOE.7/expert_ids", "MOE.8/weights"), ("MOE.5/kept_groups", None)):
+    for ids_name, weights_name in (("expert_ids", "weights"), ("MOE.7/expert_ids", "MOE.8/weights"), ("MOE.5/kept_groups", None),
+                                   ("indices", None), ("DSA.10/indices", None)):
         truth = outputs.get(ids_name, steps.get(ids_name))
         if truth is None or ids_name not in produced:
             continue

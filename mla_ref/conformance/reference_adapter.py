@@ -11,6 +11,7 @@ import numpy as np
 
 from ..cache import LatentCache
 from ..config import from_dict
+from ..dsa import SparseCache, indexer_forward
 from ..mla import latent_attention_core as core, mla_forward
 from ..balance import bias_update, expert_load, sequence_balance_loss, v2_balance_losses
 from ..dispatch import dispatch_plan as plan
@@ -65,6 +66,32 @@ def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths
     written = np.arange(seq)[None, :] < np.asarray(query_lengths)[:, None]
     rows = np.where(written[..., None], result.cache.rows[np.arange(batch)[:, None], np.minimum(positions, result.cache.rows.shape[1] - 1)], 0.0)
     return {"output": result.output, "rows": rows, "lse": result.lse}
+
+
+def dsa_indexer(config, weights, hidden, start_positions, trace=None):
+    """DSA.1-DSA.10 — the lightning indexer's selected key positions (rank order, -1 pads) and masked scores."""
+    result = indexer_forward(from_dict(config), weights, hidden, start_positions, dtype=_arithmetic(trace), trace=trace)
+    return {"indices": result.indices, "scores": result.scores}
+
+
+def dsa_prefill(config, weights, hidden, start_positions, trace=None):
+    """MLA.1-MLA.12 with DSA.1-DSA.10 narrowing attention to the selected keys, without a cache (naive form)."""
+    result = mla_forward(from_dict(config), weights, hidden, start_positions, dtype=_arithmetic(trace), trace=trace)
+    return {"output": result.output, "indices": result.indices, "lse": result.lse}
+
+
+def dsa_extend(config, weights, hidden, cache_rows, index_key_rows, cache_lengths, query_lengths, attention="absorbed", trace=None):
+    """A DSA layer after a cached prefix of latent rows and indexer keys: chunked prefill (bottom-right causal) or decode."""
+    cfg, dtype = from_dict(config), _arithmetic(trace)
+    lengths = np.asarray(cache_lengths, dtype=np.int64)
+    cache = SparseCache(LatentCache(np.asarray(cache_rows, dtype=dtype), lengths), LatentCache(np.asarray(index_key_rows, dtype=dtype), lengths))
+    result = mla_forward(cfg, weights, hidden, cache=cache, attention=attention, query_lengths=query_lengths, dtype=dtype, trace=trace)
+    batch, seq = np.shape(hidden)[:2]
+    positions = np.minimum(lengths[:, None] + np.arange(seq)[None, :], result.cache.key_rows().shape[1] - 1)  # [batch, seq]
+    written = (np.arange(seq)[None, :] < np.asarray(query_lengths)[:, None])[..., None]
+    rows = np.where(written, result.cache.key_rows()[np.arange(batch)[:, None], positions], 0.0)
+    index_keys = np.where(written, result.cache.index_key_rows()[np.arange(batch)[:, None], positions], 0.0)
+    return {"output": result.output, "rows": rows, "index_keys": index_keys, "indices": result.indices, "lse": result.lse}
 
 
 def moe_route(config, weights, hidden, forced_expert_ids=None, trace=None):

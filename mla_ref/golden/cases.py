@@ -322,6 +322,80 @@ def build_mla_extend(definition: dict, config: ModelConfig):
     return {"hidden": hidden, "cache_rows": prefill["rows"], "cache_lengths": prefixes, "query_lengths": query_lengths}, weights
 
 
+def selection_margins(masked_scores: np.ndarray, index_topk: int) -> np.ndarray:
+    """Per query ``[batch, seq]``: the gap between its k-th and (k+1)-th index scores (DSA.9) over its largest |score|;
+    inf for a query that sees at most k keys (it keeps them all)."""
+    ranked = -np.sort(-masked_scores, axis=-1)  # [batch, seq, keys], descending, -inf last
+    if ranked.shape[-1] <= index_topk:
+        return np.full(ranked.shape[:2], np.inf)
+    kth, next_best = ranked[..., index_topk - 1], ranked[..., index_topk]
+    scale = np.max(np.abs(np.where(np.isfinite(masked_scores), masked_scores, 0.0)), axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(np.isfinite(next_best), (kth - next_best) / scale, np.inf)
+
+
+def _sequences_with_selection_margins(definition: dict, config: ModelConfig, weights: dict, lengths, starts) -> np.ndarray:
+    """Hidden states ``[batch, max(lengths), hidden_size]`` built position by position (16 candidates at a time) so that
+    every query's DSA selection keeps a relative margin of ``min_margin`` at the k-th score (GC-DSA): causal, so a later
+    token never moves an earlier query's selection; positions past a sequence's length are random."""
+    from ..dsa import indexer_forward
+    rng = _rng(definition, "hidden")
+    min_margin = definition["layout"].get("min_margin", 0.06)
+    hidden = rng.standard_normal((len(lengths), int(max(lengths)), config.hidden_size))
+    for b, length in enumerate(lengths):
+        for position in range(int(length)):
+            for _ in range(definition["layout"].get("attempts", 256) // 16):
+                candidates = rng.standard_normal((16, config.hidden_size))
+                trial = np.concatenate([np.repeat(hidden[b:b + 1, :position], 16, axis=0), candidates[:, None]], axis=1)
+                result = indexer_forward(config, weights, trial, np.full(16, starts[b]))
+                good = np.flatnonzero(selection_margins(result.scores, config.index_topk)[:, -1] > min_margin)
+                if good.size:
+                    hidden[b, position] = candidates[good[0]]
+                    break
+            else:
+                raise GoldenError(definition["id"], f"no hidden state keeps the DSA selection margin at position {position}", "GOLDEN.cases")
+    return hidden
+
+
+def _check_selection_stable(definition: dict, config: ModelConfig, weights: dict, inputs: dict) -> dict:
+    """``inputs``, after checking that every profile's emulation selects the keys the float64 truth selects (DSA.10)."""
+    probe = Case(definition["id"], definition, config, case_args(definition, config), inputs, weights)
+    truth = np.sort(call_reference(probe, None)["indices"], axis=-1)  # the set is specified, not the order
+    for profile in profiles_of(definition):
+        if not np.array_equal(np.sort(call_reference(probe, Trace(profile, keep=False))["indices"], axis=-1), truth):
+            raise GoldenError(definition["id"], f"the {profile} emulation changes the DSA selection: raise min_margin", "GOLDEN.cases")
+    return inputs
+
+
+def build_dsa_layer(definition: dict, config: ModelConfig):
+    """Layer level (DSA.1-DSA.10, with the sparse layer for dsa_prefill): one batch without a cache, every selection with a margin."""
+    layout = definition["layout"]
+    starts = np.array(layout["start_positions"], dtype=np.int64)
+    weights = _layer_weights(definition, config)
+    hidden = _sequences_with_selection_margins(definition, config, weights, [layout["seq"]] * len(starts), starts)
+    return _check_selection_stable(definition, config, weights, {"hidden": hidden, "start_positions": starts}), weights
+
+
+def build_dsa_extend(definition: dict, config: ModelConfig):
+    """Layer level: a DSA layer after cached prefixes (latent rows and indexer keys), every selection with a margin."""
+    layout = definition["layout"]
+    prefixes = np.array(layout["prefix_lengths"], dtype=np.int64)
+    query_lengths = np.array(layout.get("query_lengths", [layout["seq"]] * len(prefixes)), dtype=np.int64)
+    weights = _layer_weights(definition, config)
+    batch, seq = len(prefixes), layout["seq"]
+    whole = _sequences_with_selection_margins(definition, config, weights, prefixes + query_lengths, np.zeros(batch, np.int64))
+    prefix_hidden = np.zeros((batch, int(prefixes.max(initial=0)), config.hidden_size))
+    hidden = _rng(definition, "padding").standard_normal((batch, seq, config.hidden_size))  # padding holds random values too
+    for b in range(batch):
+        prefix_hidden[b, : prefixes[b]] = whole[b, : prefixes[b]]
+        hidden[b, : query_lengths[b]] = whole[b, prefixes[b]: prefixes[b] + query_lengths[b]]
+    prefill = reference_adapter.dsa_extend(config.to_dict(), weights, prefix_hidden, np.zeros((batch, 0, config.latent_cache_width)),
+                                           np.zeros((batch, 0, config.index_head_dim)), np.zeros(batch, np.int64), prefixes)
+    inputs = {"hidden": hidden, "cache_rows": prefill["rows"], "index_key_rows": prefill["index_keys"], "cache_lengths": prefixes,
+              "query_lengths": query_lengths}
+    return _check_selection_stable(definition, config, weights, inputs), weights
+
+
 def _gate_weights(definition: dict, config: ModelConfig, layer: int, experts: bool = True) -> dict[str, np.ndarray]:
     """The ``mlp.`` tensors of ``layer`` (tiny presets: every expert; ``experts=False``: the router's only), the bias
     shifted by ``bias_shift``. Built by name: a V3 layer's 256 experts are never generated for a router case."""
@@ -445,17 +519,21 @@ def build_dispatch_plan(definition: dict, config: ModelConfig):
 
 
 class MarginTrace(Trace):
-    """A trace that keeps every routing margin of a run, layer after layer (MOE.5 group and MOE.7 expert margins)."""
+    """A trace that keeps every routing margin of a run, layer after layer (MOE.5 group and MOE.7 expert margins), and
+    with ``index_topk`` every DSA selection margin (:func:`selection_margins`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, index_topk: int | None = None) -> None:
         super().__init__()
         self.margins: list[np.ndarray] = []
+        self.index_topk = index_topk
 
     def record(self, step_id: str, **arrays: np.ndarray) -> None:
         super().record(step_id, **arrays)
         for name in ("group_margin", "expert_margin"):
             if name in arrays:
                 self.margins.append(np.asarray(arrays[name]))
+        if step_id == "DSA.9" and self.index_topk is not None:  # every layer's DSA selection margins (GC-DSA)
+            self.margins.append(selection_margins(arrays["masked_scores"], self.index_topk))
 
 
 def _token_with_margins(definition: dict, config: ModelConfig, weights: dict, prefix: np.ndarray, candidates: np.ndarray) -> int:
@@ -464,7 +542,7 @@ def _token_with_margins(definition: dict, config: ModelConfig, weights: dict, pr
     for start in range(0, len(candidates), 16):
         batch = candidates[start: start + 16]
         trial = np.concatenate([np.repeat(prefix[None, :], len(batch), axis=0), batch[:, None]], axis=1)
-        trace = MarginTrace()
+        trace = MarginTrace(config.index_topk)
         model_forward(config, weights, trial, trace=trace)
         if not trace.margins:
             return int(batch[0])
@@ -629,6 +707,7 @@ def build_speculative_decode(definition: dict, config: ModelConfig):
 
 BUILDERS = {"latent_attention_core": build_paged_core, "sparse_decode_core": build_sparse_decode,
             "sparse_prefill_core": build_sparse_prefill, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
+            "dsa_indexer": build_dsa_layer, "dsa_prefill": build_dsa_layer, "dsa_extend": build_dsa_extend,
             "moe_route": build_moe_route, "moe_layer": build_moe_layer, "moe_balance": build_moe_balance,
             "dispatch_plan": build_dispatch_plan, "model_logits": build_model_logits, "greedy_decode": build_greedy_decode,
             "mtp_forward": build_mtp_forward, "mtp_draft": build_mtp_draft, "speculative_decode": build_speculative_decode}
