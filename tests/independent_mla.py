@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import cmath
 import math
+import struct
 
 import numpy as np
 
@@ -261,13 +262,34 @@ def slow_mla(cfg, weights, hidden, positions, sees=None):
 # --------------------------------------------------------------------------- 5. latent core
 
 
+def _e4m3fn(byte: int) -> float:
+    """One OCP e4m3fn byte: sign, 4 exponent bits (bias 7), 3 mantissa bits; S.1111.111 is NaN."""
+    sign = -1.0 if byte & 0x80 else 1.0
+    exponent, mantissa = (byte >> 3) & 0xF, byte & 0x7
+    if exponent == 0xF and mantissa == 0x7:
+        return math.nan
+    if exponent == 0:
+        return sign * math.ldexp(mantissa, -9)
+    return sign * math.ldexp(8 + mantissa, exponent - 10)
+
+
+def slow_record_row(record, head_dim_v: int) -> np.ndarray:
+    """FlashMLA's FP8 cache record byte by byte: head_dim_v e4m3fn codes, one '<f' scale per 128, '<' bf16 rope values."""
+    raw = bytes(np.asarray(record, dtype=np.uint8).tolist())
+    tiles = head_dim_v // 128
+    scales = struct.unpack_from(f"<{tiles}f", raw, head_dim_v)
+    latent = [_e4m3fn(raw[i]) * scales[i // 128] for i in range(head_dim_v)]
+    rope = [struct.unpack("<f", b"\0\0" + raw[k:k + 2])[0] for k in range(head_dim_v + 4 * tiles, len(raw), 2)]
+    return np.array(latent + rope, dtype=np.float64)
+
+
 def slow_latent_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
     """FlashMLA-layout latent attention over a paged single-head cache, in float64.
 
     q [b, s_q, h, W]; k_cache [num_blocks, block_size, 1, W]; values = first head_dim_v
     entries of a cache row. Returns (out [b, s_q, h, head_dim_v], lse [b, h, s_q]).
     Rows at t >= cache_seqlens[i] are never read. A query with no visible key gets
-    out = 0 and lse = -inf.
+    out = 0 and lse = -inf. A uint8 k_cache holds FP8 records (spec/fp8.yaml FP8.11).
     """
     q = np.asarray(q, dtype=np.float64)
     cache = np.asarray(k_cache)
@@ -281,6 +303,8 @@ def slow_latent_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax
 
         def row(t):
             block = int(block_table[i][t // block_size])
+            if cache.dtype == np.uint8:
+                return slow_record_row(cache[block, t % block_size, 0], head_dim_v)
             return np.asarray(cache[block, t % block_size, 0], dtype=np.float64)
 
         for r in range(s_q):

@@ -27,6 +27,7 @@ from mla_ref.golden.storage import read_npz
 from mla_ref.spec import read_yaml, spec_dir
 
 KERNEL_CASE = "mla.core.paged/tiny/bs16-seed0"
+CORE_CASES = sum(definition["id"].startswith("mla.core") for definition in case_definitions())  # the kernel cases of golden/
 
 
 def adapter(**functions) -> types.SimpleNamespace:
@@ -73,8 +74,7 @@ def test_an_adapter_without_any_entry_point_is_refused_with_the_nearest_names(tm
 
 
 def test_a_selection_the_adapter_cannot_run_is_an_error():
-    selected = sum("mla.core" in case["id"] for case in case_definitions())
-    with pytest.raises(InputError, match=rf"none of the {selected} selected cases can run: they need \['latent_attention_core'\]"):
+    with pytest.raises(InputError, match=rf"none of the {CORE_CASES} selected cases can run: they need \['latent_attention_core'\]"):
         check(adapter(moe_route=ref.moe_route), "fp32", "mla.core")
 
 
@@ -148,7 +148,7 @@ def test_the_pytest_plugin_selects_with_the_cli_pattern_syntax(tmp_path):
 def test_a_wrong_kernel_fails_on_the_real_golden():
     """The baseline of the tamper scenarios: x1.5 on the kernel output is a failure."""
     report = check(adapter(latent_attention_core=scaled_core(1.5)), "fp32", "mla.core")
-    assert not report.ok and report.count("fail") == 6
+    assert not report.ok and report.count("fail") == CORE_CASES
 
 
 def test_a_truth_edited_to_match_the_adapter_is_tampered_golden_not_a_pass(golden_copy):
@@ -249,7 +249,7 @@ def test_array_likes_are_converted(wrap):
     def core(*args):
         return {name: wrap(value) for name, value in ref.latent_attention_core(*args).items()}
     report = check(adapter(latent_attention_core=core), "fp64", "mla.core")
-    assert report.ok and report.count("pass") == 6, report.table()
+    assert report.ok and report.count("pass") == CORE_CASES, report.table()
 
 
 def test_a_ragged_list_fails_its_case_with_a_clear_reason():
@@ -277,7 +277,7 @@ def test_a_checker_error_on_an_output_fails_that_case_only(monkeypatch):
         raise TypeError("Got unsupported ScalarType BFloat16")
     monkeypatch.setattr(check_module, "diagnose", broken_diagnose)
     report = check(adapter(latent_attention_core=scaled_core(1.5)), "fp32", "mla.core")
-    assert len(report.cases) == 6 and report.count("fail") == 6 and calls
+    assert len(report.cases) == CORE_CASES and report.count("fail") == CORE_CASES and calls
     assert "the checker could not judge the adapter's output: TypeError" in report.cases[0].reason
 
 
@@ -442,7 +442,7 @@ def test_torch_bfloat16_outputs_are_judged():
         result = ref.latent_attention_core(*args)
         return {"out": torch.from_numpy(result["out"]).to(torch.bfloat16), "lse": torch.from_numpy(result["lse"]).float()}
     report = check(adapter(latent_attention_core=core), "bf16", "mla.core")
-    assert report.ok and report.count("pass") == 6, report.table()
+    assert report.ok and report.count("pass") == CORE_CASES, report.table()
 
     def wrong(*args):
         result = ref.latent_attention_core(*args)
@@ -459,4 +459,4 @@ def test_ml_dtypes_bfloat16_outputs_are_judged():
         result = ref.latent_attention_core(*args)
         return {"out": ArrayLike(result["out"].astype(ml_dtypes.bfloat16)), "lse": result["lse"].astype(np.float32)}
     report = check(adapter(latent_attention_core=core), "bf16", "mla.core")
-    assert report.ok and report.count("pass") == 6, report.table()
+    assert report.ok and report.count("pass") == CORE_CASES, report.table()
