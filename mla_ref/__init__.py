@@ -4,6 +4,7 @@ from .balance import bias_update, expert_load, sequence_balance_loss, v2_balance
 from .cache import Fp8LatentCache, LatentCache, NaiveCache, PagedLatentCache
 from .config import ModelConfig, load_config, load_preset, preset_names
 from .dispatch import DispatchPlan, dispatch_plan
+from .dsa import IndexerResult, SparseCache, indexer_forward
 from .errors import CacheError, ConfigError, GoldenError, InputError, MlaRefError, ShapeError, SpecError, Unsupported, WeightError
 from .mla import MLAResult, latent_attention_core, mla_forward
 from .model import GenerationResult, ModelCache, ModelResult, greedy_generate, model_forward
@@ -25,4 +26,5 @@ __all__ = [
     "mla_forward", "preset_names", "spec_version", "weight_shapes",
     "DraftContext", "Drafter", "GenerationResult", "MTPDrafter", "MTPLosses", "ModelCache", "ModelResult",
     "SpeculativeResult", "greedy_generate", "model_forward", "mtp_losses", "mtp_module", "speculative_generate",
+    "IndexerResult", "SparseCache", "indexer_forward",
 ]

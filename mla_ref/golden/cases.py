@@ -335,22 +335,27 @@ def selection_margins(masked_scores: np.ndarray, index_topk: int) -> np.ndarray:
 
 
 def _sequences_with_selection_margins(definition: dict, config: ModelConfig, weights: dict, lengths, starts) -> np.ndarray:
-    """Hidden states ``[batch, max(lengths), hidden_size]`` built position by position (16 candidates at a time) so that
+    """Hidden states ``[batch, max(lengths), hidden_size]`` built position by position (64 candidates at a time) so that
     every query's DSA selection keeps a relative margin of ``min_margin`` at the k-th score (GC-DSA): causal, so a later
     token never moves an earlier query's selection; positions past a sequence's length are random."""
-    from ..dsa import indexer_forward
+    from ..dsa import index_scores, indexer_query_key
+    from ..mla import query_latent
     rng = _rng(definition, "hidden")
-    min_margin = definition["layout"].get("min_margin", 0.06)
+    min_margin, tries = definition["layout"].get("min_margin", 0.06), 64
     hidden = rng.standard_normal((len(lengths), int(max(lengths)), config.hidden_size))
     for b, length in enumerate(lengths):
+        keys = np.zeros((0, config.index_head_dim))  # the indexer keys of the positions chosen so far
         for position in range(int(length)):
-            for _ in range(definition["layout"].get("attempts", 256) // 16):
-                candidates = rng.standard_normal((16, config.hidden_size))
-                trial = np.concatenate([np.repeat(hidden[b:b + 1, :position], 16, axis=0), candidates[:, None]], axis=1)
-                result = indexer_forward(config, weights, trial, np.full(16, starts[b]))
-                good = np.flatnonzero(selection_margins(result.scores, config.index_topk)[:, -1] > min_margin)
+            for _ in range(definition["layout"].get("attempts", 256) // tries):
+                candidates = rng.standard_normal((tries, 1, config.hidden_size))
+                c_q = query_latent(candidates, weights, config.rms_norm_eps)  # MLA.1
+                q_hat, k_hat, head_weights = indexer_query_key(config, weights, candidates, c_q, np.full((tries, 1), starts[b] + position))
+                every_key = np.concatenate([np.repeat(keys[None], tries, axis=0), k_hat], axis=1)  # [tries, position + 1, index_dim]
+                margins = selection_margins(index_scores(q_hat, every_key, head_weights), config.index_topk)[:, 0]
+                good = np.flatnonzero(margins > min_margin)
                 if good.size:
-                    hidden[b, position] = candidates[good[0]]
+                    hidden[b, position] = candidates[good[0], 0]
+                    keys = every_key[good[0]]
                     break
             else:
                 raise GoldenError(definition["id"], f"no hidden state keeps the DSA selection margin at position {position}", "GOLDEN.cases")
@@ -525,6 +530,7 @@ class MarginTrace(Trace):
     def __init__(self, index_topk: int | None = None) -> None:
         super().__init__()
         self.margins: list[np.ndarray] = []
+        self.selection_margins: list[np.ndarray] = []
         self.index_topk = index_topk
 
     def record(self, step_id: str, **arrays: np.ndarray) -> None:
@@ -533,21 +539,24 @@ class MarginTrace(Trace):
             if name in arrays:
                 self.margins.append(np.asarray(arrays[name]))
         if step_id == "DSA.9" and self.index_topk is not None:  # every layer's DSA selection margins (GC-DSA)
-            self.margins.append(selection_margins(arrays["masked_scores"], self.index_topk))
+            self.selection_margins.append(selection_margins(arrays["masked_scores"], self.index_topk))
 
 
 def _token_with_margins(definition: dict, config: ModelConfig, weights: dict, prefix: np.ndarray, candidates: np.ndarray) -> int:
-    """The first candidate token after ``prefix`` whose routing at every MoE layer keeps ``min_margin`` (tried 16 at a time)."""
+    """The first candidate token after ``prefix`` whose routing at every MoE layer keeps ``min_margin`` and whose DSA selection at
+    every layer keeps ``selection_margin`` (default 0.06, relative: :func:`selection_margins`), tried 16 at a time."""
     from ..model import model_forward
     for start in range(0, len(candidates), 16):
         batch = candidates[start: start + 16]
         trial = np.concatenate([np.repeat(prefix[None, :], len(batch), axis=0), batch[:, None]], axis=1)
         trace = MarginTrace(config.index_topk)
         model_forward(config, weights, trial, trace=trace)
-        if not trace.margins:
-            return int(batch[0])
-        last = np.min([margin.reshape(len(batch), -1)[:, -1] for margin in trace.margins], axis=0)
-        good = np.flatnonzero(last > definition["layout"]["min_margin"])
+        keeps = np.ones(len(batch), bool)
+        for margins, least in ((trace.margins, definition["layout"]["min_margin"]),
+                               (trace.selection_margins, definition["layout"].get("selection_margin", 0.06))):
+            for margin in margins:
+                keeps &= margin.reshape(len(batch), -1)[:, -1] > least
+        good = np.flatnonzero(keeps)
         if good.size:
             return int(batch[good[0]])
     raise GoldenError(definition["id"], f"no token keeps the routing margins at position {len(prefix)}", "GOLDEN.cases")
