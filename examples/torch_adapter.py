@@ -4,7 +4,8 @@ Written the way an inference engine writes it, independently of mla_ref: weights
 activations in one dtype, attention logits, softmax, LSE and the router in fp32 (float64
 in float64 mode), interleaved-pair RoPE through complex numbers, prefill in the naive form
 (per-head keys and values), cached extension in the absorbed form against latent rows
-``[normalised latent | rotated k_pe]``, and the FlashMLA-layout kernel over a paged cache.
+``[normalised latent | rotated k_pe]``, the FlashMLA-layout kernel over a paged cache, and
+FlashMLA's sparse decode and prefill kernels (DSA.13, DSA.14).
 
 The precision is the one setting the protocol's arguments do not carry, so it is a module
 setting: ``configure(dtype, device, tf32, rope_table)``, or at import the environment variables
@@ -378,6 +379,40 @@ def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, so
     scale = float(softmax_scale)
     out, lse = latent_attention(q, key_rows, visible, scale, int(head_dim_v), steps)
     return _np({"out": out, "lse": lse, "MLA.17/out": out, "MLA.17/lse": lse, **steps})
+
+
+def sparse_attention(q: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor, scale: float, head_dim_v: int):
+    """FlashMLA's sparse kernels: ``q [n, heads, width]`` against each query's own ``rows [n, topk, width]`` where ``valid``;
+    ``out [n, heads, head_dim_v]`` and the natural-log ``lse [n, heads]``, +inf (out 0) for a query with nothing valid."""
+    logits = scale * torch.einsum("nhc,nkc->nhk", q.to(_stat()), rows.to(_stat()))  # [n, heads, topk]
+    probs, lse = masked_softmax(logits, valid[:, None])
+    out = torch.einsum("nhk,nkc->nhc", probs.to(rows.dtype), rows[..., :head_dim_v])
+    return out, lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
+def sparse_decode_core(q, k_cache, indices, head_dim_v, softmax_scale):
+    """DSA.13 — FlashMLA sparse decode: index = page * block_size + offset into the paged cache, -1 invalid.
+
+    A uint8 ``k_cache`` is FlashMLA's FP8 cache: every record decoded (FP8.11; NaN records are never attended)."""
+    q, cache, index = _t(q), torch.as_tensor(np.asarray(k_cache), device=DEVICE), _ints(indices)
+    batch, s_q = q.shape[:2]
+    flat = cache.flatten(0, 2)  # [num_blocks * block_size, width]: row page * block_size + offset
+    flat = decode_records(flat, int(head_dim_v)) if flat.dtype == torch.uint8 else flat.to(_dtype())
+    valid = index != -1  # [batch, s_q, topk]
+    rows = flat[index.clamp(min=0)].masked_fill(~valid[..., None], 0.0)  # [batch, s_q, topk, width]; invalid slots dropped
+    out, lse = sparse_attention(q.flatten(0, 1), rows.flatten(0, 1), valid.flatten(0, 1), float(softmax_scale), int(head_dim_v))
+    out, lse = out.unflatten(0, (batch, s_q)), lse.unflatten(0, (batch, s_q)).transpose(1, 2)  # lse [batch, heads, s_q]
+    return _np({"out": out, "lse": lse, "DSA.13/out": out, "DSA.13/lse": lse})
+
+
+def sparse_prefill_core(q, kv, indices, softmax_scale, head_dim_v):
+    """DSA.14 — FlashMLA sparse prefill over one KV: any index < 0 or >= s_kv is invalid."""
+    q, rows_in, index = _t(q), _t(kv)[:, 0], _ints(indices)[:, 0]  # [s_kv, width], [s_q, topk]
+    valid = (index >= 0) & (index < rows_in.shape[0])
+    rows = rows_in[torch.where(valid, index, 0)].masked_fill(~valid[..., None], 0.0)  # [s_q, topk, width]
+    scale = float(softmax_scale)  # the model's scale, passed by the caller
+    out, lse = sparse_attention(q, rows, valid, scale, int(head_dim_v))
+    return _np({"out": out, "lse": lse, "DSA.14/out": out, "DSA.14/lse": lse})
 
 
 # ---------------------------------------------------------------------------- MoE

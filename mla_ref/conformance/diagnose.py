@@ -279,6 +279,37 @@ def _attention_variants(point: str, config) -> list[Variant]:
     return variants
 
 
+def _minus_one_read_as(row: str):
+    """DSA.13 / DSA.14 indices with every -1 made a real row: row 0 (clamped, as a gather that zeroes negative indices
+    reads) or the last row (Python / torch negative indexing)."""
+    def indices(inputs: dict) -> np.ndarray:
+        index = np.asarray(inputs["indices"])
+        rows = inputs["kv"].shape[0] if "kv" in inputs else inputs["k_cache"].shape[0] * inputs["k_cache"].shape[1]
+        return np.where(index == -1, 0 if row == "first" else rows - 1, index)
+    return indices
+
+
+def _page_major_indices(inputs: dict) -> np.ndarray:
+    """DSA.13 indices decoded page-major (page = index % num_blocks, offset = index // num_blocks), re-encoded as tokens."""
+    index = np.asarray(inputs["indices"])
+    num_blocks, block_size = inputs["k_cache"].shape[:2]
+    return np.where(index >= 0, (index % num_blocks) * block_size + index // num_blocks, index)
+
+
+def _sparse_core_variants(point: str) -> list[Variant]:
+    """FlashMLA sparse-kernel bugs (DSA.13, DSA.14): the default scale, the LSE base, -1 padding attended, the index encoding."""
+    variants = [Variant("softmax scale 576^-0.5 style (FlashMLA's default): 1/sqrt(q width) instead of the passed scale",
+                        args={"softmax_scale": "width"}),
+                Variant("LSE in base 2 instead of the natural log (FlashMLA's first sparse release)",
+                        patches={(mla_module, "masked_softmax"): _lse_base_two}),
+                Variant("-1 padding attended: read as row 0 (a clamped gather)", args={"indices": _minus_one_read_as("first")}),
+                Variant("-1 padding attended: read as the last row (negative indexing)", args={"indices": _minus_one_read_as("last")})]
+    if point == "sparse_decode_core":
+        variants.append(Variant("indices decoded page-major (page = index % num_blocks, offset = index // num_blocks) instead of "
+                                "page * block_size + offset", args={"indices": _page_major_indices}))
+    return variants
+
+
 def _bf16_record_scales(records: np.ndarray, kv_lora_rank: int) -> np.ndarray:
     """FP8.11 read with 2-byte bf16 scales at the scales' offset (the record stores float32)."""
     halves = np.ascontiguousarray(records[..., kv_lora_rank: kv_lora_rank + 2 * (kv_lora_rank // BLOCK_SIZE)]).view("<u2")
@@ -422,6 +453,10 @@ def _variants(entry: dict, config, case: dict) -> list[Variant]:
         variants.append(Variant("softmax scale 576^-0.5 style: 1/sqrt(q width) instead of the passed scale", args={"softmax_scale": "width"}))
         if np.asarray(case["input"]["k_cache"]).dtype == np.uint8:
             variants += _fp8_cache_variants()
+    if point in ("sparse_decode_core", "sparse_prefill_core"):
+        variants += _sparse_core_variants(point)
+        if point == "sparse_decode_core" and np.asarray(case["input"]["k_cache"]).dtype == np.uint8:
+            variants += _fp8_cache_variants()
     if point in ("moe_route", "moe_layer"):
         variants += _routing_variants(config, case)
     if point in MODEL_LEVEL:  # the same bugs inside every layer of the stack
@@ -438,7 +473,9 @@ MODEL_LEVEL = ("model_logits", "greedy_decode", "mtp_forward", "mtp_draft", "spe
 def _shifted(args: dict, inputs: dict, changes: dict, width: int) -> tuple[dict, dict]:
     args, inputs = dict(args), dict(inputs)
     for key, change in changes.items():
-        if key in inputs:
+        if callable(change):
+            inputs[key] = change(inputs)
+        elif key in inputs:
             inputs[key] = np.maximum(np.asarray(inputs[key]) + change, 0)
         elif change == "flip":
             args[key] = not args[key]

@@ -15,6 +15,7 @@ from ..dsa import SparseCache, indexer_forward
 from ..mla import latent_attention_core as core, mla_forward
 from ..balance import bias_update, expert_load, sequence_balance_loss, v2_balance_losses
 from ..dispatch import dispatch_plan as plan
+from ..dsa_kernel import sparse_decode_core as decode_core, sparse_prefill_core as prefill_core
 from ..model import greedy_generate, model_forward
 from ..moe import ffn_forward, route
 from ..mtp import main_hidden_for_mtp, mtp_losses
@@ -33,6 +34,18 @@ def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, so
     """MLA.17 — FlashMLA-layout latent attention."""
     out, lse = core(q, k_cache, block_table, cache_seqlens, int(head_dim_v), float(softmax_scale), bool(causal),
                     dtype=_arithmetic(trace), trace=trace)
+    return {"out": out, "lse": lse}
+
+
+def sparse_decode_core(q, k_cache, indices, head_dim_v, softmax_scale, trace=None):
+    """DSA.13 — FlashMLA's sparse decode over a paged latent cache (token-encoded indices, -1 invalid)."""
+    out, lse = decode_core(q, k_cache, indices, int(head_dim_v), float(softmax_scale), dtype=_arithmetic(trace), trace=trace)
+    return {"out": out, "lse": lse}
+
+
+def sparse_prefill_core(q, kv, indices, softmax_scale, head_dim_v, trace=None):
+    """DSA.14 — FlashMLA's sparse prefill over one KV (an index < 0 or >= s_kv invalid)."""
+    out, lse = prefill_core(q, kv, indices, float(softmax_scale), int(head_dim_v), dtype=_arithmetic(trace), trace=trace)
     return {"out": out, "lse": lse}
 
 

@@ -145,6 +145,8 @@ def case_args(definition: dict, config: ModelConfig) -> dict:
     if entry_point == "latent_attention_core":
         causal = bool(layout.get("causal", layout.get("s_q", 1) > 1))
         return {"head_dim_v": config.kv_lora_rank, "softmax_scale": softmax_scale(config), "causal": causal}
+    if entry_point in ("sparse_decode_core", "sparse_prefill_core"):
+        return {"head_dim_v": config.kv_lora_rank, "softmax_scale": softmax_scale(config)}
     if entry_point == "mtp_forward":
         return {"mtp_lambda": layout.get("mtp_lambda", 0.3)}
     from_layout = {"moe_layer": "layer", "dispatch_plan": "ranks", "greedy_decode": "steps", "speculative_decode": "steps"}
@@ -179,6 +181,78 @@ def build_paged_core(definition: dict, config: ModelConfig):
         canaries = [(table[b, seqlens[b] // block_size], seqlens[b] % block_size) for b in range(batch)]
         k_cache = fp8_record_pool(definition, config, k_cache, [table[b, 0] for b in range(batch) if seqlens[b] > 0], canaries)
     return {"q": q, "k_cache": k_cache, "block_table": table, "cache_seqlens": seqlens}, {}
+
+
+def _canary_row(q: np.ndarray, width: int) -> np.ndarray:
+    """A large key aligned with the mean query: attending it moves every output far from the truth."""
+    direction = q.reshape(-1, width).mean(axis=0)
+    return 50.0 * direction / np.linalg.norm(direction)
+
+
+def _sparse_index_row(rng: np.random.Generator, candidates: np.ndarray, topk: int, invalid: np.ndarray) -> np.ndarray:
+    """``topk`` entries: distinct candidates in random order with ``invalid`` values at random places."""
+    row = np.empty(topk, dtype=np.int64)
+    places = rng.permutation(topk)
+    row[places[: len(invalid)]] = invalid
+    row[places[len(invalid):]] = rng.choice(candidates, size=topk - len(invalid), replace=False)
+    return row
+
+
+def build_sparse_decode(definition: dict, config: ModelConfig):
+    """Kernel level (DSA.13): indices in the token encoding page * block_size + offset, each sequence's rows on three
+    shuffled pages, -1 padding, one query with every index -1 (layout ``empty_query``), canary keys in the first and
+    the last slot (where a -1 read as row 0 or as the last row lands); with ``poison: nan`` NaN in every other unread
+    slot, else finite decoys (so that a bug reading them can be named); with ``fp8_cache`` the pool as 656-byte FP8
+    records (GC-FP8-CACHE's writers' scale rules, a zero tile and a saturating tile in slot 0 of a page the first
+    query of the first two sequences reads)."""
+    layout = definition["layout"]
+    rng = _rng(definition, "inputs")
+    batch, s_q, block_size, pages, topk = (layout[key] for key in ("batch", "s_q", "block_size", "pages", "topk"))
+    heads, width, slots = config.num_attention_heads, config.latent_cache_width, pages * block_size
+    q = rng.standard_normal((batch, s_q, heads, width))
+    flat = rng.standard_normal((slots, width)) if layout.get("poison") != "nan" else np.full((slots, width), np.nan)
+    indices = np.empty((batch, s_q, topk), dtype=np.int64)
+    first_pages = []  # FP8: for the first two sequences a page whose slot 0 the first query reads (the zero and the saturating tile)
+    for b in range(batch):
+        own_pages = rng.permutation(pages)[:3]
+        candidates = (own_pages[:, None] * block_size + np.arange(block_size)[None, :]).ravel()
+        candidates = candidates[(candidates != 0) & (candidates != slots - 1)]  # the canary slots are never read
+        for i in range(s_q):
+            indices[b, i] = _sparse_index_row(rng, candidates, topk, np.full(layout["invalid"], -1))
+        if layout.get("fp8_cache", False) and b < 2:
+            first_pages.append(next(int(page) for page in own_pages if page != 0 and page not in first_pages))
+            if first_pages[-1] * block_size not in indices[b, 0]:
+                indices[b, 0, np.flatnonzero(indices[b, 0] >= 0)[0]] = first_pages[-1] * block_size
+    if layout.get("empty_query", False):
+        indices[-1, -1] = -1
+    read = np.unique(indices[indices >= 0])
+    flat[read] = rng.standard_normal((len(read), width))
+    flat[0] = flat[slots - 1] = _canary_row(q, width)
+    k_cache = flat.reshape(pages, block_size, 1, width)
+    if layout.get("fp8_cache", False):
+        k_cache = fp8_record_pool(definition, config, k_cache, first_pages, [(0, 0), (pages - 1, block_size - 1)])
+    return {"q": q, "k_cache": k_cache, "indices": indices}, {}
+
+
+# FlashMLA's sparse prefill tests use these out-of-range indices (facts A2.2); s_kv itself is added per case
+PREFILL_INVALID = (-1, -123456, 114514, 2147483647, -2147483648)
+
+
+def build_sparse_prefill(definition: dict, config: ModelConfig):
+    """Kernel level (DSA.14): indices over one KV with every kind of invalid index, one query with none valid, canary
+    rows at 0 and s_kv - 1 that no valid index reads (where -1 read as row 0 or as the last row lands)."""
+    layout = definition["layout"]
+    rng = _rng(definition, "inputs")
+    s_q, s_kv, topk = layout["s_q"], layout["s_kv"], layout["topk"]
+    heads, width = config.num_attention_heads, config.latent_cache_width
+    q = rng.standard_normal((s_q, heads, width))
+    kv = rng.standard_normal((s_kv, 1, width))
+    kv[0, 0] = kv[-1, 0] = _canary_row(q, width)
+    kinds = np.array(PREFILL_INVALID + (s_kv,), dtype=np.int64)
+    candidates = np.arange(1, s_kv - 1)
+    indices = np.stack([_sparse_index_row(rng, candidates, topk, rng.choice(kinds, size=layout["invalid"])) for _ in range(s_q)])
+    indices[-1] = np.resize(kinds, topk)  # nothing to attend
+    return {"q": q, "kv": kv, "indices": indices[:, None, :]}, {}
 
 
 FP8_CASE_RULES = ("ue8m0", "amax", "flt_min", "ue8m0_scale_floor")  # the writers' scale rules (FP8.9), in turn per tile
@@ -687,7 +761,8 @@ def build_speculative_decode(definition: dict, config: ModelConfig):
     return _stable_prompts(definition, config, weights, case_args(definition, config)), weights
 
 
-BUILDERS = {"latent_attention_core": build_paged_core, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
+BUILDERS = {"latent_attention_core": build_paged_core, "sparse_decode_core": build_sparse_decode,
+            "sparse_prefill_core": build_sparse_prefill, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
             "dsa_indexer": build_dsa_layer, "dsa_prefill": build_dsa_layer, "dsa_extend": build_dsa_extend,
             "moe_route": build_moe_route, "moe_layer": build_moe_layer, "moe_balance": build_moe_balance,
             "dispatch_plan": build_dispatch_plan, "model_logits": build_model_logits, "greedy_decode": build_greedy_decode,
