@@ -1,21 +1,27 @@
-"""Hugging Face transformers' DeepSeek-V2 / V3 modules behind the adapter protocol of spec/golden.yaml.
+"""Hugging Face transformers' DeepSeek-V2 / V3 / V3.2 modules behind the adapter protocol of spec/golden.yaml.
 
 Code nobody on this project wrote, run as its users run it: the case's config becomes a
+``DeepseekV32Config`` (DeepSeek Sparse Attention: the config sets index_topk), a
 ``DeepseekV3Config`` (sigmoid routing with the correction bias) or ``DeepseekV2Config`` (softmax
 routing), HF's own modules are instantiated from it (attention, router, MoE block, the whole
 ``*ForCausalLM``) and the case's weights are loaded into them by name. Everything numeric is
 HF's as shipped with transformers 5.25.0: its float32 RoPE table (inverse frequencies and
 angles), its YaRN ``attention_factor`` and mscale on the softmax scale, its RoPE layout
-(V3: interleaved pairs rotated into de-interleaved halves; V2: complex products), its routing
-(``torch.topk``, its tie order), its attention implementations and masks, ``generate`` for
-greedy decoding. The adapter's own glue is only what a checkpoint loader or serving engine
-would do: fusing the per-expert checkpoint tensors into HF's ``gate_up_proj`` / ``down_proj``,
-keeping the tensors HF declares float32 (``_keep_in_fp32_modules_strict``) in float32 when the
-rest is cast, filling HF's latent cache from the case's cache rows (the k_pe half permuted
-into the layout HF's rotation produces), and zeroing padded rows.
+(V3, V3.2: interleaved pairs rotated into de-interleaved halves; V2: complex products; the V3.2
+indexer: rotate-half), its routing (``torch.topk``, its tie order), its V3.2 indexer (no
+Hadamard, no FP8, ``torch.topk`` over the masked scores) and index mask, its attention
+implementations and masks, ``generate`` for greedy decoding. The adapter's own glue is only what
+a checkpoint loader or serving engine would do: fusing the per-expert checkpoint tensors into
+HF's ``gate_up_proj`` / ``down_proj``, keeping the tensors HF declares float32
+(``_keep_in_fp32_modules_strict``) in float32 when the rest is cast, filling HF's latent cache
+from the case's cache rows (the k_pe half permuted into the layout HF's rotation produces) and
+HF's indexer key cache from the case's indexer keys (the Hadamard taken off: HF caches keys
+without it), renumbering HF's selected key slots as positions, and zeroing padded rows.
 
 A case HF cannot express raises ``mla_ref.Unsupported`` with the reason: the FlashMLA kernel
-contract, MTP, the training rules, configs outside HF's fields (see ``_routing``).
+contract, MTP, the training rules, configs outside HF's fields (see ``_routing`` and the V3.2
+checks in ``_hf_config``). HF's indexer returns no index scores and its attention no lse: those
+optional outputs are left out.
 
 Settings, at import from the environment or later by ``configure(dtype, attention)``:
 ``MLA_REF_HF_DTYPE`` = float32 | bfloat16 (default float32; ``PROFILE`` follows: fp32 | bf16),
@@ -36,11 +42,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
-                          DynamicCache, GenerationConfig)
+from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32Config,
+                          DeepseekV32ForCausalLM, DynamicCache, GenerationConfig)
 from transformers.masking_utils import create_causal_mask
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
+from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf_v32
 
 from mla_ref import Unsupported
 
@@ -69,6 +76,8 @@ FAMILIES = {
                  hf_v2.DeepseekV2TopkRouter, hf_v2.DeepseekV2Moe, hf_v2.DeepseekV2MLP),
     "v3": Family(DeepseekV3Config, DeepseekV3ForCausalLM, hf_v3.DeepseekV3Attention, hf_v3.DeepseekV3RotaryEmbedding,
                  hf_v3.DeepseekV3TopkRouter, hf_v3.DeepseekV3MoE, hf_v3.DeepseekV3MLP),
+    "v32": Family(DeepseekV32Config, DeepseekV32ForCausalLM, hf_v32.DeepseekV32Attention, hf_v32.DeepseekV32RotaryEmbedding,
+                  hf_v32.DeepseekV32TopkRouter, hf_v32.DeepseekV32MoE, hf_v32.DeepseekV32MLP),
 }
 
 
@@ -115,14 +124,22 @@ def _routing_family(cfg: dict) -> str:
 
 
 def _attention_family(cfg: dict) -> str:
-    """HF's attention of the case: DeepSeek-V2's (complex RoPE products) where DeepseekV2Config can hold the config.
+    """HF's attention of the case: DeepSeek-V3.2's (MLA with the DSA indexer) for a config with index_topk, else
+    DeepSeek-V2's (complex RoPE products) where DeepseekV2Config can hold the config.
 
     DeepseekV3Attention is the same MLA with a choice of RoPE layout; it serves the half layout, sigmoid
     configs, and V2 configs whose hidden_size is not a multiple of the heads (DeepseekV2Config refuses them,
     although MLA never divides hidden_size by the heads).
     """
+    if cfg.get("index_topk") is not None:
+        return "v32"
     v2 = cfg["scoring_func"] == "softmax" and cfg["rope_layout"] == "interleaved" and cfg["hidden_size"] % cfg["num_attention_heads"] == 0
     return "v2" if v2 else "v3"
+
+
+def _model_family(cfg: dict) -> str:
+    """HF's causal LM of the case: DeepseekV32ForCausalLM for DSA (its router is V3's), else the family of the routing."""
+    return "v32" if cfg.get("index_topk") is not None else _routing_family(cfg)
 
 
 def _rope_parameters(cfg: dict) -> dict:
@@ -181,6 +198,9 @@ def _hf_config(cfg: dict, family: str, *, moe_only: bool = False):
              f"moe_intermediate_size {cfg['moe_intermediate_size']} in {DTYPE} are not (torch raises 'strides should be multiple of 16 bytes')")
     if moe_only and cfg["hidden_size"] % heads:
         heads = 1  # the router and experts read no attention field; DeepseekV2Config insists on hidden_size % heads == 0
+    if family == "v32":
+        _require(_routing_family(cfg) == "v3", "DeepseekV32TopkRouter scores experts by sigmoid with the correction bias (as V3's); "
+                                               f"the config says scoring_func {cfg['scoring_func']}")
     fields = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=cfg["num_hidden_layers"],
                   num_attention_heads=heads, num_key_value_heads=heads, q_lora_rank=cfg["q_lora_rank"],
                   kv_lora_rank=cfg["kv_lora_rank"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
@@ -194,6 +214,12 @@ def _hf_config(cfg: dict, family: str, *, moe_only: bool = False):
                   attn_implementation=ATTENTION, experts_implementation=EXPERTS, **_routing(cfg, _routing_family(cfg)))
     if family == "v3":
         fields.update(rope_interleave=cfg["rope_layout"] == "interleaved", num_mtp_layers=0)
+    elif family == "v32":
+        _require(cfg["rope_layout"] == "interleaved", "DeepseekV32Attention rotates MLA's rope dims in interleaved pairs only "
+                                                      "(it has no rope_interleave field)")
+        _require(cfg["index_norm_eps"] == 1e-6, f"DeepseekV32Indexer builds its k_norm as LayerNorm(eps=1e-6) whatever the config; "
+                                                f"the config says index_norm_eps {cfg['index_norm_eps']}")
+        fields.update(index_n_heads=cfg["index_n_heads"], index_head_dim=cfg["index_head_dim"], index_topk=cfg["index_topk"])
     else:
         _require(cfg["rope_layout"] == "interleaved", "DeepseekV2Attention rotates interleaved pairs only")
     return FAMILIES[family].config(**fields)
@@ -267,8 +293,7 @@ def _feed_forward(cfg: dict, weights: dict, layer: int):
 
 def _model(cfg: dict, weights: dict):
     """HF's whole causal LM, built as HF builds it in the model dtype, with the case's weights (MTP modules left out)."""
-    _require(cfg.get("index_topk") is None, "DeepSeek Sparse Attention (index_topk set): the DeepseekV3/V2 classes run dense MLA")
-    family = _routing_family(cfg)
+    family = _model_family(cfg)
     model = FAMILIES[family].model._from_config(_hf_config(cfg, family), dtype=_dtype())
     layer_id = re.compile(r"^model\.layers\.(\d+)\.")
     main = {name: value for name, value in weights.items()
@@ -279,23 +304,25 @@ def _model(cfg: dict, weights: dict):
 # ---------------------------------------------------------------------------- MLA
 
 def _rope_to_hf(cfg: dict, family: str, k_rope: torch.Tensor) -> torch.Tensor:
-    """A rotated k_pe from the spec's layout to the one HF's rotation yields: HF-V3 with interleaved pairs writes
-    the rotated pairs de-interleaved (evens then odds); V2's complex product and the half layout keep the order."""
-    if family == "v3" and cfg["rope_layout"] == "interleaved":
+    """A rotated k_pe from the spec's layout to the one HF's rotation yields: HF-V3 and V3.2 with interleaved pairs
+    write the rotated pairs de-interleaved (evens then odds); V2's complex product and the half layout keep the order."""
+    if family in ("v3", "v32") and cfg["rope_layout"] == "interleaved":
         return torch.cat([k_rope[..., 0::2], k_rope[..., 1::2]], dim=-1)
     return k_rope
 
 
 def _rope_from_hf(cfg: dict, family: str, k_rope: torch.Tensor) -> torch.Tensor:
-    if family == "v3" and cfg["rope_layout"] == "interleaved":
+    if family in ("v3", "v32") and cfg["rope_layout"] == "interleaved":
         half = k_rope.shape[-1] // 2
         return torch.stack([k_rope[..., :half], k_rope[..., half:]], dim=-1).flatten(-2)
     return k_rope
 
 
 def _run_attention(attention, rotary, hf_config, x: torch.Tensor, positions: torch.Tensor, padding: torch.Tensor, cache=None):
-    """One call of HF's attention as its decoder calls it: rotary embedding of the positions, HF's causal mask."""
-    mask = create_causal_mask(config=hf_config, inputs_embeds=x, attention_mask=padding, cache=cache, position_ids=positions)
+    """One call of HF's attention as its decoder calls it: rotary embedding of the positions, HF's causal mask
+    (always materialised for V3.2, whose indexer reads it: DeepseekV32Model passes allow_is_causal_skip=False)."""
+    mask = create_causal_mask(config=hf_config, inputs_embeds=x, attention_mask=padding, cache=cache, position_ids=positions,
+                              allow_is_causal_skip=not isinstance(attention, hf_v32.DeepseekV32Attention))
     return attention(hidden_states=x, position_embeddings=rotary(x, positions), attention_mask=mask, cache=cache)[0]
 
 
@@ -310,12 +337,20 @@ def mla_prefill(config, weights, hidden, start_positions):
     return {"output": _numpy(output)}
 
 
-@torch.no_grad()
-def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths):
-    """HF's latent cache (normalised latent | rotated k_pe, 4-D single-head tensors) filled with the case's rows,
-    ragged prefixes masked by HF's 2-D padding mask, the new tokens appended by HF's own cache update."""
-    cfg = dict(config)
-    family, hf_config, attention, rotary = _attention(cfg, weights)
+class Extension(NamedTuple):
+    """One attention call after a cached prefix: its output, HF's cache after it, the prefix width and which new tokens are real."""
+
+    output: torch.Tensor
+    cache: DynamicCache
+    max_len: int
+    real: torch.Tensor  # [batch, seq, 1]
+
+
+def _extend(cfg: dict, family: str, hf_config, attention, rotary, hidden, cache_rows, cache_lengths, query_lengths,
+            index_key_rows=None) -> Extension:
+    """HF's latent cache (normalised latent | rotated k_pe, 4-D single-head tensors) filled with the case's rows (and,
+    for V3.2, HF's indexer key cache with ``index_key_rows``), ragged prefixes masked by HF's 2-D padding mask, the
+    new tokens appended by HF's own cache update."""
     x = _tensor(hidden)  # [batch, seq, hidden]
     batch, seq = x.shape[:2]
     rows = _tensor(cache_rows)  # [batch, max_len, kv_lora_rank + qk_rope_head_dim]
@@ -324,18 +359,108 @@ def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths
     cache = DynamicCache(config=hf_config)
     if max_len:
         cache.update(rows[:, None, :, :rank], _rope_to_hf(cfg, family, rows[:, None, :, rank:]), 0)
+        if index_key_rows is not None:
+            cache.update_indexer(_tensor(_index_keys_to_hf(index_key_rows)), 0)
     padding = torch.cat([torch.arange(max_len)[None] < lengths[:, None], torch.arange(seq)[None] < query[:, None]], dim=1)
     positions = lengths[:, None] + torch.arange(seq)  # [batch, seq]
     output = _run_attention(attention, rotary, hf_config, x, positions, padding, cache)
-    layer = cache.layers[0]
-    new_rows = torch.cat([layer.keys[:, 0, max_len:], _rope_from_hf(cfg, family, layer.values[:, 0, max_len:])], dim=-1)
-    real = padding[:, max_len:, None]  # [batch, seq, 1]
-    return {"output": _numpy(output * real), "rows": _numpy(new_rows * real)}
+    return Extension(output, cache, max_len, padding[:, max_len:, None])
+
+
+@torch.no_grad()
+def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths):
+    cfg = dict(config)
+    family, hf_config, attention, rotary = _attention(cfg, weights)
+    _require(family != "v32", "a DSA layer needs the indexer's cached keys, which mla_extend does not carry (dsa_extend does)")
+    run = _extend(cfg, family, hf_config, attention, rotary, hidden, cache_rows, cache_lengths, query_lengths)
+    layer = run.cache.layers[0]
+    new_rows = torch.cat([layer.keys[:, 0, run.max_len:], _rope_from_hf(cfg, family, layer.values[:, 0, run.max_len:])], dim=-1)
+    return {"output": _numpy(run.output * run.real), "rows": _numpy(new_rows * run.real)}
 
 
 def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
     _require(False, "no FlashMLA-style kernel: HF's MLA expands the latent cache through kv_b_proj and attends per head; "
                     "it has no paged latent cache, absorbed 576-wide queries or softmax_scale argument to call")
+
+
+# ---------------------------------------------------------------------------- DSA (DeepSeek-V3.2)
+
+def _hadamard(width: int) -> np.ndarray:
+    """The Sylvester Hadamard matrix of a power-of-two ``width`` divided by sqrt(width): orthonormal and symmetric, its own inverse."""
+    _require(width & (width - 1) == 0, f"the indexer cache conversion needs a power-of-two index_head_dim, got {width}")
+    matrix = np.ones((1, 1))
+    while matrix.shape[0] < width:
+        matrix = np.block([[matrix, matrix], [matrix, -matrix]])
+    return matrix / np.sqrt(width)
+
+
+def _index_keys_to_hf(index_key_rows) -> np.ndarray:
+    """The case's indexer keys (after RoPE and the Hadamard, DSA.6) as HF caches them (after RoPE only: HF skips the
+    Hadamard on q and k, which leaves every q.k unchanged); in float64, before the one rounding to the model dtype."""
+    rows = np.asarray(index_key_rows, dtype=np.float64)  # [batch, max_len, index_head_dim]
+    return rows @ _hadamard(rows.shape[-1])
+
+
+def _index_keys_from_hf(keys: torch.Tensor) -> np.ndarray:
+    return _numpy(keys) @ _hadamard(keys.shape[-1])  # [batch, seq, index_head_dim]
+
+
+def _record_selection(attention) -> list:
+    """HF's indexer's top-k of every call and the 3-D mask it scored under, recorded by a forward hook."""
+    calls: list = []
+    attention.indexer.register_forward_hook(lambda module, args, topk: calls.append((topk, args[3])))
+    return calls
+
+
+def _selected(topk: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """HF's top-k positions with those its mask hides set to -1: HF takes topk(min(index_topk, keys)) whatever the
+    query sees, so a query seeing fewer keys also gets masked (future or padding) ones, which its attention then masks
+    again; these slots are the -1 padding of DSA.10."""
+    visible = mask if mask.dtype == torch.bool else mask == 0  # HF's masks: bool, or additive 0 / finfo.min
+    topk = topk.long()  # [batch, seq, selected]
+    return torch.where(visible.gather(-1, topk), topk, -1)
+
+
+@torch.no_grad()
+def _sparse_prefill(config, weights, hidden, start_positions) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's DSA attention layer without a cache: its output and the indices its indexer selected."""
+    cfg = dict(config)
+    _, hf_config, attention, rotary = _attention(cfg, weights)
+    calls = _record_selection(attention)
+    x = _tensor(hidden)  # [batch, seq, hidden]
+    batch, seq = x.shape[:2]
+    positions = torch.as_tensor(np.asarray(start_positions))[:, None] + torch.arange(seq)  # [batch, seq]
+    output = _run_attention(attention, rotary, hf_config, x, positions, torch.ones(batch, seq, dtype=torch.bool))
+    return output, _selected(*calls[0])
+
+
+def dsa_indexer(config, weights, hidden, start_positions):
+    """HF's indexer as its attention layer calls it (HF returns no index scores: only the selection is checked)."""
+    _, indices = _sparse_prefill(config, weights, hidden, start_positions)
+    return {"indices": _numpy(indices)}
+
+
+def dsa_prefill(config, weights, hidden, start_positions):
+    output, indices = _sparse_prefill(config, weights, hidden, start_positions)
+    return {"output": _numpy(output), "indices": _numpy(indices)}
+
+
+@torch.no_grad()
+def dsa_extend(config, weights, hidden, cache_rows, index_key_rows, cache_lengths, query_lengths):
+    """As mla_extend, with HF's indexer key cache filled too; HF numbers the keys by cache slot (the padded prefix
+    first), the spec by position: a new token's slot max_len + i is position cache_lengths[b] + i."""
+    cfg = dict(config)
+    family, hf_config, attention, rotary = _attention(cfg, weights)
+    calls = _record_selection(attention)
+    run = _extend(cfg, family, hf_config, attention, rotary, hidden, cache_rows, cache_lengths, query_lengths, index_key_rows)
+    layer = run.cache.layers[0]
+    new_rows = torch.cat([layer.keys[:, 0, run.max_len:], _rope_from_hf(cfg, family, layer.values[:, 0, run.max_len:])], dim=-1)
+    slots = _selected(*calls[0])  # [batch, seq, selected]
+    lengths = torch.as_tensor(np.asarray(cache_lengths))[:, None, None]
+    positions = torch.where(slots >= run.max_len, slots - run.max_len + lengths, slots)
+    return {"output": _numpy(run.output * run.real), "rows": _numpy(new_rows * run.real),
+            "index_keys": _index_keys_from_hf(layer.indexer_keys[:, run.max_len:]) * _numpy(run.real),
+            "indices": _numpy(torch.where(run.real, positions, -1))}
 
 
 # ---------------------------------------------------------------------------- MoE

@@ -299,3 +299,58 @@ def test_the_checker_rejects_interleaved_indexer_rope_and_dense_attention(monkey
     def dense(config, weights, hidden, start_positions):
         return reference_adapter.mla_prefill({**config, **DENSE_FIELDS}, _without_indexer(weights), hidden, start_positions)
     assert check(types.SimpleNamespace(dsa_prefill=dense), "fp32", "dsa.prefill/").cases[0].status == "fail"
+
+
+class _ScoreTrace(Trace):
+    """Keeps every layer's masked index scores (DSA.9): Trace keeps only the last call of a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.masked_scores: list[np.ndarray] = []
+
+    def record(self, step_id: str, **arrays: np.ndarray) -> None:
+        super().record(step_id, **arrays)
+        if step_id == "DSA.9":
+            self.masked_scores.append(np.asarray(arrays["masked_scores"]))
+
+
+def _fed_sequences(case_id: str) -> tuple[dict, dict, list[np.ndarray]]:
+    """The committed case's config, weights and the token sequences its reference run feeds the model (for a greedy decode:
+    the prompt and every generated token but the last)."""
+    from pathlib import Path
+    from mla_ref.conformance.check import load_case
+    from mla_ref.golden.manifest import read_manifest
+    golden = Path(__file__).resolve().parents[1] / "golden"
+    entry = read_manifest(golden / "manifest.yaml")["cases"][case_id]
+    case = load_case(golden, entry)
+    inputs = case["input"]
+    if "prompt_tokens" in inputs:
+        generated = case["output"]["tokens"]
+        sequences = [np.concatenate([row[:length], generated[b, :-1]]) for b, (row, length)
+                     in enumerate(zip(inputs["prompt_tokens"], inputs["prompt_lengths"]))]
+    else:
+        sequences = [row[:length] for row, length in zip(inputs["tokens"], inputs["query_lengths"])]
+    return entry["config"], case["weight"], sequences
+
+
+@pytest.mark.parametrize("case_id", ["dsa.logits/tiny-dsa/seed0", "dsa.greedy/tiny-dsa/seed0"])
+def test_model_level_dsa_cases_select_the_same_keys_under_any_tie_rule(case_id):
+    """spec/dsa.yaml conventions.ties: the golden inputs keep a gap at the k-th score, so lower-first and higher-first tie
+    rules select the same sets, with a relative gap of at least 0.05 (an earlier dsa.greedy had four keys at exactly 0.0
+    competing for the last two slots, and torch.topk chose another pair)."""
+    config, weights, sequences = _fed_sequences(case_id)
+    k = config["index_topk"]
+    for tokens in sequences:
+        trace = _ScoreTrace()
+        model_forward(load_config(config), weights, tokens[None], trace=trace)
+        assert len(trace.masked_scores) == config["num_hidden_layers"]
+        for scores in trace.masked_scores:
+            for row in scores.reshape(-1, scores.shape[-1]):
+                visible = row[np.isfinite(row)]
+                if visible.size <= k:
+                    continue
+                lower_first = set(sorted(range(row.size), key=lambda s: (-row[s], s))[:k])
+                higher_first = set(sorted(range(row.size), key=lambda s: (-row[s], -s))[:k])
+                assert lower_first == higher_first
+                ranked = np.sort(visible)[::-1]
+                assert (ranked[k - 1] - ranked[k]) / np.abs(visible).max() > 0.05

@@ -1,5 +1,6 @@
 """examples/hf_adapter.py (Hugging Face transformers' DeepSeek modules) through the checker: accepted in fp32 and
-bf16, eager and sdpa attention, apart from the cases it declares unsupported; a broken variant rejected.
+bf16, eager and sdpa attention, apart from the cases it declares unsupported, the DeepSeek-V3.2 sparse attention cases
+(DeepseekV32 classes) included; broken variants rejected.
 
 Slow (~20 s per mode on 2 cores) and skipped without transformers; the slow CI step installs the pinned
 transformers==5.25.0. Run with ``pytest -m transformers``.
@@ -8,12 +9,15 @@ No waiver: before spec 0.4.0 the checker rejected HF on the yarn prefill cases a
 emulation built the RoPE table in float64, HF in float32 as every engine does: now rope_table: fp32), on
 moe.route.ties in every mode (torch.topk breaks exact ties at another index than "lower index wins": now
 TOLERANCE.4) and on model.greedy in bf16 with sdpa (a greedy step decided by a top-2 margin below one bf16 unit).
+HF's V3.2 first failed dsa.greedy in fp32: that case's inputs had an exact tie at the 8th index score (four keys at
+0.0 after the ReLU), which torch.topk broke differently; the case now keeps a selection margin (GC-DSA-GREEDY).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -25,6 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.transformers]
 
 # Entry points HF has no counterpart of: the FlashMLA kernel contract, the training rules, the EP plan, MTP.
 UNSUPPORTED_ENTRY_POINTS = {"latent_attention_core", "moe_balance", "dispatch_plan", "mtp_forward", "mtp_draft", "speculative_decode"}
+DSA_CASES = {"dsa.indexer/tiny-dsa/seed0", "dsa.prefill/tiny-dsa/seed0", "dsa.extend.chunked/tiny-dsa/seed0",
+             "dsa.extend.decode/tiny-dsa/seed0", "dsa.logits/tiny-dsa/seed0", "dsa.greedy/tiny-dsa/seed0"}
 
 
 @pytest.fixture
@@ -49,6 +55,8 @@ def test_transformers_is_accepted_apart_from_declared_unsupported_cases(hf_adapt
     layer_and_model = [case for case in report.cases if case.entry_point in ("mla_prefill", "mla_extend", "moe_route", "moe_layer",
                                                                           "model_logits", "greedy_decode")]
     assert sum(case.status == "pass" for case in layer_and_model) >= 15, report.table()
+    sparse = {case.case_id: case.status for case in report.cases if case.case_id.startswith("dsa.")}
+    assert sparse == dict.fromkeys(DSA_CASES, "pass"), report.table()
 
 
 def test_transformers_with_the_wrong_rope_layout_is_rejected(hf_adapter):
@@ -63,4 +71,31 @@ def test_transformers_with_the_wrong_rope_layout_is_rejected(hf_adapter):
         report = check(hf_adapter, "fp32", "mla.prefill/tiny/")
     finally:
         hf_adapter._hf_config = original
+    assert report.cases[0].status == "fail", report.table()
+
+
+def test_transformers_with_a_dense_indexer_is_rejected(hf_adapter):
+    """HF's V3.2 with index_topk above every sequence attends densely: the sparse prefill and the model logits tell."""
+    original = hf_adapter._hf_config
+
+    def dense(cfg, family, **options):
+        return original(dict(cfg, index_topk=4096) if family == "v32" else cfg, family, **options)
+
+    hf_adapter._hf_config = dense
+    try:
+        report = check(hf_adapter, "fp32", "dsa.prefill/")
+    finally:
+        hf_adapter._hf_config = original
+    assert report.cases[0].status == "fail", report.table()
+
+
+def test_the_indexer_keys_must_lose_the_hadamard_before_they_enter_hfs_cache(hf_adapter):
+    """The glue that fills HF's indexer cache is not a no-op: the case's keys (after the Hadamard) fed as they are
+    make a chunked prefill after a cached prefix select other keys."""
+    original = hf_adapter._index_keys_to_hf
+    hf_adapter._index_keys_to_hf = lambda rows: np.asarray(rows, dtype=np.float64)
+    try:
+        report = check(hf_adapter, "fp32", "dsa.extend.chunked/")
+    finally:
+        hf_adapter._index_keys_to_hf = original
     assert report.cases[0].status == "fail", report.table()

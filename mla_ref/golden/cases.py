@@ -609,8 +609,19 @@ def build_model_logits(definition: dict, config: ModelConfig):
     return {"tokens": tokens, "query_lengths": lengths}, weights
 
 
+def _keeps_selection_margins(definition: dict, config: ModelConfig, weights: dict, sequence: np.ndarray) -> bool:
+    """GC-DSA: every layer's DSA selection at every position of ``sequence`` keeps the relative margin ``selection_margin``
+    (default 0.06, :func:`selection_margins`) at the k-th score, so that no tie rule and no profile changes a selected set."""
+    from ..model import model_forward
+    trace = MarginTrace(config.index_topk)
+    model_forward(config, weights, sequence[None], trace=trace)
+    least = definition["layout"].get("selection_margin", 0.06)
+    return all(bool((margin > least).all()) for margin in trace.selection_margins)
+
+
 def _stable_prompts(definition: dict, config: ModelConfig, weights: dict, args: dict):
-    """Prompts whose discrete outcome (tokens, acceptance) is the same in float64 and in every profile's emulation."""
+    """Prompts whose discrete outcome (tokens, acceptance) is the same in float64 and in every profile's emulation; for
+    a DSA greedy decode, whose every DSA selection (the prompt and the generated tokens fed back) keeps a margin too."""
     layout = definition["layout"]
     rng = _rng(definition, "prompts")
     lengths = np.array(layout["prompt_lengths"], dtype=np.int64)
@@ -620,6 +631,10 @@ def _stable_prompts(definition: dict, config: ModelConfig, weights: dict, args: 
         inputs = {"prompt_tokens": prompt[None, :], "prompt_lengths": lengths[len(chosen): len(chosen) + 1]}
         probe = Case(definition["id"], definition, config, args, inputs, weights)
         truth = call_reference(probe, None)
+        if config.sparse_attention and "tokens" in truth:
+            fed_back = np.concatenate([prompt[: lengths[len(chosen)]], truth["tokens"][0, :-1]])
+            if not _keeps_selection_margins(definition, config, weights, fed_back):
+                continue
         outcomes = [call_reference(probe, Trace(profile, keep=False)) for profile in profiles_of(definition) if profile != "fp64"]
         if all(np.array_equal(truth[name], outcome[name]) for outcome in outcomes for name in truth if truth[name].dtype.kind in "iu"):
             chosen.append(prompt)
