@@ -59,34 +59,26 @@ def test_transformers_is_accepted_apart_from_declared_unsupported_cases(hf_adapt
     assert sparse == dict.fromkeys(DSA_CASES, "pass"), report.table()
 
 
-def test_transformers_with_the_wrong_rope_layout_is_rejected(hf_adapter):
+def _first_verdict_with_config_edit(hf_adapter, monkeypatch, edit, select: str):
+    """The verdict on the first case ``select`` matches when HF is built from ``edit(cfg, family)`` instead of the case's config."""
+    original = hf_adapter._hf_config
+    monkeypatch.setattr(hf_adapter, "_hf_config", lambda cfg, family, **options: original(edit(cfg, family), family, **options))
+    report = check(hf_adapter, "fp32", select)
+    return report.cases[0].status, report.table()
+
+
+def test_transformers_with_the_wrong_rope_layout_is_rejected(hf_adapter, monkeypatch):
     """HF's rope_interleave = False on interleaved checkpoints (facts: 'wrong for the released checkpoints')."""
-    original = hf_adapter._hf_config
-
-    def half_layout(cfg, family, **options):
-        return original(dict(cfg, rope_layout="half"), family, **options)
-
-    hf_adapter._hf_config = half_layout
-    try:
-        report = check(hf_adapter, "fp32", "mla.prefill/tiny/")
-    finally:
-        hf_adapter._hf_config = original
-    assert report.cases[0].status == "fail", report.table()
+    status, table = _first_verdict_with_config_edit(hf_adapter, monkeypatch, lambda cfg, family: dict(cfg, rope_layout="half"),
+                                                    "mla.prefill/tiny/")
+    assert status == "fail", table
 
 
-def test_transformers_with_a_dense_indexer_is_rejected(hf_adapter):
+def test_transformers_with_a_dense_indexer_is_rejected(hf_adapter, monkeypatch):
     """HF's V3.2 with index_topk above every sequence attends densely: the sparse prefill and the model logits tell."""
-    original = hf_adapter._hf_config
-
-    def dense(cfg, family, **options):
-        return original(dict(cfg, index_topk=4096) if family == "v32" else cfg, family, **options)
-
-    hf_adapter._hf_config = dense
-    try:
-        report = check(hf_adapter, "fp32", "dsa.prefill/")
-    finally:
-        hf_adapter._hf_config = original
-    assert report.cases[0].status == "fail", report.table()
+    status, table = _first_verdict_with_config_edit(
+        hf_adapter, monkeypatch, lambda cfg, family: dict(cfg, index_topk=4096) if family == "v32" else cfg, "dsa.prefill/")
+    assert status == "fail", table
 
 
 def test_the_indexer_keys_must_lose_the_hadamard_before_they_enter_hfs_cache(hf_adapter):
