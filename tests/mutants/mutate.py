@@ -19,7 +19,7 @@ CATALOGUE = Path(__file__).with_name("catalogue.yaml")
 
 @functools.lru_cache(maxsize=None)
 def catalogue() -> tuple[dict, ...]:
-    """Every mutant: ``{name, bug, steps, find, replace, fp32_only?}``."""
+    """Every mutant: ``{name, bug, steps, find, replace, fp32_only?, reaches?}``."""
     return tuple(yaml.safe_load(CATALOGUE.read_text())["mutants"])
 
 
