@@ -494,6 +494,9 @@ def _keeps_passing(failed_outputs: list[str], produced: Mapping, expected: Mappi
         candidate, variant = _as_compared(name, produced[name]), _as_compared(name, expected[name])
         if candidate.shape != variant.shape:
             return False
+        truth = _as_compared(name, case["output"][name])
+        if variant.shape == truth.shape and np.allclose(variant, truth, rtol=1e-12, atol=0.0, equal_nan=True):
+            continue  # the variant leaves this output as the truth, which the candidate passed
         if variant.dtype.kind in "iub":
             if not np.array_equal(candidate.astype(np.int64), variant.astype(np.int64)):
                 return False
