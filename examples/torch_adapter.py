@@ -6,6 +6,10 @@ in float64 mode), interleaved-pair RoPE through complex numbers, prefill in the 
 (per-head keys and values), cached extension in the absorbed form against latent rows
 ``[normalised latent | rotated k_pe]``, the FlashMLA-layout kernel over a paged cache, and
 FlashMLA's sparse decode and prefill kernels (DSA.13, DSA.14).
+A DeepSeek-V3.2 config (``index_topk`` set) adds the lightning indexer (its own NeoX RoPE on the
+first rope dims, a Sylvester Hadamard, ReLU before the signed head weights, causal top-k; no FP8)
+and sparse attention: the naive prefill masks out the unselected keys, the cached path gathers
+only the selected latent rows.
 
 The precision is the one setting the protocol's arguments do not carry, so it is a module
 setting: ``configure(dtype, device, tf32, rope_table)``, or at import the environment variables
@@ -29,6 +33,7 @@ that diverges.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -235,15 +240,20 @@ def rotate(x: torch.Tensor, cis: torch.Tensor, layout: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- MLA
 
+def query_input(cfg: dict, w: dict, x: torch.Tensor, eps: float, steps: dict) -> torch.Tensor:
+    """MLA.1 — the query latent ``c_q`` after q_a_layernorm (MLA's queries and the DSA indexer read it); ``x`` without q_lora_rank."""
+    if not cfg["q_lora_rank"]:
+        return x
+    c_q = steps["MLA.1/c_q"] = rms_norm(linear(x, w["q_a_proj.weight"]), w["q_a_layernorm.weight"], eps)
+    return c_q  # [batch, seq, q_lora_rank]
+
+
 def project(cfg: dict, w: dict, x: torch.Tensor, positions: torch.Tensor, steps: dict):
-    """MLA.1-MLA.5 — queries, normalised latent and rotated k_pe of the new tokens."""
+    """MLA.1-MLA.5 — query input, queries, normalised latent and rotated k_pe of the new tokens."""
     heads, nope, rope, rank = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["kv_lora_rank"]
     eps = cfg["rms_norm_eps"]
-    if cfg["q_lora_rank"]:
-        c_q = steps["MLA.1/c_q"] = rms_norm(linear(x, w["q_a_proj.weight"]), w["q_a_layernorm.weight"], eps)
-        q = linear(c_q, w["q_b_proj.weight"])  # [batch, seq, heads * qk_head_dim]
-    else:
-        q = linear(x, w["q_proj.weight"])
+    c_q = query_input(cfg, w, x, eps, steps)
+    q = linear(c_q, w["q_b_proj.weight"] if cfg["q_lora_rank"] else w["q_proj.weight"])  # [batch, seq, heads * qk_head_dim]
     q_nope, q_pe = q.unflatten(-1, (heads, nope + rope)).split([nope, rope], dim=-1)  # [batch, seq, heads, nope | rope]
     kv_a = linear(x, w["kv_a_proj_with_mqa.weight"])  # [batch, seq, kv_lora_rank + rope]
     c_kv, k_pe = kv_a.split([rank, rope], dim=-1)
@@ -253,7 +263,7 @@ def project(cfg: dict, w: dict, x: torch.Tensor, positions: torch.Tensor, steps:
     q_pe = steps["MLA.4/q_pe"] = rotate(q_pe, cis[:, :, None], cfg["rope_layout"])  # per head
     k_pe = steps["MLA.4/k_pe"] = rotate(k_pe, cis, cfg["rope_layout"])  # one per token, shared by the heads
     rows = steps["MLA.5/rows"] = torch.cat([kv_latent, k_pe], dim=-1)  # [batch, seq, kv_lora_rank + rope]
-    return q_nope, q_pe, kv_latent, k_pe, rows
+    return c_q, q_nope, q_pe, kv_latent, k_pe, rows
 
 
 def causal_visible(key_offsets: torch.Tensor, query_lengths: torch.Tensor, seq: int, keys: int) -> torch.Tensor:
@@ -300,14 +310,19 @@ def mla_naive(cfg: dict, w: dict, x: torch.Tensor, positions: torch.Tensor, step
     """MLA.1-MLA.12 on ``x [batch, seq, hidden_size]`` at ``positions``, causal among the given tokens: output and LSE."""
     heads, nope, v_dim = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
     batch, seq, _ = x.shape
-    q_nope, q_pe, kv_latent, k_pe, _ = project(cfg, w, x, positions, steps)
+    c_q, q_nope, q_pe, kv_latent, k_pe, _ = project(cfg, w, x, positions, steps)
     kv = linear(kv_latent, w["kv_b_proj.weight"]).unflatten(-1, (heads, nope + v_dim))  # [batch, seq, heads, nope + v]
     k_nope, value = kv.split([nope, v_dim], dim=-1)
     q = torch.cat([q_nope, q_pe], dim=-1)  # [batch, seq, heads, qk_head_dim]
     k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, heads, -1)], dim=-1)
     visible = causal_visible(torch.zeros(batch, dtype=torch.int64, device=DEVICE), torch.full((batch,), seq, device=DEVICE), seq, seq)
+    attended = visible
+    if cfg.get("index_topk") is not None:  # DSA: each query attends to the keys its indexer selected (EXP's masked MHA prefill)
+        q_index, k_index, head_weights = indexer(cfg, w, x, c_q, positions, steps)
+        indices = select_keys(cfg, q_index, k_index, head_weights, visible, steps)
+        attended = visible & index_mask(indices, seq)
     logits = attention_scale(cfg) * torch.einsum("bshd,bthd->bhst", q.to(_stat()), k.to(_stat()))  # [batch, heads, seq, keys]
-    probs, lse = masked_softmax(logits, visible[:, None])
+    probs, lse = masked_softmax(logits, attended[:, None])
     attn = torch.einsum("bhst,bthd->bshd", probs.to(value.dtype), value)  # [batch, seq, heads, v_head_dim]
     output = output_projection(attn, w)
     steps.update({"MLA.6/k_nope": k_nope, "MLA.6/value": value, "MLA.7/q_full": q, "MLA.7/k_full": k, "MLA.8/visible": visible,
@@ -317,28 +332,49 @@ def mla_naive(cfg: dict, w: dict, x: torch.Tensor, positions: torch.Tensor, step
 
 def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths):
     """MLA layer after cached latent rows, absorbed form (V2R section 2.1.2): chunked prefill, decode or verification."""
-    cfg, w, x = config, checkpoint(weights), _t(hidden)
+    if config.get("index_topk") is not None:
+        raise Unsupported("a DSA layer (index_topk set) needs the indexer's key cache too: dsa_extend")
+    return _np(extend(config, weights, hidden, cache_rows, None, cache_lengths, query_lengths))
+
+
+def append_rows(cached_rows, new_rows: torch.Tensor, cached: torch.Tensor, real: torch.Tensor, keys: int) -> torch.Tensor:
+    """MLA.18 / DSA.7 — each sequence's real new rows written after its cached prefix: ``[batch, keys, width]``."""
+    rows = _t(cached_rows)[:, :keys]
+    rows = F.pad(rows, (0, 0, 0, keys - rows.shape[1]))
+    b, i = torch.nonzero(real, as_tuple=True)
+    rows[b, cached[b] + i] = new_rows[b, i]
+    return rows
+
+
+def extend(cfg: dict, weights: dict, hidden, cache_rows, index_key_rows, cache_lengths, query_lengths) -> dict:
+    """A layer after cached latent rows, absorbed form; with ``index_key_rows`` (DSA) the indexer picks the rows each query reads."""
+    w, x = checkpoint(weights), _t(hidden)
     heads, nope, v_dim, rank = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
     seq = x.shape[1]
     cached, new = _ints(cache_lengths), _ints(query_lengths)
     positions = cached[:, None] + torch.arange(seq, device=DEVICE)  # [batch, seq] absolute positions
     steps = {}
-    q_nope, q_pe, _, _, rows = project(cfg, w, x, positions, steps)
+    c_q, q_nope, q_pe, _, _, rows = project(cfg, w, x, positions, steps)
     real = torch.arange(seq, device=DEVICE)[None] < new[:, None]  # [batch, seq]: right padding is not cached
     rows = rows.masked_fill(~real[..., None], 0.0)
     keys = int((cached + new).max())
-    key_rows = _t(cache_rows)[:, :keys]  # [batch, keys, kv_lora_rank + rope]
-    key_rows = F.pad(key_rows, (0, 0, 0, keys - key_rows.shape[1]))
-    b, i = torch.nonzero(real, as_tuple=True)
-    key_rows[b, cached[b] + i] = rows[b, i]  # MLA.18: append after each sequence's prefix
+    key_rows = append_rows(cache_rows, rows, cached, real, keys)  # [batch, keys, kv_lora_rank + rope]
     visible = steps["MLA.8/visible"] = causal_visible(cached, new, seq, keys)
     w_uk, w_uv = dense(w["kv_b_proj.weight"]).unflatten(0, (heads, nope + v_dim)).split([nope, v_dim], dim=1)  # [heads, nope | v, rank]
     q_absorbed = steps["MLA.13/q_absorbed"] = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [batch, seq, heads, kv_lora_rank]
-    q_latent = torch.cat([q_absorbed, q_pe], dim=-1)
-    out_latent, lse = latent_attention(q_latent, key_rows, visible, attention_scale(cfg), rank, steps)
+    q_latent = steps["MLA.13/q_latent"] = torch.cat([q_absorbed, q_pe], dim=-1)
+    sparse = {}
+    if index_key_rows is None:
+        out_latent, lse = latent_attention(q_latent, key_rows, visible, attention_scale(cfg), rank, steps)
+    else:  # DSA: the indexer reads its own cached keys plus the new ones, and attention reads only the selected rows
+        q_index, k_index, head_weights = indexer(cfg, w, x, c_q, positions, steps)
+        k_index = k_index.masked_fill(~real[..., None], 0.0)
+        indices = select_keys(cfg, q_index, append_rows(index_key_rows, k_index, cached, real, keys), head_weights, visible, steps)
+        out_latent, lse = sparse_latent_attention(q_latent, key_rows, indices, attention_scale(cfg), rank, steps)
+        sparse = {"index_keys": k_index, "indices": indices}
     attn = steps["MLA.16/attn"] = torch.einsum("bshc,hdc->bshd", out_latent, w_uv)  # [batch, seq, heads, v_head_dim]
     output = output_projection(attn, w)
-    return _np({"output": output, "rows": rows, "lse": lse, "MLA.12/output": output, **steps})
+    return {"output": output, "rows": rows, "lse": lse, **sparse, "MLA.12/output": output, **steps}
 
 
 def decode_records(records: torch.Tensor, rank: int) -> torch.Tensor:
@@ -413,6 +449,98 @@ def sparse_prefill_core(q, kv, indices, softmax_scale, head_dim_v):
     scale = float(softmax_scale)  # the model's scale, passed by the caller
     out, lse = sparse_attention(q, rows, valid, scale, int(head_dim_v))
     return _np({"out": out, "lse": lse, "DSA.14/out": out, "DSA.14/lse": lse})
+
+
+# ---------------------------------------------------------------------------- DSA (DeepSeek-V3.2 sparse attention)
+
+@functools.lru_cache(maxsize=None)
+def hadamard(width: int) -> torch.Tensor:
+    """DSA.5 — the normalised Sylvester Hadamard matrix, doubled up from [1]: ``H_2n = [[H, H], [H, -H]] / sqrt(2)`` (float64)."""
+    matrix = torch.ones(1, 1, dtype=torch.float64)
+    while matrix.shape[0] < width:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0) / math.sqrt(2)
+    return matrix
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """DSA.2's key norm — LayerNorm with weight and bias (biased variance), computed in fp32 as EXP's k_norm, one rounding back."""
+    return F.layer_norm(x.to(_stat()), x.shape[-1:], weight.to(_stat()), bias.to(_stat()), eps).to(x.dtype)
+
+
+def indexer_rope(x: torch.Tensor, cis: torch.Tensor, rope: int) -> torch.Tensor:
+    """DSA.4 — the indexer rotates its FIRST ``rope`` dims in NeoX pairs ``(i, i + rope/2)`` whatever MLA's layout (EXP 8631a81)."""
+    x_pe, x_nope = x.split([rope, x.shape[-1] - rope], dim=-1)  # [rope | nope], the opposite of MLA's order
+    return torch.cat([rotate(x_pe, cis, "half"), x_nope], dim=-1)
+
+
+def indexer(cfg: dict, w: dict, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor, steps: dict):
+    """DSA.1-DSA.6 — index queries per head from c_q, one key per token from x (both after RoPE and the Hadamard), head weights."""
+    heads, dim, rope = cfg["index_n_heads"], cfg["index_head_dim"], cfg["qk_rope_head_dim"]
+    q = steps["DSA.1/q_index"] = linear(c_q, w["indexer.wq_b.weight"]).unflatten(-1, (heads, dim))  # [batch, seq, index_heads, index_dim]
+    k = steps["DSA.2/k_index"] = layer_norm(linear(x, w["indexer.wk.weight"]), w["indexer.k_norm.weight"], w["indexer.k_norm.bias"],
+                                            cfg["index_norm_eps"])  # [batch, seq, index_dim]: one key head
+    head_weights = steps["DSA.3/head_weights"] = F.linear(x.to(_stat()), w["indexer.weights_proj.weight"].to(_stat())) * heads ** -0.5
+    cis = rope_cis(cfg, positions)  # [batch, seq, rope_half]: MLA's YaRN table
+    q = steps["DSA.4/q_index_rotated"] = indexer_rope(q, cis[:, :, None], rope)
+    k = steps["DSA.4/k_index_rotated"] = indexer_rope(k, cis, rope)
+    rotation = hadamard(dim).to(_stat()).to(DEVICE)  # [index_dim, index_dim], symmetric
+    q = steps["DSA.5/rotated"] = (q.to(_stat()) @ rotation).to(q.dtype)
+    k = (k.to(_stat()) @ rotation).to(k.dtype)
+    steps.update({"DSA.6/q_hat": q, "DSA.6/k_hat": k})  # no FP8 round trip here (DSA.6 quantize=False)
+    return q, k, head_weights  # [batch, seq, index_heads, index_dim], [batch, seq, index_dim], [batch, seq, index_heads]
+
+
+def select_keys(cfg: dict, q: torch.Tensor, k: torch.Tensor, head_weights: torch.Tensor, visible: torch.Tensor, steps: dict) -> torch.Tensor:
+    """DSA.8-DSA.10 — index scores, -inf where a key is not visible, the best ``min(index_topk, visible)`` positions; -1 pads."""
+    dots = torch.einsum("bshd,btd->bsht", q.to(_stat()), k.to(_stat())) * q.shape[-1] ** -0.5  # [batch, seq, index_heads, keys]
+    scores = steps["DSA.8/scores"] = (dots.relu() * head_weights[..., None]).sum(2)  # [batch, seq, keys]: ReLU, then the signed weights
+    masked = steps["DSA.9/masked_scores"] = scores.masked_fill(~visible, float("-inf"))
+    ranked = torch.sort(masked, dim=-1, descending=True, stable=True)  # equal scores: the lower position first
+    kept = min(cfg["index_topk"], masked.shape[-1])
+    indices = steps["DSA.10/indices"] = torch.where(ranked.values[..., :kept] > float("-inf"), ranked.indices[..., :kept], -1)
+    return indices  # [batch, seq, min(index_topk, keys)]
+
+
+def index_mask(indices: torch.Tensor, keys: int) -> torch.Tensor:
+    """``[batch, seq, keys]``: True at the selected positions (EXP's index_mask scatter); a -1 slot selects nothing."""
+    mask = torch.zeros(indices.shape[:2] + (keys + 1,), dtype=torch.bool, device=DEVICE)  # the extra column takes the -1 slots
+    return mask.scatter_(-1, torch.where(indices >= 0, indices, keys), True)[..., :keys]
+
+
+def sparse_latent_attention(q_latent: torch.Tensor, key_rows: torch.Tensor, indices: torch.Tensor, scale: float, head_dim_v: int,
+                            steps: dict):
+    """DSA.11-DSA.12 — absorbed MQA over each query's selected latent rows only (FlashMLA's sparse form); -1 is an empty slot."""
+    valid = indices >= 0  # [batch, seq, selected]
+    batch = torch.arange(key_rows.shape[0], device=DEVICE)[:, None, None]
+    rows = key_rows[batch, indices.clamp(min=0)].masked_fill(~valid[..., None], 0.0)  # [batch, seq, selected, width]
+    logits = scale * torch.einsum("bshc,bsjc->bhsj", q_latent.to(_stat()), rows.to(_stat()))  # [batch, heads, seq, selected]
+    probs, lse = masked_softmax(logits, valid[:, None])
+    out_latent = torch.einsum("bhsj,bsjc->bshc", probs.to(rows.dtype), rows[..., :head_dim_v])  # [batch, seq, heads, v]
+    steps.update({"DSA.12/out_latent": out_latent, "DSA.12/lse": lse})
+    return out_latent, lse
+
+
+def dsa_indexer(config, weights, hidden, start_positions):
+    """DSA.1-DSA.10 — the lightning indexer without a cache, causal among the given tokens: selected positions and masked scores."""
+    cfg, w, x = config, checkpoint(weights), _t(hidden)
+    batch, seq, _ = x.shape
+    positions = _ints(start_positions)[:, None] + torch.arange(seq, device=DEVICE)  # [batch, seq]: RoPE positions only
+    steps = {}
+    q_index, k_index, head_weights = indexer(cfg, w, x, query_input(cfg, w, x, cfg["rms_norm_eps"], steps), positions, steps)
+    visible = causal_visible(torch.zeros(batch, dtype=torch.int64, device=DEVICE), torch.full((batch,), seq, device=DEVICE), seq, seq)
+    indices = select_keys(cfg, q_index, k_index, head_weights, visible, steps)
+    return _np({"indices": indices, "scores": steps["DSA.9/masked_scores"], **steps})
+
+
+def dsa_prefill(config, weights, hidden, start_positions):
+    """A DSA layer without a cache: MLA.1-MLA.12 in the naive form, each query attending to the keys its indexer selected."""
+    outputs = mla_prefill(config, weights, hidden, start_positions)
+    return {**outputs, "indices": outputs["DSA.10/indices"]}
+
+
+def dsa_extend(config, weights, hidden, cache_rows, index_key_rows, cache_lengths, query_lengths):
+    """A DSA layer after cached latent rows and indexer keys (bottom-right causal): chunked prefill or decode, sparse absorbed MLA."""
+    return _np(extend(config, weights, hidden, cache_rows, index_key_rows, cache_lengths, query_lengths))
 
 
 # ---------------------------------------------------------------------------- MoE

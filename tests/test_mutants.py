@@ -50,9 +50,10 @@ def _manifest_parsed_once():
 
 @functools.lru_cache(maxsize=None)
 def report(mutant_name: str | None, profile: str) -> Report:
-    """The checker's verdict on the adapter (``None``) or one mutant, run in the profile's dtype, without waivers."""
+    """The checker's verdict on the adapter (``None``) or one mutant, run in the profile's dtype, without waivers, on the cases
+    the mutant's line reaches (catalogue ``reaches``; default every case)."""
     entry = None if mutant_name is None else mutate.mutant(mutant_name)
-    return check(mutate.load(entry, DTYPES[profile]), profile=profile)
+    return check(mutate.load(entry, DTYPES[profile]), profile=profile, select=(entry or {}).get("reaches"))
 
 
 def case_strengths(result: Report) -> dict[str, float]:

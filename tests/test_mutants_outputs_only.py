@@ -83,7 +83,7 @@ def outputs_only(module) -> types.SimpleNamespace:
 @functools.lru_cache(maxsize=None)
 def outputs_only_report(name: str | None):
     entry = None if name is None else mutate.mutant(name)
-    return check(outputs_only(mutate.load(entry, "float32")), profile=PROFILE)
+    return check(outputs_only(mutate.load(entry, "float32")), profile=PROFILE, select=(entry or {}).get("reaches"))
 
 
 def named(diagnosis: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .. import fp8_cache as fp8_cache_module, mla as mla_module, moe as moe_module, mtp as mtp_steps, rope as rope_module
+from .. import dsa as dsa_module, fp8_cache as fp8_cache_module, mla as mla_module, moe as moe_module, mtp as mtp_steps, rope as rope_module
 from ..cache import gather_paged_rows
 from ..config import from_dict
 from ..fp8 import BLOCK_SIZE, decode_fp8, encode_fp8
@@ -36,6 +36,7 @@ from .protocol import call
 
 NAMING_FACTOR = 4.0  # a variant is named when its L2 distance to the candidate is below 1 / NAMING_FACTOR of the truth's
 NAMED_AT_MOST = 3
+SET_OUTPUTS = ("indices",)  # outputs whose set along the last axis is specified, not its order (DSA.10)
 
 
 def _ratio_names(config) -> dict[str, float]:
@@ -52,6 +53,9 @@ def _ratio_names(config) -> dict[str, float]:
     used = softmax_scale(config)
     names[f"scale {width}^-0.5 (the absorbed width) instead of {used:.6g}"] = width ** -0.5 / used
     names[f"scale {config.qk_head_dim}^-0.5 without m^2 (the FlashInfer default)"] = config.qk_head_dim ** -0.5 / used
+    if config.sparse_attention:  # DSA.3 / DSA.8: a positive factor on every index score leaves the selection alone
+        names[f"sqrt(index_n_heads) = {config.index_n_heads ** 0.5:.4g}: indexer head weights without index_n_heads^-0.5 (DSA.3)"] = config.index_n_heads ** 0.5
+        names[f"sqrt(index_head_dim) = {config.index_head_dim ** 0.5:.4g}: index scores without index_head_dim^-0.5 (DSA.8)"] = config.index_head_dim ** 0.5
     return names
 
 
@@ -441,12 +445,91 @@ def _fp8_variants(weights: Mapping) -> list[Variant]:
     return variants
 
 
+_reference_indexer_rope = dsa_module.indexer_rope
+_reference_hadamard = dsa_module.hadamard_rotate
+_reference_select_top_k = dsa_module.select_top_k
+
+
+def _indexer_rope_variant(layout: str, rope_last: bool):
+    """DSA.4 in ``layout`` pairs, on the first (EXP) or the last (``rope_last``, MLA's [nope | rope]) qk_rope_head_dim dims."""
+    def indexer_rope(config, q_index, k_index, positions, table_dtype=np.float64):
+        rope = config.qk_rope_head_dim
+        part = slice(-rope, None) if rope_last else slice(0, rope)
+        cos, sin = rope_angles(config, positions, q_index.dtype, table_dtype)  # [batch, seq, rope_half]
+        q, k = q_index.copy(), k_index.copy()
+        q[..., part] = apply_rope(q_index[..., part], cos[:, :, None, :], sin[:, :, None, :], layout)
+        k[..., part] = apply_rope(k_index[..., part], cos, sin, layout)
+        return q, k
+    return indexer_rope
+
+
+def _hadamard_on(queries: bool, keys: bool):
+    """DSA.5 applied to the index queries ([batch, seq, heads, dim]) and / or the keys ([batch, seq, dim]) only."""
+    return lambda x: _reference_hadamard(x) if (queries if x.ndim == 4 else keys) else x
+
+
+def _relu_after_head_weights(q_hat, k_hat, head_weights):
+    """DSA.8 with the ReLU on each weighted head product: sum_h ReLU(w[t, h] * d^-0.5 * q_hat[t, h] . k_hat[s])."""
+    dots = np.einsum("bthd,bsd->bths", q_hat, k_hat) * q_hat.shape[-1] ** -0.5  # [batch, seq, heads, keys]
+    return np.maximum(dots * head_weights[..., None], 0.0).sum(axis=2)
+
+
+def _top_k_unclamped(masked_scores, index_topk):
+    """DSA.10 keeping min(index_topk, keys) positions even where fewer are visible (-inf positions instead of -1)."""
+    indices = _reference_select_top_k(masked_scores, index_topk)
+    order = np.argsort(-masked_scores, axis=-1, kind="stable")[..., : indices.shape[-1]]
+    return np.where(indices >= 0, indices, order)
+
+
+def _dense_sparse_attention(case: dict):
+    """DSA.11-DSA.12 replaced by latent attention over every visible key (bottom-right causal after the case's prefix)."""
+    inputs = case["input"]
+    def attention(q_latent, key_rows, indices, scale, head_dim_v, query_chunk=None, trace=None):
+        batch, seq = q_latent.shape[:2]
+        offsets = np.asarray(inputs.get("cache_lengths", np.zeros(batch, np.int64)))
+        lengths = np.asarray(inputs.get("query_lengths", np.full(batch, seq)))
+        visible = causal_visibility(offsets, lengths, seq, key_rows.shape[1])
+        return latent_attention(q_latent, key_rows, visible, scale, head_dim_v)
+    return attention
+
+
+def _dsa_variants(config, case: dict | None) -> list[Variant]:
+    """DSA bugs of the catalogue (facts A5, spec/dsa.yaml pitfalls); ``case`` None: the stack of a model-level case."""
+    dense = {(dsa_module, "selected_visibility"): lambda indices, num_keys: np.ones(indices.shape[:2] + (num_keys,), bool)}
+    if case is not None:
+        dense[(dsa_module, "sparse_attention")] = _dense_sparse_attention(case)
+    if case is not None and "index_key_rows" in case["input"]:  # the cached keys carry the Hadamard: the missing side shows
+        hadamard = [Variant("Hadamard missing on the index queries (keys rotated)", patches={(dsa_module, "hadamard_rotate"): _hadamard_on(False, True)}),
+                    Variant("Hadamard missing on the new index keys (queries and cached keys rotated)",
+                            patches={(dsa_module, "hadamard_rotate"): _hadamard_on(True, False)}),
+                    Variant("Hadamard missing on both index queries and new keys (the cached keys carry it)",
+                            patches={(dsa_module, "hadamard_rotate"): _hadamard_on(False, False)})]
+    else:  # q.(H k) = (H q).k for the symmetric H: the scores cannot tell the side, and both sides missing changes nothing
+        hadamard = [Variant("Hadamard on one side of the index scores only (queries or keys: H is symmetric, the side does not show)",
+                            patches={(dsa_module, "hadamard_rotate"): _hadamard_on(True, False)})]
+    return [
+        Variant("indexer RoPE in interleaved pairs (DeepSeek-V3.2-Exp before 8631a81; the indexer is NeoX)",
+                patches={(dsa_module, "indexer_rope"): _indexer_rope_variant("interleaved", rope_last=False)}),
+        Variant("indexer RoPE on the last qk_rope_head_dim dims ([nope | rope] as MLA; the indexer is [rope | nope])",
+                patches={(dsa_module, "indexer_rope"): _indexer_rope_variant("half", rope_last=True)}),
+        *hadamard,
+        Variant("ReLU after the index head weights (not before)", patches={(dsa_module, "index_scores"): _relu_after_head_weights}),
+        Variant("no causal mask before the indexer's top-k (future keys selectable)",
+                patches={(dsa_module, "index_visibility"): lambda scores, visible: scores}),
+        Variant("indexer top-k not clamped to the visible keys (-inf positions kept instead of -1)",
+                patches={(dsa_module, "select_top_k"): _top_k_unclamped}),
+        Variant("dense attention: the indexer's selection ignored", patches=dense),
+    ]
+
+
 def _variants(entry: dict, config, case: dict) -> list[Variant]:
     """The known-bug variants for this entry point."""
     point = entry["entry_point"]
     variants: list[Variant] = []
     if point in ("mla_prefill", "mla_extend"):
         variants += _attention_variants(point, config)
+    if point in ("dsa_indexer", "dsa_prefill", "dsa_extend"):
+        variants += _dsa_variants(config, case)
     if point == "latent_attention_core":
         variants.append(Variant("one key too many: the canary past cache_seqlens is attended", args={"cache_seqlens": +1}))
         variants.append(Variant("the causal mask is not applied", args={"causal": "flip"}))
@@ -462,6 +545,7 @@ def _variants(entry: dict, config, case: dict) -> list[Variant]:
     if point in MODEL_LEVEL:  # the same bugs inside every layer of the stack
         variants += [variant for variant in _attention_variants(point, config) if not variant.args]
         variants += [variant for variant in _routing_variants(config, {"weight": {}}) if config.moe_layers]
+        variants += _dsa_variants(config, None) if config.sparse_attention else []
     if point in ("mtp_forward", "mtp_draft", "speculative_decode"):
         variants += _mtp_variants(config, case, point)
     return variants + _fp8_variants(case.get("weight", {}))
@@ -553,12 +637,13 @@ def _closeness(failed_outputs: list[str], produced: Mapping, expected: Mapping, 
     """How close a bug variant comes to the candidate: the largest ``||candidate - variant|| / ||candidate - truth||``
     over the failed outputs, when the variant explains each (an exact match for integers; within the allowance or
     below 1 / NAMING_FACTOR for floats), differs from the truth and keeps the passing outputs; else None. Integer
-    outputs alone (acceptance counts: every broken drafter gets 0) name nothing."""
+    outputs alone (acceptance counts: every broken drafter gets 0) name nothing, except a selection (SET_OUTPUTS, compared
+    as a set) that the variant reproduces exactly."""
     worst, differs, measured = 0.0, False, False
     for name in failed_outputs:
         if name not in expected:
             return None
-        candidate, variant, truth = (np.asarray(value) for value in (produced[name], expected[name], case["output"][name]))
+        candidate, variant, truth = (_as_compared(name, value) for value in (produced[name], expected[name], case["output"][name]))
         if candidate.shape != truth.shape or variant.shape != truth.shape:
             return None
         noise = noises.get(f"output:{name}", 0.0)
@@ -566,6 +651,7 @@ def _closeness(failed_outputs: list[str], produced: Mapping, expected: Mapping, 
         if truth.dtype.kind in "iub":
             if not np.array_equal(candidate.astype(np.int64), variant.astype(np.int64)):
                 return None
+            measured = measured or name in SET_OUTPUTS  # a whole selection matched: specific, unlike a count
             continue
         to_variant, to_truth = _distance(candidate, variant), _distance(candidate, truth)
         closeness = math.inf if math.isinf(to_variant) else (to_variant / to_truth if to_truth > 0 else math.inf)
@@ -579,15 +665,24 @@ def _keeps_passing(failed_outputs: list[str], produced: Mapping, expected: Mappi
     """Whether the variant also matches the candidate on the outputs the candidate got right (a bug that would change
     them is not this candidate's)."""
     for name in [name for name in case["output"] if name in produced and name in expected and name not in failed_outputs]:
-        candidate, variant = np.asarray(produced[name]), np.asarray(expected[name])
+        candidate, variant = _as_compared(name, produced[name]), _as_compared(name, expected[name])
         if candidate.shape != variant.shape:
             return False
+        truth = _as_compared(name, case["output"][name])
+        if variant.shape == truth.shape and np.allclose(variant, truth, rtol=1e-12, atol=0.0, equal_nan=True):
+            continue  # the variant leaves this output as the truth, which the candidate passed
         if variant.dtype.kind in "iub":
             if not np.array_equal(candidate.astype(np.int64), variant.astype(np.int64)):
                 return False
         elif not compare_tensor(name, candidate, variant, noises.get(f"output:{name}", 0.0), profile).passed:
             return False
     return True
+
+
+def _as_compared(name: str, value) -> np.ndarray:
+    """``value`` as an array; a selection (SET_OUTPUTS) sorted along its last axis, since only its set is specified."""
+    array = np.asarray(value)
+    return np.sort(array, axis=-1) if name in SET_OUTPUTS and array.dtype.kind in "iu" and array.ndim else array
 
 
 def _distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -19,8 +19,9 @@ CATALOGUE = Path(__file__).with_name("catalogue.yaml")
 
 @functools.lru_cache(maxsize=None)
 def catalogue() -> tuple[dict, ...]:
-    """Every mutant: ``{name, bug, steps, find, replace, fp32_only?, profile?, scale_fmt?, golden_gap?}``; ``profile: fp8``
-    marks a bug of the FP8 code path, judged under the fp8 profile only (in the adapter's fp8 mode)."""
+    """Every mutant: ``{name, bug, steps, find, replace, fp32_only?, profile?, scale_fmt?, golden_gap?, reaches?}``; ``profile: fp8``
+    marks a bug of the FP8 code path, judged under the fp8 profile only (in the adapter's fp8 mode); ``reaches`` limits a
+    mutant to the cases whose id starts with it."""
     return tuple(yaml.safe_load(CATALOGUE.read_text())["mutants"])
 
 
