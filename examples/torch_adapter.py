@@ -682,8 +682,6 @@ def decoder_block(cfg: dict, weights: dict, layer: int, x: torch.Tensor, positio
 
 def forward(cfg: dict, weights: dict, tokens: torch.Tensor, lengths: torch.Tensor, steps: dict):
     """MODEL.1-MODEL.5 without a cache on right-padded ``tokens [batch, seq]``: logits, pre- and post-norm hidden states."""
-    if cfg.get("index_topk") is not None:
-        raise Unsupported("DeepSeek Sparse Attention (index_topk set, spec/dsa.yaml): this adapter's MLA is dense")
     seq = tokens.shape[1]
     real = torch.arange(seq, device=DEVICE)[None] < lengths[:, None]  # [batch, seq]
     positions = torch.arange(seq, device=DEVICE).expand(tokens.shape[0], -1)

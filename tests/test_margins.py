@@ -173,6 +173,18 @@ def test_greedy_other_token_at_the_near_tie_is_judged_on_its_own_path(profile, a
         assert "sequence 1 step 0" in case.reason and "margin 0.0138" in case.reason, case.reason
 
 
+@pytest.mark.parametrize("offset, accepted", [(0, True), (1, False)])
+def test_greedy_next_token_intermediate_is_judged_on_the_same_path(offset, accepted):
+    """MODEL.6/next_token (the last step's choice) follows the accepted path: the candidate's own last token passes, another fails."""
+    def with_next_token(*args):
+        result = _greedy_other_token_at_smallest_margin(*args)
+        return {**result, "MODEL.6/next_token": result["tokens"][:, -1] + offset}
+    case = verdict("model.greedy/", "bf16", greedy_decode=with_next_token)
+    assert (case.status == "pass") == accepted, case.reason
+    if not accepted:
+        assert "MODEL.6/next_token" in case.reason, case.reason
+
+
 def test_greedy_path_still_checks_the_logits():
     def wrong_logits(*args):
         result = _greedy_other_token_at_smallest_margin(*args)

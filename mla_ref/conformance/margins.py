@@ -301,6 +301,8 @@ def _judge_tokens(entry: dict, case: dict, produced: Mapping, profile: str, nois
         logits, largest = judgement.outputs["logits"], noise_max.get("output:logits", 0.0)
     allowed = margin_allowance(profile, largest, logits, storage_format(profile, "MODEL.5", "logits"))
     _token_verdict(judgement, name, axis, candidate, logits, allowed, profile)
+    if entry["entry_point"] == "greedy_decode":  # MODEL.6's stored intermediate is the last step's choice: the judged path's
+        judgement.steps["MODEL.6/next_token"] = judgement.outputs[name][:, -1]
     return judgement
 
 
