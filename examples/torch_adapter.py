@@ -107,6 +107,12 @@ BLOCK = 128  # weights in 128 x 128 blocks, activations in 1 x 128 groups
 FP8_MAX = 448.0
 
 
+def e4m3(values: torch.Tensor) -> torch.Tensor:
+    """float32 values to e4m3fn, clamped to +-448 first as DeepSeek's writers do (torch's eager cast before 2.12 gives NaN
+    past 464; 2.12 saturates)."""
+    return values.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
 class Fp8Weight:
     """A weight of an FP8 checkpoint: e4m3fn codes ``[N, K]`` and one float32 scale per 128 x 128 block."""
 
@@ -152,7 +158,7 @@ def act_quant(x: torch.Tensor):
     amax = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-4)  # [rows, K / 128, 1]
     scale = amax * (1.0 / FP8_MAX)
     scale = ue8m0(scale) if SCALE_FMT == "ue8m0" else scale
-    codes = (groups / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    codes = e4m3(groups / scale)
     return codes.flatten(-2), scale.squeeze(-1)  # [rows, K], [rows, K / 128]
 
 
@@ -388,6 +394,20 @@ def decode_records(records: torch.Tensor, rank: int) -> torch.Tensor:
     product = torch.bfloat16 if DTYPE == "bfloat16" else _stat()
     latent = codes.to(product).unflatten(-1, (tiles, 128)) * scales.to(product)[..., None]  # [..., tiles, 128]
     return torch.cat([latent.flatten(-2).to(_dtype()), rope.to(_dtype())], dim=-1)
+
+
+def fp8_cache_write(rows, scales):
+    """FP8.10 — vLLM's / SGLang's FP8 cache store with explicit scales: rows ``[tokens, rank + rope]`` to records
+    ``[tokens, rank + 4 * rank / 128 + 2 * rope]`` uint8 (e4m3 codes of latent / scale, the float32 scales, bf16 rope).
+    Float32 whatever the dtype: the records are bytes."""
+    scale = torch.as_tensor(np.asarray(scales), device=DEVICE).to(torch.float32)  # [tokens, tiles]
+    rank = BLOCK * scale.shape[-1]
+    rows = torch.as_tensor(np.asarray(rows), device=DEVICE)
+    tiles = rows[..., :rank].to(torch.float32).unflatten(-1, (-1, BLOCK))  # [tokens, tiles, 128]
+    codes = e4m3(tiles / scale[..., None]).flatten(-2).view(torch.uint8)  # [tokens, rank]
+    rope = rows[..., rank:].to(torch.float32).to(torch.bfloat16).contiguous().view(torch.uint8)  # [tokens, 2 * rope]
+    records = torch.cat([codes, scale.contiguous().view(torch.uint8), rope], dim=-1)  # [tokens, record]
+    return {"records": records.cpu().numpy()}
 
 
 def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):

@@ -3,6 +3,7 @@ the writers' scale rules from their published formulas, and the cache kind and k
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -158,17 +159,28 @@ def test_the_kernel_names_a_bad_record_cache():
         latent_attention_core(q, pool, table, seqlens, 128, 0.1)
 
 
-def test_the_golden_fp8_case_holds_what_its_purpose_says():
-    """GC-FP8 latent cache: power-of-two and other scales, an all-zero tile, saturated codes, NaN bytes in unused slots."""
-    from mla_ref.cache import gather_paged_rows
-    from mla_ref.conformance.check import load_case
-    from mla_ref.fp8_cache import record_scales
+@functools.lru_cache(maxsize=None)
+def golden_manifest() -> dict:
     from mla_ref.golden.generate import default_golden_dir
     from mla_ref.golden.manifest import read_manifest
 
-    directory = default_golden_dir()
-    entry = read_manifest(directory / "manifest.yaml")["cases"]["mla.core.fp8/tiny-r512/bs16-seed0"]
-    inputs = load_case(directory, entry)["input"]
+    return read_manifest(default_golden_dir() / "manifest.yaml")
+
+
+def golden_case(case_id: str) -> dict:
+    """One committed golden case's stored arrays (``input``, ``output``, ...)."""
+    from mla_ref.conformance.check import load_case
+    from mla_ref.golden.generate import default_golden_dir
+
+    return load_case(default_golden_dir(), golden_manifest()["cases"][case_id])
+
+
+def test_the_golden_fp8_case_holds_what_its_purpose_says():
+    """GC-FP8 latent cache: power-of-two and other scales, an all-zero tile, saturated codes, NaN bytes in unused slots."""
+    from mla_ref.cache import gather_paged_rows
+    from mla_ref.fp8_cache import record_scales
+
+    inputs = golden_case("mla.core.fp8/tiny-r512/bs16-seed0")["input"]
     k_cache, seqlens = inputs["k_cache"], inputs["cache_seqlens"]
     assert k_cache.dtype == np.uint8 and k_cache.shape[-1] == 656
     records = gather_paged_rows(k_cache, inputs["block_table"], seqlens)
@@ -181,3 +193,19 @@ def test_the_golden_fp8_case_holds_what_its_purpose_says():
     assert ((tiles & 0x7F) == 0x7E).sum(axis=-1).max() > 1  # amax / 448 gives one code of 448 per tile; saturation more
     slots = k_cache.shape[0] * k_cache.shape[1]
     assert (k_cache == 0x7F).all(axis=-1).sum() == slots - held.shape[0] - len(seqlens)  # every slot but the held and the canaries
+
+
+def test_the_golden_fp8_writer_case_holds_what_its_purpose_says():
+    """GC-FP8 latent cache writer: explicit scales under which values reach 448..464 x scale and past 464 x scale, an
+    all-zero tile, subnormal and -0 codes; the stored records carry the given scales and rope values byte for byte."""
+    case = golden_case("fp8.cache.write/tiny-r512/seed0")
+    rows, scales, records = case["input"]["rows"], case["input"]["scales"], case["output"]["records"]
+    assert scales.dtype == np.float32 and records.dtype == np.uint8 and records.shape == (len(rows), 656)
+    ratio = np.abs(rows[:, :512].astype(np.float32).reshape(len(rows), 4, 128) / scales[..., None]).max(axis=-1)  # [tokens, tiles]
+    assert ((ratio > 448) & (ratio <= 464)).any() and (ratio > 464).any() and (ratio == 0).any() and ((ratio > 0) & (ratio <= 2.0 ** -5)).any()
+    codes = records[:, :512]
+    assert (codes == 0x80).any() and ((codes & 0x78) == 0).any() and not ((codes & 0x7F) == 0x7F).any()  # -0, subnormals, no NaN
+    assert ((codes & 0x7F) == 0x7E).sum() > len(rows)  # saturation: more codes of 448 than one per amax / 448 tile
+    for token in range(len(rows)):
+        expected = struct.pack("<4f", *scales[token]) + b"".join(struct.pack("<f", value)[2:] for value in rows[token, 512:])
+        assert records[token, 512:].tobytes() == expected

@@ -15,6 +15,8 @@ from ..dsa import SparseCache, indexer_forward
 from ..mla import latent_attention_core as core, mla_forward
 from ..balance import bias_update, expert_load, sequence_balance_loss, v2_balance_losses
 from ..dispatch import dispatch_plan as plan
+from ..fp8 import BLOCK_SIZE
+from ..fp8_cache import encode_latent_record
 from ..dsa_kernel import sparse_decode_core as decode_core, sparse_prefill_core as prefill_core
 from ..model import greedy_generate, model_forward
 from ..moe import ffn_forward, route
@@ -47,6 +49,14 @@ def sparse_prefill_core(q, kv, indices, softmax_scale, head_dim_v, trace=None):
     """DSA.14 — FlashMLA's sparse prefill over one KV (an index < 0 or >= s_kv invalid)."""
     out, lse = prefill_core(q, kv, indices, float(softmax_scale), int(head_dim_v), dtype=_arithmetic(trace), trace=trace)
     return {"out": out, "lse": lse}
+
+
+def fp8_cache_write(rows, scales, trace=None):
+    """FP8.10 — latent cache rows ``[tokens, kv_lora_rank + rope]`` to 656-byte records with the writer's explicit float32
+    scales ``[tokens, kv_lora_rank / 128]`` (a float32 computation in every profile: the records are bytes)."""
+    rank = BLOCK_SIZE * np.shape(scales)[-1]
+    rows = np.asarray(rows)
+    return {"records": encode_latent_record(rows[..., :rank], rows[..., rank:], scale=np.asarray(scales))}
 
 
 def mla_prefill(config, weights, hidden, start_positions, trace=None):

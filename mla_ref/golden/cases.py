@@ -23,7 +23,7 @@ from ..conformance.protocol import call
 from ..errors import GoldenError
 from ..fp8 import BLOCK_SIZE
 from ..fp8_cache import encode_latent_record, latent_tile_scale, record_width
-from ..precision import UNIT_ROUNDOFF
+from ..precision import UNIT_ROUNDOFF, round_bf16
 from ..rope import softmax_scale
 from ..spec import load_spec_file
 from ..trace import Trace, profile as trace_profile
@@ -283,6 +283,29 @@ def fp8_record_pool(definition: dict, config: ModelConfig, k_cache: np.ndarray, 
     pool = np.full(k_cache.shape[:3] + (record_width(rank, rope),), 0x7F, dtype=np.uint8)  # [num_blocks, block_size, 1, record]
     pool[held] = encode_latent_record(rows[:, :rank], rows[:, rank:], scale=scale)
     return pool
+
+
+def build_fp8_cache_write(definition: dict, config: ModelConfig):
+    """GC-FP8-CACHE writer (FP8.10): bf16-representable rows ``[tokens, rank + rope]`` (latents scaled by 2^-6 .. 2^1) and
+    explicit float32 scales ``[tokens, rank / 128]``, each tile's from one of the writers' rules in turn, except: token 0
+    tile 1 with values up to 461 x its scale (448 with or without the clamp), token 1 tile 2 up to 672 x its scale (only
+    the clamp gives 448), token 2 tile 0 all zero, token 3 tile 3 at most 2^-5 x its scale (e4m3 subnormals and +-0)."""
+    rank, rope = config.kv_lora_rank, config.qk_rope_head_dim
+    tokens = definition["layout"]["tokens"]
+    if tokens < 4:
+        raise GoldenError("layout.tokens", f"expected at least 4 (one per special tile), got {tokens}", "GOLDEN.cases")
+    rng = _rng(definition, "inputs")
+    rows = rng.standard_normal((tokens, rank + rope))
+    rows[:, :rank] *= 2.0 ** rng.uniform(-6, 1, size=(tokens, 1))
+    rows[2, :BLOCK_SIZE] = 0.0
+    rows = round_bf16(rows)  # [tokens, rank + rope], what a bf16 model writes
+    amax = np.abs(rows[:, :rank]).reshape(tokens, -1, BLOCK_SIZE).max(axis=-1).astype(np.float32)  # [tokens, tiles]
+    scales = np.array([[latent_tile_scale(value, "flt_min" if value == 0 else FP8_CASE_RULES[(token + tile) % len(FP8_CASE_RULES)])
+                        for tile, value in enumerate(token_amax)] for token, token_amax in enumerate(amax)], dtype=np.float32)
+    scales[0, 1] = amax[0, 1] / np.float32(461)
+    scales[1, 2] = amax[1, 2] / np.float32(448 * 1.5)
+    scales[3, 3] = amax[3, 3] * np.float32(32)
+    return {"rows": rows, "scales": scales}, {}
 
 
 def _layer_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -777,7 +800,7 @@ def build_speculative_decode(definition: dict, config: ModelConfig):
 
 
 BUILDERS = {"latent_attention_core": build_paged_core, "sparse_decode_core": build_sparse_decode,
-            "sparse_prefill_core": build_sparse_prefill, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
+            "sparse_prefill_core": build_sparse_prefill, "fp8_cache_write": build_fp8_cache_write, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
             "dsa_indexer": build_dsa_layer, "dsa_prefill": build_dsa_layer, "dsa_extend": build_dsa_extend,
             "moe_route": build_moe_route, "moe_layer": build_moe_layer, "moe_balance": build_moe_balance,
             "dispatch_plan": build_dispatch_plan, "model_logits": build_model_logits, "greedy_decode": build_greedy_decode,
