@@ -298,3 +298,25 @@ def test_the_checker_rejects_interleaved_indexer_rope_and_dense_attention(monkey
     def dense(config, weights, hidden, start_positions):
         return reference_adapter.mla_prefill({**config, **DENSE_FIELDS}, _without_indexer(weights), hidden, start_positions)
     assert check(types.SimpleNamespace(dsa_prefill=dense), "fp32", "dsa.prefill/").cases[0].status == "fail"
+
+
+def test_the_fp8_profile_emulates_the_indexer_fp8_and_the_truth_does_not(tiny_dsa):
+    """spec/tolerance.yaml fp8 (indexer_fp8): the emulation's DSA.6 keys are e4m3 values times a power of two per token
+    (exactly bf16, so the profile's storage rounding keeps them); the bf16 emulation's and the float64 truth's are not."""
+    config, weights = tiny_dsa
+    hidden = hidden_states(config, 1, 12, 21)
+
+    def keys_on_fp8_grid(k_hat):
+        exponent = np.ceil(np.log2(np.maximum(np.abs(k_hat).max(axis=-1, keepdims=True), 1e-4) / 448))
+        on_grid = k_hat / 2.0 ** exponent
+        return np.array_equal(decode_fp8(encode_fp8(on_grid)), on_grid)
+    traces = {profile: Trace(profile) for profile in ("fp8", "bf16")}
+    for trace in traces.values():
+        indexer_forward(config, weights, hidden, trace=trace)
+    assert traces["fp8"].indexer_fp8 and not traces["bf16"].indexer_fp8
+    assert keys_on_fp8_grid(traces["fp8"]["DSA.6"]["k_hat"])
+    assert not keys_on_fp8_grid(traces["bf16"]["DSA.6"]["k_hat"])
+    assert not keys_on_fp8_grid(indexer_forward(config, weights, hidden).index_keys)
+    layer = Trace("fp8")
+    mla_forward(config, weights, hidden, attention="absorbed", cache=SparseCache.empty(config, 1), trace=layer)
+    assert keys_on_fp8_grid(layer["DSA.6"]["k_hat"])
