@@ -4,6 +4,7 @@ dense MLA under the index mask, chunked prefill and decode through the SparseCac
 from __future__ import annotations
 
 import cmath
+import re
 import types
 
 import numpy as np
@@ -320,3 +321,16 @@ def test_the_fp8_profile_emulates_the_indexer_fp8_and_the_truth_does_not(tiny_ds
     layer = Trace("fp8")
     mla_forward(config, weights, hidden, attention="absorbed", cache=SparseCache.empty(config, 1), trace=layer)
     assert keys_on_fp8_grid(layer["DSA.6"]["k_hat"])
+
+
+def test_info_and_explain_show_the_v32_dsa_fields(capsys):
+    """`mla-ref info deepseek-v3.2` (also `python -m mla_ref`, the same main) lists the indexer fields of V3.2's config.json (facts A1: 64 heads x 128,
+    index_topk 2048) and their derived scales; a dense preset has no DSA section; explain sizes DSA.10 with that topk."""
+    assert main(["info", "deepseek-v3.2"]) == 0
+    shown = capsys.readouterr().out
+    section = shown.split("sparse attention, DSA (spec/dsa.yaml)\n", 1)[1].split("\n\n", 1)[0]
+    assert "64 x 128" in section and re.search(r"index_topk +2048 ", section)
+    assert repr(128 ** -0.5) in section and repr(64 ** -0.5) in section
+    assert main(["info", "tiny"]) == 0 and "DSA" not in capsys.readouterr().out
+    assert main(["explain", "DSA.10"]) == 0  # the V3.2 preset by default for a DSA step
+    assert "selected 2048)" in capsys.readouterr().out
