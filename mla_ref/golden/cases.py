@@ -584,7 +584,7 @@ def weights_recipe(definition: dict) -> dict | None:
         if recipe["design"] in SPREAD_NORMS:
             recipe["norm_spread"] = float(layout["norm_spread"])
         return recipe
-    if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend"):
+    if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend", "dsa_indexer", "dsa_prefill"):
         recipe = {"generator": "mla_ref.weights.generate_attention_weights", "seed": seed, "design": "logit_gain",
                   "logit_gain": float(layout.get("logit_gain", 1.0))}
         if layout.get("fp8"):
