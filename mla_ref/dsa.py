@@ -284,7 +284,8 @@ def indexer_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidd
     ``weights``: the attention tensors relative to ``self_attn.`` (the indexer reads MLA.1's
     q_a_proj and q_a_layernorm and its own ``indexer.*``). ``hidden [batch, seq, hidden_size]``
     is the attention input; token i of sequence b sits at position ``start_positions[b] + i``
-    (default 0; RoPE only). ``query_lengths`` marks right padding. ``quantize``: DSA.6's FP8.
+    (default 0; RoPE only). ``query_lengths`` marks right padding. ``quantize``: DSA.6's FP8 (also on
+    under a trace whose profile sets ``indexer_fp8``, the fp8 profile).
     The layer with a cache is :func:`mla_ref.mla.mla_forward`.
     """
     if not config.sparse_attention:
@@ -303,6 +304,7 @@ def indexer_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidd
     positions = starts[:, None] + np.arange(seq)[None, :]  # [batch, seq]
     c_q = emit(trace, "MLA.1", mla.query_latent(x, w, config.rms_norm_eps))
     table_dtype = np.float64 if trace is None else trace.rope_table
+    quantize = quantize or (trace is not None and trace.indexer_fp8)  # DSA.6: asked for, or a precision effect of the profile
     q_hat, k_hat, head_weights = indexer_query_key(config, w, x, c_q, positions, quantize, table_dtype, trace)
     visible = emit(trace, "MLA.8", mla.causal_visibility(np.zeros(batch, np.int64), lengths, seq, seq))
     indices, scores = select_keys(config, q_hat, k_hat, head_weights, visible, keep_scores=True, trace=trace)

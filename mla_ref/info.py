@@ -54,6 +54,21 @@ def _routing_lines(config: ModelConfig) -> list[str]:
     ]
 
 
+def _sparse_attention_lines(config: ModelConfig) -> list[str]:
+    """The DSA indexer's fields and constants (spec/dsa.yaml), for a config that sets index_topk."""
+    return [
+        "",
+        "sparse attention, DSA (spec/dsa.yaml)",
+        f"  index heads x head dim     {config.index_n_heads} x {config.index_head_dim}  (index_n_heads, index_head_dim)",
+        f"  index_topk                 {config.index_topk}  (each query attends to min(index_topk, visible keys), DSA.10)",
+        f"  score scale                {config.index_head_dim ** -0.5!r}  (index_head_dim ** -0.5, DSA.8)",
+        f"  head weight factor         {config.index_n_heads ** -0.5!r}  (index_n_heads ** -0.5, DSA.3)",
+        f"  indexer rope               half layout on the first {config.qk_rope_head_dim} dims, [rope | nope], MLA's YaRN table (DSA.4)",
+        f"  key norm                   LayerNorm with bias, eps {config.index_norm_eps!r} (DSA.2)",
+        f"  indexer key cache          {config.index_head_dim} values per token (DSA.7)",
+    ]
+
+
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
     """Parameters from the checkpoint shapes: main model, MTP modules, and those active for one token.
 
@@ -93,6 +108,10 @@ def info_text(config: ModelConfig) -> str:
         f"  softmax scale in use       {softmax_scale(config)!r}",
         f"  cos/sin amplitude          {rope_amplitude(config)!r}  (mscale / mscale_all_dim)",
         f"  rope layout                {config.rope_layout}",
+    ]
+    if config.sparse_attention:
+        lines += _sparse_attention_lines(config)
+    lines += [
         "",
         "RoPE / YaRN (ROPE.1-ROPE.3)",
         f"  rope_theta {config.rope_theta}, factor {config.rope_factor}, original length {config.original_max_position_embeddings}, "

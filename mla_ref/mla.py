@@ -375,7 +375,7 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     absorbed with a latent cache.
 
     A config with ``index_topk`` runs DeepSeek Sparse Attention (spec/dsa.yaml): the indexer
-    (DSA.1-DSA.10, ``indexer_fp8`` switches DSA.6's FP8 on) selects the keys each query
+    (DSA.1-DSA.10; ``indexer_fp8``, or a trace whose profile sets it, switches DSA.6's FP8 on) selects the keys each query
     attends to, the absorbed form gathers their latent rows (DSA.11-DSA.12) and the naive form
     masks the others out; its cache is a :class:`mla_ref.dsa.SparseCache`.
     """
@@ -393,7 +393,8 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     q_pe, k_pe = emit(trace, "MLA.4", *rotate_query_key(config, q_pe_raw, k_pe_raw, positions, table_dtype))  # rotated, same shapes
     new_rows = emit(trace, "MLA.5", latent_cache_rows(kv_latent, k_pe))  # [batch, seq, kv_lora_rank + rope]
     if config.sparse_attention:  # DSA.1-DSA.6: [batch, seq, index_heads, index_dim], [batch, seq, index_dim], [batch, seq, index_heads]
-        q_hat, k_hat, head_weights = dsa.indexer_query_key(config, w, x, query_input, positions, indexer_fp8, table_dtype, trace)
+        quantize = indexer_fp8 or (trace is not None and trace.indexer_fp8)  # DSA.6: asked for, or a precision effect of the profile
+        q_hat, k_hat, head_weights = dsa.indexer_query_key(config, w, x, query_input, positions, quantize, table_dtype, trace)
     key_offsets = np.zeros(batch, np.int64) if cache is None else cache.lengths  # keys before the new tokens
     if isinstance(cache, NaiveCache):
         k_nope, value = emit(trace, "MLA.6", *expand_latent(config, kv_latent, w))  # the new tokens only

@@ -42,6 +42,11 @@ class Trace:
         """The dtype this trace's emulation builds the RoPE table in (:func:`rope_table`)."""
         return rope_table(self.precision)
 
+    @property
+    def indexer_fp8(self) -> bool:
+        """DSA.6 — whether this trace's profile quantises the indexer's q and k to FP8 (``indexer_fp8: true``, the fp8 profile)."""
+        return self.profile is not None and bool(self.profile.get("indexer_fp8", False))
+
     def round(self, step_id: str, name: str, value: np.ndarray) -> np.ndarray:
         """TOLERANCE.2 — ``value`` as the profile stores output ``name`` of ``step_id`` (integers and bools untouched)."""
         if self.profile is None or np.asarray(value).dtype.kind != "f":

@@ -4,6 +4,7 @@ dense MLA under the index mask, chunked prefill and decode through the SparseCac
 from __future__ import annotations
 
 import cmath
+import re
 import types
 
 import numpy as np
@@ -354,3 +355,38 @@ def test_model_level_dsa_cases_select_the_same_keys_under_any_tie_rule(case_id):
                 assert lower_first == higher_first
                 ranked = np.sort(visible)[::-1]
                 assert (ranked[k - 1] - ranked[k]) / np.abs(visible).max() > 0.05
+
+
+def test_the_fp8_profile_emulates_the_indexer_fp8_and_the_truth_does_not(tiny_dsa):
+    """spec/tolerance.yaml fp8 (indexer_fp8): the emulation's DSA.6 keys are e4m3 values times a power of two per token
+    (exactly bf16, so the profile's storage rounding keeps them); the bf16 emulation's and the float64 truth's are not."""
+    config, weights = tiny_dsa
+    hidden = hidden_states(config, 1, 12, 21)
+
+    def keys_on_fp8_grid(k_hat):
+        exponent = np.ceil(np.log2(np.maximum(np.abs(k_hat).max(axis=-1, keepdims=True), 1e-4) / 448))
+        on_grid = k_hat / 2.0 ** exponent
+        return np.array_equal(decode_fp8(encode_fp8(on_grid)), on_grid)
+    traces = {profile: Trace(profile) for profile in ("fp8", "bf16")}
+    for trace in traces.values():
+        indexer_forward(config, weights, hidden, trace=trace)
+    assert traces["fp8"].indexer_fp8 and not traces["bf16"].indexer_fp8
+    assert keys_on_fp8_grid(traces["fp8"]["DSA.6"]["k_hat"])
+    assert not keys_on_fp8_grid(traces["bf16"]["DSA.6"]["k_hat"])
+    assert not keys_on_fp8_grid(indexer_forward(config, weights, hidden).index_keys)
+    layer = Trace("fp8")
+    mla_forward(config, weights, hidden, attention="absorbed", cache=SparseCache.empty(config, 1), trace=layer)
+    assert keys_on_fp8_grid(layer["DSA.6"]["k_hat"])
+
+
+def test_info_and_explain_show_the_v32_dsa_fields(capsys):
+    """`mla-ref info deepseek-v3.2` (also `python -m mla_ref`, the same main) lists the indexer fields of V3.2's config.json (facts A1: 64 heads x 128,
+    index_topk 2048) and their derived scales; a dense preset has no DSA section; explain sizes DSA.10 with that topk."""
+    assert main(["info", "deepseek-v3.2"]) == 0
+    shown = capsys.readouterr().out
+    section = shown.split("sparse attention, DSA (spec/dsa.yaml)\n", 1)[1].split("\n\n", 1)[0]
+    assert "64 x 128" in section and re.search(r"index_topk +2048 ", section)
+    assert repr(128 ** -0.5) in section and repr(64 ** -0.5) in section
+    assert main(["info", "tiny"]) == 0 and "DSA" not in capsys.readouterr().out
+    assert main(["explain", "DSA.10"]) == 0  # the V3.2 preset by default for a DSA step
+    assert "selected 2048)" in capsys.readouterr().out

@@ -210,12 +210,12 @@ def test_the_reuse_schemes_draft_differently():
 
 
 def test_on_demand_cases_are_not_committed_and_build_with_one_command(tmp_path):
-    """DeepSeek-V3-shape cases: defined in spec/golden.yaml, absent from golden/, built by `golden generate --on-demand`."""
+    """DeepSeek-V3 and V3.2-shape cases: defined in spec/golden.yaml, absent from golden/, built by `golden generate --on-demand`."""
     from mla_ref.cli import main
     from mla_ref.conformance import reference_adapter
     from mla_ref.conformance.check import check
     on_demand = case_definitions(on_demand=True)
-    assert {d["preset"] for d in on_demand} == {"deepseek-v3"} and len(on_demand) >= 4
+    assert {d["preset"] for d in on_demand} == {"deepseek-v3", "deepseek-v3.2"} and len(on_demand) >= 6
     assert not set(read_manifest(default_golden_dir() / "manifest.yaml")["cases"]) & {d["id"] for d in on_demand}
     assert main(["golden", "generate", "--on-demand", "--select", "moe.route.v3/deepseek-v3*", "--dir", str(tmp_path)]) == 0
     assert read_manifest(tmp_path / "manifest.yaml")["on_demand"] is True

@@ -389,26 +389,30 @@ def selection_margins(masked_scores: np.ndarray, index_topk: int) -> np.ndarray:
 
 def _sequences_with_selection_margins(definition: dict, config: ModelConfig, weights: dict, lengths, starts) -> np.ndarray:
     """Hidden states ``[batch, max(lengths), hidden_size]`` built position by position (64 candidates at a time) so that
-    every query's DSA selection keeps a relative margin of ``min_margin`` at the k-th score (GC-DSA): causal, so a later
-    token never moves an earlier query's selection; positions past a sequence's length are random."""
+    every query's DSA selection keeps a relative margin of ``min_margin`` at the k-th score (GC-DSA), both without and
+    with DSA.6's FP8 (which the fp8 profile emulates): causal, so a later token never moves an earlier query's
+    selection; positions past a sequence's length are random."""
     from ..dsa import index_scores, indexer_query_key
     from ..mla import query_latent
     rng = _rng(definition, "hidden")
     min_margin, tries = definition["layout"].get("min_margin", 0.06), 64
     hidden = rng.standard_normal((len(lengths), int(max(lengths)), config.hidden_size))
     for b, length in enumerate(lengths):
-        keys = np.zeros((0, config.index_head_dim))  # the indexer keys of the positions chosen so far
+        keys = {quantize: np.zeros((0, config.index_head_dim)) for quantize in (False, True)}  # indexer keys chosen so far
         for position in range(int(length)):
             for _ in range(definition["layout"].get("attempts", 256) // tries):
                 candidates = rng.standard_normal((tries, 1, config.hidden_size))
                 c_q = query_latent(candidates, weights, config.rms_norm_eps)  # MLA.1
-                q_hat, k_hat, head_weights = indexer_query_key(config, weights, candidates, c_q, np.full((tries, 1), starts[b] + position))
-                every_key = np.concatenate([np.repeat(keys[None], tries, axis=0), k_hat], axis=1)  # [tries, position + 1, index_dim]
-                margins = selection_margins(index_scores(q_hat, every_key, head_weights), config.index_topk)[:, 0]
-                good = np.flatnonzero(margins > min_margin)
+                every_key, margins = {}, []
+                for quantize in keys:
+                    q_hat, k_hat, head_weights = indexer_query_key(config, weights, candidates, c_q, np.full((tries, 1), starts[b] + position),
+                                                                   quantize)
+                    every_key[quantize] = np.concatenate([np.repeat(keys[quantize][None], tries, axis=0), k_hat], axis=1)  # [tries, position + 1, index_dim]
+                    margins.append(selection_margins(index_scores(q_hat, every_key[quantize], head_weights), config.index_topk)[:, 0])
+                good = np.flatnonzero(np.minimum(*margins) > min_margin)
                 if good.size:
                     hidden[b, position] = candidates[good[0], 0]
-                    keys = every_key[good[0]]
+                    keys = {quantize: rows[good[0]] for quantize, rows in every_key.items()}
                     break
             else:
                 raise GoldenError(definition["id"], f"no hidden state keeps the DSA selection margin at position {position}", "GOLDEN.cases")
@@ -692,7 +696,7 @@ def weights_recipe(definition: dict) -> dict | None:
         if recipe["design"] in SPREAD_NORMS:
             recipe["norm_spread"] = float(layout["norm_spread"])
         return recipe
-    if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend"):
+    if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend", "dsa_indexer", "dsa_prefill"):
         recipe = {"generator": "mla_ref.weights.generate_attention_weights", "seed": seed, "design": "logit_gain",
                   "logit_gain": float(layout.get("logit_gain", 1.0))}
         if layout.get("fp8"):
