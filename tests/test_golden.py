@@ -225,29 +225,52 @@ def test_on_demand_cases_are_not_committed_and_build_with_one_command(tmp_path):
     assert report.ok and report.count("pass") == 1
 
 
+HEAVY_ON_DEMAND = ("mla.prefill.fp8/deepseek-v3/seed0", "dsa.indexer/deepseek-v3.2/seed0", "dsa.prefill/deepseek-v3.2/seed0")
+
+
+def _on_demand_groups() -> list:
+    """The on-demand cases in two groups: the V3 cases of the CI slow step, and the FP8 and V3.2 ones (each about 10 minutes
+    and up to 12.6 GB to build, twice with verify) marked heavy: run by hand with ``pytest -m heavy -n 0``."""
+    ids = [definition["id"] for definition in case_definitions(on_demand=True) if definition.get("on_demand")]
+    light = [case_id for case_id in ids if case_id not in HEAVY_ON_DEMAND]
+    heavy = [case_id for case_id in ids if case_id in HEAVY_ON_DEMAND]
+    return [pytest.param(light, id="v3"), pytest.param(heavy, id="fp8-and-v3.2", marks=pytest.mark.heavy)]
+
+
 @pytest.mark.slow
-def test_every_on_demand_case_builds_verifies_and_passes_the_reference_and_the_torch_adapter(tmp_path):
+@pytest.mark.parametrize("case_ids", _on_demand_groups())
+def test_every_on_demand_case_builds_verifies_and_passes_the_reference_and_the_torch_adapter(tmp_path, case_ids):
     """The V3 attention cases rebuild their 187M weights from the recipe (about 2 minutes, 6 GB). Our torch adapter must
-    pass them in fp32 and bf16: at these shapes a correct fp32 run once used 110% of the allowance (long fp32 sums)."""
+    pass them in every profile they carry: at these shapes a correct fp32 run once used 110% of the allowance (long fp32 sums)."""
     from mla_ref.conformance import reference_adapter
     from mla_ref.conformance.check import check
+    from mla_ref.golden.cases import profiles_of
     from mla_ref.golden.generate import generate
-    generate(tmp_path, on_demand=True)
+    for case_id in case_ids:
+        generate(tmp_path, case_id, on_demand=True)
     problems = [f"{row.case_id}: {row.detail}" for row in verify(tmp_path) if row.status != "ok"]
     assert not problems, problems
-    assert check(reference_adapter, "fp32", directory=tmp_path).ok
+    built = {definition["id"]: definition for definition in case_definitions(on_demand=True) if definition["id"] in case_ids}
+
+    def carrying(profile):
+        return [case_id for case_id, definition in built.items() if profile in profiles_of(definition)]
+    for profile in ("fp32", "fp8"):
+        if carrying(profile):
+            assert check(reference_adapter, profile, directory=tmp_path).ok
     import independent_fp64_adapter  # RoPE by theta ** (-2j/d) and exp(i angle): 746% of the fixed fp64 floor at V3 prefill
-    report = check(independent_fp64_adapter, "fp64", directory=tmp_path)
-    assert report.ok and report.count("pass") == len([d for d in case_definitions(on_demand=True)
-                                                       if d["entry_point"] != "moe_route"]), report.table()
+    if carrying("fp64"):
+        report = check(independent_fp64_adapter, "fp64", directory=tmp_path)
+        assert report.ok and report.count("pass") == len([case_id for case_id in carrying("fp64")
+                                                           if built[case_id]["entry_point"] != "moe_route"]), report.table()
     try:
         import torch  # noqa: F401 - the CI slow step installs it
     except ImportError:
         return
     from mutants import mutate
-    for dtype, profile in (("float32", "fp32"), ("bfloat16", "bf16")):
-        report = check(mutate.load(None, dtype), profile, directory=tmp_path)
-        assert report.ok and report.count("pass") == len(case_definitions(on_demand=True)), report.table()
+    for dtype, profile in (("float32", "fp32"), ("bfloat16", "bf16"), ("fp8", "fp8")):
+        if carrying(profile):
+            report = check(mutate.load(None, dtype), profile, directory=tmp_path)
+            assert report.ok and report.count("pass") == len(carrying(profile)), report.table()
 
 
 def test_a_built_case_records_the_emulations_own_error_as_its_noise():
