@@ -22,7 +22,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mla_ref.config import load_preset  # noqa: E402
-from mla_ref.conformance import check as check_module  # noqa: E402
 from mla_ref.conformance.check import Report, check  # noqa: E402
 from mla_ref.conformance.protocol import entry_points  # noqa: E402
 from mutants import mutate  # noqa: E402
@@ -36,13 +35,9 @@ INDEXER, CHUNKED, DECODE = "dsa.indexer/tiny-dsa/seed0", "dsa.extend.chunked/tin
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread start-up costs more than it saves
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(check_module, "read_manifest", functools.lru_cache(maxsize=None)(check_module.read_manifest))
+def _one_torch_thread():
+    with mutate.one_torch_thread():
         yield
-    torch.set_num_threads(threads)
 
 
 def outputs_only(module) -> types.SimpleNamespace:

@@ -19,7 +19,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mla_ref.conformance import check as check_module  # noqa: E402
 from mla_ref.conformance.check import Report, check  # noqa: E402
 from mutants import mutate  # noqa: E402
 
@@ -38,14 +37,9 @@ KNOWN_CHECKER_ISSUES: dict[str, dict[str, str]] = {  # waivers: the case must fa
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _manifest_parsed_once():
-    """check() parses golden/manifest.yaml on every call: parse it once for this module's hundred-odd runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: thread start-up costs more than it saves
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(check_module, "read_manifest", functools.lru_cache(maxsize=None)(check_module.read_manifest))
+def _one_torch_thread():
+    with mutate.one_torch_thread():
         yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

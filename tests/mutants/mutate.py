@@ -6,6 +6,7 @@ name ``torch_adapter_mutant_<name>``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from pathlib import Path
@@ -64,3 +65,15 @@ def load(entry: dict | None, dtype: str = "float64", device: str = "cpu") -> typ
     if entry is not None and "scale_fmt" in entry:  # a mutant of the ue8m0 activation scales runs with them
         module.SCALE_FMT = entry["scale_fmt"]
     return module
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread while the zoo runs (tiny tensors: thread start-up costs more than it saves), restored afterwards."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
