@@ -58,15 +58,18 @@ def load_adapter(dtype: str, name: str, replace: tuple[str, str] | None = None) 
     return module
 
 
+DECLARED_UNSUPPORTED = ("FlashMLA's FP8 cache",)  # the port's declared gap (README): uint8 record caches (FP8.12)
+
+
 def assert_accepted(module, profile: str, select: str | None = None) -> None:
     """Every case passes (a case whose entry point the adapter lacks is skipped: added to the protocol after it was written;
-    a DSA case is unsupported: this adapter's MLA is dense)."""
+    a DSA case is unsupported: this adapter's MLA is dense; so is FlashMLA's FP8 record cache)."""
     report = check(module, profile, select=select)
     skipped_by_design = ("case has no ",)  # a case without this profile (the GC-FP8 cases carry fp8 only)
     dsa_cases = {definition["id"] for definition in case_definitions() if case_config(definition).sparse_attention}
     failing = [result for result in report.cases if result.status != "pass" and not (result.status == "skip" and (
         not hasattr(module, result.entry_point) or result.reason.startswith(skipped_by_design)))
-               and not (result.status == "unsupported" and result.case_id in dsa_cases)]
+               and not (result.status == "unsupported" and (result.case_id in dsa_cases or result.reason.startswith(DECLARED_UNSUPPORTED)))]
     assert not failing, f"{report.summary()}\n" + "\n".join(f"{r.case_id}: {r.status} {r.reason}" for r in failing) + "\n" + report.table()
     assert report.count("pass") > 0
 
@@ -123,7 +126,7 @@ def test_bad_input_names_the_entry_point_and_tensor():
 
 def test_checker_accepts_the_jax_adapter_in_fp8():
     """Mode fp8 (jnp.float8_e4m3fn casts on the CPU): the GC-FP8 attention cases pass, the FP8 MoE case is declared unsupported."""
-    report = check(load_adapter("fp8", "jax_mla_fp8"), "fp8", select="fp8")
+    report = check(load_adapter("fp8", "jax_mla_fp8"), "fp8", select="*fp8/tiny-fp8/*")
     assert {result.case_id: result.status for result in report.cases} == {
         "mla.prefill.fp8/tiny-fp8/seed0": "pass", "mla.decode.fp8/tiny-fp8/seed0": "pass", "moe.layer.fp8/tiny-fp8/seed0": "unsupported"}, report.table()
 
