@@ -37,14 +37,17 @@ and offset, gathers those rows (invalid entries are masked, never loaded) and ru
 online softmax as the dense kernel. The kernel's one validity rule, ``0 <= index < slots``, is
 DSA.14's; for DSA.13 the adapter refuses any index outside -1 .. slots - 1 first, so there it
 means "-1 is padding". The softmax scale is always the caller's (FlashMLA's default 576^-0.5 is
-wrong for DeepSeek).
+wrong for DeepSeek). Split-KV splits the index list and reuses the merge kernel: a partial of an
+empty split keeps lse -inf (weight 0); only the final lse of a query with no valid index is +inf.
 
 FP8 cache (spec/fp8.yaml FP8.11, FP8.12): a uint8 ``k_cache [num_blocks, block_size, 1, record]``
 holds FlashMLA's records (656 bytes for V3.2: head_dim_v e4m3 codes, one float32 scale per 128
-codes, the rope part in bf16). Both kernels decode the records they read inside the kernel, as
-FlashMLA does: ``code * scale`` in fp32, or in bf16 mode ``bf16(bf16(code) * bf16(scale))`` (FlashMLA's
-bf16 multiply). Triton's interpreter decodes the NaN codes 0x7F / 0xFF as +-480; no record the
-kernel reads holds them (unused slots may, and are never loaded).
+codes, the rope part in bf16). Both kernels take the bytes as FlashMLA does and decode the
+records they read inside the kernel (``_load_latent_rows``), so the byte layout is the kernel's
+to get right and the checker's FP8 diagnoses apply to it: ``code * scale`` in fp32, or in bf16
+mode ``bf16(bf16(code) * bf16(scale))`` (FlashMLA's bf16 multiply). Triton's interpreter decodes
+the NaN codes 0x7F / 0xFF as +-480; no record the kernel reads holds them (unused slots may, and
+are never loaded). On a GPU, ``tl.float8e4nv`` needs compute capability 8.9 or later.
 
 Precision: operands are loaded in the input dtype and upcast to fp32; both products run as fp32
 ``tl.dot`` with ``input_precision="ieee"`` (no TF32). With bfloat16 inputs the probabilities are
@@ -55,7 +58,8 @@ by truncation and computes garbage for bf16 arithmetic, so the kernel never reli
 
 Settings the protocol's arguments do not carry are module settings: ``configure(dtype, splits)``,
 or at import ``MLA_REF_TRITON_DTYPE`` (float32 | bfloat16, default float32) and
-``MLA_REF_TRITON_SPLITS`` (programs per sequence over the keys, default 1 = no split).
+``MLA_REF_TRITON_SPLITS`` (programs per sequence over the keys, or per query over its index list;
+default 1 = no split).
 ``PROFILE`` names the matching precision profile. Without a GPU, set ``TRITON_INTERPRET=1``
 before triton is imported (this module sets it when CUDA is absent and the variable is unset):
 
@@ -82,8 +86,8 @@ import triton.language as tl  # noqa: E402
 
 PROFILES = {"float32": "fp32", "bfloat16": "bf16"}
 DTYPE, SPLITS, PROFILE = "float32", 1, "fp32"
-BLOCK_M = 16  # query rows (heads x draft tokens) per program; 16 is tl.dot's smallest tile
-BLOCK_N = 16  # keys per tile
+BLOCK_M = 16  # query rows per program (dense: heads x draft tokens; sparse: heads of one query); tl.dot's smallest tile
+BLOCK_N = 16  # keys per tile (sparse: entries of the index list)
 LN2 = math.log(2.0)
 
 
