@@ -214,3 +214,29 @@ def test_sparse_bad_input_names_the_tensor(kernel):
     assert result["out"].shape == (2, 4, 32) and np.isfinite(result["lse"]).all()
     with pytest.raises(ValueError, match=r"indices: expected int32 values \(FlashMLA's indices\), got 2147483648 at \[1, 0, 0\]"):
         kernel.sparse_prefill_core(**{**prefill, "indices": np.array([[[0, 1, 2]], [[2 ** 31, 0, 1]]])})
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_sparse_kernel_beyond_the_golden_shapes(kernel, splits):
+    """Shapes the golden cases do not reach: more heads than one program's block (20 > BLOCK_M), an index list of
+    several tiles with a ragged end (37 entries), a repeated index (it counts twice, DSA.13), a page size of 5 (not
+    a power of two); compared with the reference's DSA.13 and DSA.14 in float64."""
+    import numpy as np
+
+    from mla_ref.dsa_kernel import sparse_decode_core, sparse_prefill_core
+
+    kernel.configure("float32", splits)
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, 3, 20, 40))
+    cache = rng.standard_normal((9, 5, 1, 40))
+    indices = rng.integers(-1, 45, size=(2, 3, 37))
+    indices[1, 2, 5] = indices[1, 2, 6]
+    result = kernel.sparse_decode_core(q, cache, indices, 32, 0.15)
+    out, lse = sparse_decode_core(q, cache, indices, 32, 0.15)
+    assert np.abs(result["out"] - out).max() < 1e-5 and np.abs(result["lse"] - lse).max() < 1e-5
+    prefill = kernel.sparse_prefill_core(q[0], cache[:, 0], indices[0, :, None] * 3 - 40, 0.15, 32)  # indices -43 .. 92 over 9 rows
+    out, lse = sparse_prefill_core(q[0], cache[:, 0], indices[0, :, None] * 3 - 40, 0.15, 32)
+    finite = np.isfinite(lse)
+    assert np.array_equal(np.isfinite(prefill["lse"]), finite) and np.all(prefill["lse"][~finite] == np.inf)
+    assert not finite.all()  # a query with no valid index: out 0, lse +inf
+    assert np.abs(prefill["out"] - out).max() < 1e-5 and np.abs(prefill["lse"][finite] - lse[finite]).max() < 1e-5
