@@ -153,6 +153,36 @@ def _load_latent_rows(row_ptr, held, dv, dr, head_dim_v, rope_dim,
 
 
 @triton.jit
+def _online_softmax_tile(m, l, acc, q_latent, q_rope, k_latent, k_rope, visible, scale_log2, ROUND_BF16: tl.constexpr):
+    """MLA.14 -> MLA.10 -> MLA.15 on one tile of keys, folded into the running max ``m`` of the base-2 logits, the running
+    sum ``l`` of exp2(logit - m) ``[BLOCK_M]`` and the unnormalised output ``acc [BLOCK_M, BLOCK_DV]``; ``visible
+    [BLOCK_M, BLOCK_N]`` says which (row, key) pairs count."""
+    logits = tl.dot(q_latent, tl.trans(k_latent), input_precision="ieee")
+    logits += tl.dot(q_rope, tl.trans(k_rope), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
+    logits = tl.where(visible, logits * scale_log2, float("-inf"))
+
+    m_new = tl.maximum(m, tl.max(logits, 1))
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: exp2(-inf) = 0
+    alpha = tl.exp2(m - m_base)  # [BLOCK_M] rescales what was summed under the old max
+    p = tl.exp2(logits - m_base[:, None])  # [BLOCK_M, BLOCK_N]
+    l = l * alpha + tl.sum(p, 1)
+    if ROUND_BF16:
+        p = _round_to_bf16(p)
+    acc = acc * alpha[:, None] + tl.dot(p, k_latent, input_precision="ieee")  # [BLOCK_M, BLOCK_DV]
+    return m_new, l, acc
+
+
+@triton.jit
+def _normalised_output(m, l, acc, empty_lse):
+    """``out = acc / l [BLOCK_M, BLOCK_DV]`` and the natural-log ``lse [BLOCK_M]``; a row with no key: out 0, lse empty_lse."""
+    has_key = l > 0.0
+    l_safe = tl.where(has_key, l, 1.0)
+    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(has_key, (m + tl.log2(l_safe)) * 0.6931471805599453, empty_lse)  # base-2 units to natural log
+    return out, lse
+
+
+@triton.jit
 def _latent_attention_split_kernel(
     q_ptr, cache_ptr, table_ptr, seqlens_ptr, out_part_ptr, lse_part_ptr,
     scale_log2,                               # softmax_scale * log2(e)
@@ -206,26 +236,10 @@ def _latent_attention_split_kernel(
         held = held & (block >= 0)
         slot_ptr = cache_ptr + block.to(tl.int64) * stride_cb + (key % block_size) * stride_cs  # [BLOCK_N]
         k_latent, k_rope = _load_latent_rows(slot_ptr, held, dv, dr, head_dim_v, rope_dim, FP8_RECORDS, ROUND_BF16)
+        visible = held[None, :] & (key[None, :] <= last_visible[:, None])  # [BLOCK_M, BLOCK_N]
+        m, l, acc = _online_softmax_tile(m, l, acc, q_latent, q_rope, k_latent, k_rope, visible, scale_log2, ROUND_BF16)
 
-        logits = tl.dot(q_latent, tl.trans(k_latent), input_precision="ieee")
-        logits += tl.dot(q_rope, tl.trans(k_rope), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
-        visible = held[None, :] & (key[None, :] <= last_visible[:, None])
-        logits = tl.where(visible, logits * scale_log2, float("-inf"))
-
-        m_new = tl.maximum(m, tl.max(logits, 1))
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: exp2(-inf) = 0
-        alpha = tl.exp2(m - m_base)  # [BLOCK_M] rescales what was summed under the old max
-        p = tl.exp2(logits - m_base[:, None])  # [BLOCK_M, BLOCK_N]
-        l = l * alpha + tl.sum(p, 1)
-        if ROUND_BF16:
-            p = _round_to_bf16(p)
-        acc = acc * alpha[:, None] + tl.dot(p, k_latent, input_precision="ieee")  # [BLOCK_M, BLOCK_DV]
-        m = m_new
-
-    has_key = l > 0.0
-    l_safe = tl.where(has_key, l, 1.0)
-    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)  # [BLOCK_M, BLOCK_DV]
-    lse = tl.where(has_key, (m + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # natural log
+    out, lse = _normalised_output(m, l, acc, float("-inf"))  # [BLOCK_M, BLOCK_DV], [BLOCK_M]
     out_row_ptr = out_part_ptr + batch_index * stride_ob + split * stride_os + row * stride_or  # [BLOCK_M]
     tl.store(out_row_ptr[:, None] + dv[None, :], out, mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(lse_part_ptr + batch_index * stride_lb + split * stride_ls + row, lse, mask=row_ok)
@@ -275,25 +289,10 @@ def _sparse_attention_split_kernel(
         offset = slot % block_size
         row_ptr = cache_ptr + page.to(tl.int64) * stride_cb + offset * stride_cs  # [BLOCK_N]
         k_latent, k_rope = _load_latent_rows(row_ptr, valid, dv, dr, head_dim_v, rope_dim, FP8_RECORDS, ROUND_BF16)
+        visible = valid[None, :]  # [1, BLOCK_N]: every head sees the query's valid rows
+        m, l, acc = _online_softmax_tile(m, l, acc, q_latent, q_rope, k_latent, k_rope, visible, scale_log2, ROUND_BF16)
 
-        logits = tl.dot(q_latent, tl.trans(k_latent), input_precision="ieee")
-        logits += tl.dot(q_rope, tl.trans(k_rope), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
-        logits = tl.where(valid[None, :], logits * scale_log2, float("-inf"))
-
-        m_new = tl.maximum(m, tl.max(logits, 1))
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: exp2(-inf) = 0
-        alpha = tl.exp2(m - m_base)  # [BLOCK_M] rescales what was summed under the old max
-        p = tl.exp2(logits - m_base[:, None])  # [BLOCK_M, BLOCK_N]
-        l = l * alpha + tl.sum(p, 1)
-        if ROUND_BF16:
-            p = _round_to_bf16(p)
-        acc = acc * alpha[:, None] + tl.dot(p, k_latent, input_precision="ieee")  # [BLOCK_M, BLOCK_DV]
-        m = m_new
-
-    has_key = l > 0.0
-    l_safe = tl.where(has_key, l, 1.0)
-    out = tl.where(has_key[:, None], acc / l_safe[:, None], 0.0)  # [BLOCK_M, BLOCK_DV]; 0 with nothing valid
-    lse = tl.where(has_key, (m + tl.log2(l_safe)) * 0.6931471805599453, empty_lse)  # base-2 units to natural log
+    out, lse = _normalised_output(m, l, acc, empty_lse)  # [BLOCK_M, BLOCK_DV], [BLOCK_M]
     out_row_ptr = out_part_ptr + query * stride_on + split * stride_os + head * stride_oh  # [BLOCK_M]
     tl.store(out_row_ptr[:, None] + dv[None, :], out, mask=head_ok[:, None] & (dv < head_dim_v)[None, :])
     tl.store(lse_part_ptr + query * stride_ln + split * stride_ls + head, lse, mask=head_ok)
