@@ -9,7 +9,9 @@ FlashMLA's sparse decode and prefill kernels (DSA.13, DSA.14).
 A DeepSeek-V3.2 config (``index_topk`` set) adds the lightning indexer (its own NeoX RoPE on the
 first rope dims, a Sylvester Hadamard, ReLU before the signed head weights, causal top-k; no FP8)
 and sparse attention: the naive prefill masks out the unselected keys, the cached path gathers
-only the selected latent rows.
+only the selected latent rows; in mode ``fp8``, with kv_lora_rank a multiple of 128, the cached
+path holds the latent rows (prefix and new tokens) as V3.2's FP8 records (ue8m0 scales) and reads
+them decoded, as V3.2 deploys its cache.
 
 The precision is the one setting the protocol's arguments do not carry, so it is a module
 setting: ``configure(dtype, device, tf32, rope_table)``, or at import the environment variables
@@ -365,6 +367,8 @@ def extend(cfg: dict, weights: dict, hidden, cache_rows, index_key_rows, cache_l
     rows = rows.masked_fill(~real[..., None], 0.0)
     keys = int((cached + new).max())
     key_rows = append_rows(cache_rows, rows, cached, real, keys)  # [batch, keys, kv_lora_rank + rope]
+    if DTYPE == "fp8" and index_key_rows is not None and rank % BLOCK == 0:  # FP8.12: V3.2 holds its latent cache as FP8 records
+        key_rows = decode_records(encode_records(key_rows, latent_tile_scales(key_rows[..., :rank])), rank)  # [batch, keys, width]
     visible = steps["MLA.8/visible"] = causal_visible(cached, new, seq, keys)
     w_uk, w_uv = dense(w["kv_b_proj.weight"]).unflatten(0, (heads, nope + v_dim)).split([nope, v_dim], dim=1)  # [heads, nope | v, rank]
     q_absorbed = steps["MLA.13/q_absorbed"] = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # [batch, seq, heads, kv_lora_rank]
@@ -396,18 +400,27 @@ def decode_records(records: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.cat([latent.flatten(-2).to(_dtype()), rope.to(_dtype())], dim=-1)
 
 
-def fp8_cache_write(rows, scales):
-    """FP8.10 — vLLM's / SGLang's FP8 cache store with explicit scales: rows ``[tokens, rank + rope]`` to records
-    ``[tokens, rank + 4 * rank / 128 + 2 * rope]`` uint8 (e4m3 codes of latent / scale, the float32 scales, bf16 rope).
-    Float32 whatever the dtype: the records are bytes."""
-    scale = torch.as_tensor(np.asarray(scales), device=DEVICE).to(torch.float32)  # [tokens, tiles]
+def encode_records(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8.10 — rows ``[..., rank + rope]`` to records ``[..., rank + 4 * rank / 128 + 2 * rope]`` uint8 (e4m3 codes of
+    latent / scale, the float32 scales ``[..., rank / 128]``, bf16 rope), in float32 whatever the dtype: records are bytes."""
     rank = BLOCK * scale.shape[-1]
-    rows = torch.as_tensor(np.asarray(rows), device=DEVICE)
-    tiles = rows[..., :rank].to(torch.float32).unflatten(-1, (-1, BLOCK))  # [tokens, tiles, 128]
-    codes = e4m3(tiles / scale[..., None]).flatten(-2).view(torch.uint8)  # [tokens, rank]
-    rope = rows[..., rank:].to(torch.float32).to(torch.bfloat16).contiguous().view(torch.uint8)  # [tokens, 2 * rope]
-    records = torch.cat([codes, scale.contiguous().view(torch.uint8), rope], dim=-1)  # [tokens, record]
-    return {"records": records.cpu().numpy()}
+    tiles = rows[..., :rank].to(torch.float32).unflatten(-1, (-1, BLOCK))  # [..., tiles, 128]
+    codes = e4m3(tiles / scale[..., None]).flatten(-2).view(torch.uint8)  # [..., rank]
+    rope = rows[..., rank:].to(torch.float32).to(torch.bfloat16).contiguous().view(torch.uint8)  # [..., 2 * rope]
+    return torch.cat([codes, scale.contiguous().view(torch.uint8), rope], dim=-1)  # [..., record]
+
+
+def latent_tile_scales(latent: torch.Tensor) -> torch.Tensor:
+    """FP8.9 ue8m0 — V3.2's cache scales (EXP act_quant with scale_fmt ue8m0): ``max(amax, 1e-4) / 448`` per 128-wide tile,
+    rounded up to a power of two; ``latent [..., rank]`` -> ``[..., rank / 128]`` float32."""
+    amax = latent.to(torch.float32).unflatten(-1, (-1, BLOCK)).abs().amax(dim=-1).clamp(min=1e-4)  # [..., tiles]
+    return ue8m0(amax * (1.0 / FP8_MAX))
+
+
+def fp8_cache_write(rows, scales):
+    """FP8.10 — vLLM's / SGLang's FP8 cache store with explicit scales: rows ``[tokens, rank + rope]`` to records."""
+    scale = torch.as_tensor(np.asarray(scales), device=DEVICE).to(torch.float32)  # [tokens, tiles]
+    return {"records": encode_records(torch.as_tensor(np.asarray(rows), device=DEVICE), scale).cpu().numpy()}
 
 
 def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):

@@ -409,6 +409,8 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
         else:
             cache = None if cache is None else cache.append(new_rows, lengths)  # MLA.18
         key_rows = new_rows if cache is None else cache.key_rows()  # [batch, keys, kv_lora_rank + rope]
+        if cache is None and trace is not None and trace.latent_cache_fp8(config):  # FP8.12: V3.2 reads a prefill's rows back from FP8
+            key_rows = Fp8LatentCache.empty(config, batch, x.dtype).append(new_rows, np.full(batch, seq)).key_rows()
         if cache is not None:
             _check_used_rows("cache", key_rows, cache.lengths, allow_nonfinite, "MLA.18")
     if cache is not None:

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from .cache import LatentCache, LayerCache, NaiveCache, PagedLatentCache
+from .cache import Fp8LatentCache, LatentCache, LayerCache, NaiveCache, PagedLatentCache
 from .dsa import SparseCache
 from .checks import checked_weight, finite_output
 from .config import ModelConfig
@@ -29,7 +29,7 @@ from .spec import evaluate_shape, load_spec_file
 from .trace import Trace, emit
 from .weights import subtree
 
-CACHE_KINDS = ("latent", "naive", "paged")
+CACHE_KINDS = ("latent", "naive", "paged", "fp8")
 
 
 def embed_tokens(embedding: np.ndarray, tokens: np.ndarray, query_lengths: np.ndarray) -> np.ndarray:
@@ -95,7 +95,8 @@ class ModelCache:
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, *, num_layers: int | None = None, kind: str = "latent",
               max_tokens: int | None = None, block_size: int = 64, shuffle_seed: int | None = None) -> "ModelCache":
-        """Empty caches for ``num_layers`` layers (default the main stack): ``latent``, ``naive`` or ``paged``.
+        """Empty caches for ``num_layers`` layers (default the main stack): ``latent``, ``naive``, ``paged`` or ``fp8``
+        (FP8 latent records, FP8.12, scale rule ue8m0; kv_lora_rank a multiple of 128).
 
         ``paged`` needs ``max_tokens`` (the capacity per sequence); ``shuffle_seed`` scatters
         each layer's block table (layer l uses seed ``shuffle_seed + l``). A DSA config
@@ -112,6 +113,8 @@ class ModelCache:
             layers: tuple = tuple(LatentCache.empty(config, batch) for _ in range(num_layers))
         elif kind == "naive":
             layers = tuple(NaiveCache.empty(config, batch) for _ in range(num_layers))
+        elif kind == "fp8":
+            layers = tuple(Fp8LatentCache.empty(config, batch) for _ in range(num_layers))
         else:
             layers = tuple(PagedLatentCache.empty(config, batch, max_tokens, block_size,
                                                   shuffle_seed=None if shuffle_seed is None else shuffle_seed + layer)
@@ -182,8 +185,8 @@ def greedy_generate(config: ModelConfig, weights: Mapping[str, np.ndarray], prom
                     forced_tokens: np.ndarray | None = None, trace: Trace | None = None) -> GenerationResult:
     """Prefill ragged ``prompts`` in one batch, then cached greedy decode (MODEL.6) of ``max_new_tokens`` each.
 
-    ``cache`` defaults to an empty LatentCache per layer; pass ``ModelCache.empty(..., kind=...)``
-    for a naive or paged one. The returned cache holds the prompts and every new token but the last.
+    ``cache`` defaults to an empty LatentCache per layer (FP8 records under a trace whose profile sets
+    ``latent_cache_fp8``, on a V3.2-style config); pass ``ModelCache.empty(..., kind=...)`` for another. The returned cache holds the prompts and every new token but the last.
     ``forced_tokens [batch, max_new_tokens]`` replace the argmax (teacher forcing: the logits along
     another implementation's tokens, TOLERANCE.4).
     """
@@ -195,7 +198,8 @@ def greedy_generate(config: ModelConfig, weights: Mapping[str, np.ndarray], prom
         forced_tokens = check_tokens(config, forced_tokens, None)[0]
         if forced_tokens.shape != (batch, max_new_tokens):
             raise ShapeError("forced_tokens", f"expected [{batch}, {max_new_tokens}], got {list(forced_tokens.shape)}", "MODEL.6")
-    cache = ModelCache.empty(config, batch) if cache is None else cache
+    if cache is None:  # FP8.12: the fp8 profile's emulation of a V3.2 config holds FP8 latent records, as V3.2 deploys them
+        cache = ModelCache.empty(config, batch, kind="fp8" if trace is not None and trace.latent_cache_fp8(config) else "latent")
     result = model_forward(config, weights, tokens, cache, query_lengths=lengths, attention=attention, trace=trace)
     last_logits = result.logits[np.arange(batch), lengths - 1]  # [batch, vocab_size]
     new_tokens, step_logits = [], []
@@ -292,8 +296,9 @@ def check_model_cache(config: ModelConfig, cache, batch: int, num_layers: int) -
     if len(cache.layers) != num_layers:
         raise CacheError("cache", f"expected {num_layers} layer caches, got {len(cache.layers)}", "MODEL.2")
     for layer, layer_cache in enumerate(cache.layers):
-        if not isinstance(layer_cache, (LatentCache, NaiveCache, PagedLatentCache, SparseCache)):
-            raise CacheError(f"cache.layers[{layer}]", f"expected LatentCache, NaiveCache, PagedLatentCache or SparseCache, got {type(layer_cache).__name__}", "MODEL.2")
+        if not isinstance(layer_cache, (LatentCache, NaiveCache, PagedLatentCache, Fp8LatentCache, SparseCache)):
+            raise CacheError(f"cache.layers[{layer}]", f"expected LatentCache, NaiveCache, PagedLatentCache, Fp8LatentCache or SparseCache, "
+                             f"got {type(layer_cache).__name__}", "MODEL.2")
         layer_cache.check(config, batch)
         if not np.array_equal(layer_cache.lengths, cache.lengths):
             raise CacheError(f"cache.layers[{layer}]", f"holds {layer_cache.lengths.tolist()} positions, layer 0 holds {cache.lengths.tolist()}", "MODEL.2")

@@ -13,8 +13,9 @@ import functools
 
 import numpy as np
 
+from .config import ModelConfig
 from .errors import InputError
-from .fp8 import Fp8Linear
+from .fp8 import BLOCK_SIZE, Fp8Linear
 from .precision import ROUNDING
 from .spec import load_spec_file, step_by_id
 
@@ -46,6 +47,12 @@ class Trace:
     def indexer_fp8(self) -> bool:
         """DSA.6 — whether this trace's profile quantises the indexer's q and k to FP8 (``indexer_fp8: true``, the fp8 profile)."""
         return self.profile is not None and bool(self.profile.get("indexer_fp8", False))
+
+    def latent_cache_fp8(self, config: ModelConfig) -> bool:
+        """FP8.12 — whether this trace's profile holds ``config``'s MLA latent cache as FP8 records (``latent_cache_fp8: true``,
+        the fp8 profile): on a DSA config (V3.2) whose kv_lora_rank is a whole number of 128-wide tiles."""
+        return (self.profile is not None and bool(self.profile.get("latent_cache_fp8", False)) and config.sparse_attention
+                and config.kv_lora_rank % BLOCK_SIZE == 0)
 
     def round(self, step_id: str, name: str, value: np.ndarray) -> np.ndarray:
         """TOLERANCE.2 — ``value`` as the profile stores output ``name`` of ``step_id`` (integers and bools untouched)."""

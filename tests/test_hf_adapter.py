@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.transformers]
 # Entry points HF has no counterpart of: the FlashMLA kernel contract, the training rules, the EP plan, MTP.
 UNSUPPORTED_ENTRY_POINTS = {"latent_attention_core", "moe_balance", "dispatch_plan", "mtp_forward", "mtp_draft", "speculative_decode"}
 DSA_CASES = {"dsa.indexer/tiny-dsa/seed0", "dsa.prefill/tiny-dsa/seed0", "dsa.extend.chunked/tiny-dsa/seed0",
-             "dsa.extend.decode/tiny-dsa/seed0", "dsa.logits/tiny-dsa/seed0", "dsa.greedy/tiny-dsa/seed0"}
+             "dsa.extend.decode/tiny-dsa/seed0", "dsa.logits/tiny-dsa/seed0", "dsa.greedy/tiny-dsa/seed0",
+             "dsa.extend.decode/tiny-dsa-r512/seed0", "dsa.greedy/tiny-dsa-r512/seed0"}
 
 
 @pytest.fixture

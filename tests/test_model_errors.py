@@ -86,7 +86,7 @@ def test_caches_that_do_not_fit():
         model_forward(config, weights, tokens, mixed)
     with pytest.raises(CacheError, match=r"max_tokens: a paged cache needs a capacity max_tokens >= 1, got None \(MLA.19\)"):
         ModelCache.empty(config, 1, kind="paged")
-    with pytest.raises(CacheError, match=r"kind: expected one of \['latent', 'naive', 'paged'\], got 'flash'"):
+    with pytest.raises(CacheError, match=r"kind: expected one of \['latent', 'naive', 'paged', 'fp8'\], got 'flash'"):
         ModelCache.empty(config, 1, kind="flash")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..cache import LatentCache
+from ..cache import Fp8LatentCache, LatentCache
 from ..config import from_dict
 from ..dsa import SparseCache, indexer_forward
 from ..mla import latent_attention_core as core, mla_forward
@@ -94,7 +94,10 @@ def dsa_extend(config, weights, hidden, cache_rows, index_key_rows, cache_length
     """A DSA layer after a cached prefix of latent rows and indexer keys: chunked prefill (bottom-right causal) or decode."""
     cfg, dtype = from_dict(config), _arithmetic(trace)
     lengths = np.asarray(cache_lengths, dtype=np.int64)
-    cache = SparseCache(LatentCache(np.asarray(cache_rows, dtype=dtype), lengths), LatentCache(np.asarray(index_key_rows, dtype=dtype), lengths))
+    latent = LatentCache(np.asarray(cache_rows, dtype=dtype), lengths)
+    if trace is not None and trace.latent_cache_fp8(cfg):  # FP8.12: the fp8 profile holds the handed-over prefix as FP8 records
+        latent = Fp8LatentCache.empty(cfg, len(lengths), dtype).append(latent.rows, lengths)
+    cache = SparseCache(latent, LatentCache(np.asarray(index_key_rows, dtype=dtype), lengths))
     result = mla_forward(cfg, weights, hidden, cache=cache, attention=attention, query_lengths=query_lengths, dtype=dtype, trace=trace)
     batch, seq = np.shape(hidden)[:2]
     positions = np.minimum(lengths[:, None] + np.arange(seq)[None, :], result.cache.key_rows().shape[1] - 1)  # [batch, seq]

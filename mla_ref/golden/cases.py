@@ -648,7 +648,8 @@ def _keeps_selection_margins(definition: dict, config: ModelConfig, weights: dic
 
 def _stable_prompts(definition: dict, config: ModelConfig, weights: dict, args: dict):
     """Prompts whose discrete outcome (tokens, acceptance) is the same in float64 and in every profile's emulation; for
-    a DSA greedy decode, whose every DSA selection (the prompt and the generated tokens fed back) keeps a margin too."""
+    a DSA greedy decode, whose every DSA selection (the prompt and the generated tokens fed back) keeps a margin too, and
+    with layout ``token_margin`` whose every greedy token leads the next best logit by more than it."""
     layout = definition["layout"]
     rng = _rng(definition, "prompts")
     lengths = np.array(layout["prompt_lengths"], dtype=np.int64)
@@ -658,6 +659,8 @@ def _stable_prompts(definition: dict, config: ModelConfig, weights: dict, args: 
         inputs = {"prompt_tokens": prompt[None, :], "prompt_lengths": lengths[len(chosen): len(chosen) + 1]}
         probe = Case(definition["id"], definition, config, args, inputs, weights)
         truth = call_reference(probe, None)
+        if "token_margin" in layout and logit_margins(truth["logits"]).min() <= layout["token_margin"]:
+            continue
         if config.sparse_attention and "tokens" in truth:
             fed_back = np.concatenate([prompt[: lengths[len(chosen)]], truth["tokens"][0, :-1]])
             if not _keeps_selection_margins(definition, config, weights, fed_back):
@@ -836,8 +839,13 @@ def choice_margins(case: Case, trace: Trace) -> dict[str, np.ndarray]:
     chosen = {"greedy_decode": "tokens", "mtp_draft": "drafts"}.get(case.entry_point)
     if chosen is None:
         return {}
-    best_two = np.sort(case.outputs["logits"], axis=-1)[..., -2:]  # [batch, steps or depths, 2]
-    return {chosen: best_two[..., 1] - best_two[..., 0]}
+    return {chosen: logit_margins(case.outputs["logits"])}
+
+
+def logit_margins(logits: np.ndarray) -> np.ndarray:
+    """The gap between the largest logit and the next, ``[...]`` from ``logits [..., vocab_size]``."""
+    best_two = np.sort(logits, axis=-1)[..., -2:]  # [..., 2]
+    return best_two[..., 1] - best_two[..., 0]
 
 
 def profiles_of(definition: dict) -> list[str]:
