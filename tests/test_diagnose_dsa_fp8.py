@@ -1,0 +1,149 @@
+"""Diagnoses of DSA and FP8 bugs from outputs alone, in the default suite (no torch): each bug is planted in a candidate
+built independently of mla_ref, and the checker must name it first, or name the constant factor it multiplies by.
+
+The candidates follow the facts sheet (shared/facts/v32-sparse-attention-and-fp8.md) through the slow oracles of
+tests/ (independent_dsa.py, independent_mla.py): the indexer below is independent_dsa's recipe with its score loop
+written as one einsum (the T x T x heads x dim loop of the oracle costs a second per case), checked against the
+oracle on a slice; attention is independent_mla.slow_mla; FP8 weights and cache records are decoded byte by byte
+by the oracles' e4m3fn readers. The torch mutant zoo (tests/test_dsa_mutants.py, slow) names the same bugs in a
+real kernel; these tests keep each diagnosis variant of diagnose.py guarded by the default suite.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+
+import numpy as np
+import pytest
+
+import independent_dsa as slow_dsa
+import independent_mla as slow
+from mla_ref.config import from_dict, load_preset
+from mla_ref.conformance.check import check
+
+INDEXER, PREFILL = "dsa.indexer/tiny-dsa/seed0", "dsa.prefill/tiny-dsa/seed0"
+
+
+def _only_case(adapter, case_id: str, profile: str = "fp32"):
+    report = check(adapter, profile, select=case_id)
+    assert len(report.cases) == 1, report.table()
+    return report.cases[0]
+
+
+def _named_first(case, expected: str) -> None:
+    named = [text for text in case.diagnosis if text.startswith("matches the reference with this bug")]
+    assert case.status == "fail", case.reason
+    assert named and expected in named[0], case.diagnosis
+    assert not any("no known pattern" in text for text in case.diagnosis), case.diagnosis
+
+
+# ------------------------------------------------------------------ the lightning indexer (DSA.1-DSA.10)
+
+CORRECT = types.MappingProxyType({"layout": "half", "rope_last": False, "hadamard_q": True, "hadamard_k": True,
+                                  "relu_first": True, "causal": True, "clamped": True, "head_scale": True, "dim_scale": True})
+
+
+@functools.lru_cache(maxsize=None)
+def _hadamard(size: int) -> np.ndarray:
+    return slow_dsa.slow_hadamard(size)
+
+
+def _rotate(cfg, vector, position: int, bug: dict) -> np.ndarray:
+    """DSA.4 on one indexer vector: [rope | nope] in half pairs; the bugs rotate in interleaved pairs or the last dims."""
+    rope = cfg.qk_rope_head_dim
+    part = slice(len(vector) - rope, None) if bug["rope_last"] else slice(0, rope)
+    out = np.array(vector, dtype=np.float64)
+    out[part] = slow.slow_rotate(vector[part], position, slow.slow_frequencies(cfg), slow.slow_rope_amplitude(cfg), bug["layout"])
+    return out
+
+
+def _indexer_rows(cfg, weights, hidden, positions, bug: dict):
+    """One sequence: (masked scores [T, T], selected key sets) of the indexer with ``bug``'s changes to CORRECT."""
+    get = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items()}
+    heads, dim, hadamard = cfg.index_n_heads, cfg.index_head_dim, _hadamard(cfg.index_head_dim)
+    queries, keys, head_weights = [], [], []
+    for x, position in zip(np.asarray(hidden, dtype=np.float64), positions):
+        c_q = slow._rms_norm(slow._linear(x, get["q_a_proj.weight"]), get["q_a_layernorm.weight"], cfg.rms_norm_eps)
+        q_flat = slow._linear(c_q, get["indexer.wq_b.weight"])
+        q = [_rotate(cfg, q_flat[h * dim:(h + 1) * dim], position, bug) for h in range(heads)]
+        queries.append([hadamard @ v if bug["hadamard_q"] else v for v in q])
+        k = _rotate(cfg, slow_dsa.slow_layer_norm(slow._linear(x, get["indexer.wk.weight"]), get["indexer.k_norm.weight"],
+                                                  get["indexer.k_norm.bias"], cfg.index_norm_eps), position, bug)
+        keys.append(hadamard @ k if bug["hadamard_k"] else k)
+        head_weights.append(slow._linear(x, get["indexer.weights_proj.weight"]) / (math.sqrt(heads) if bug["head_scale"] else 1.0))
+    dots = np.einsum("thd,sd->ths", np.array(queries), np.array(keys)) / (math.sqrt(dim) if bug["dim_scale"] else 1.0)
+    weighted = np.array(head_weights)[:, :, None]  # [T, heads, 1]
+    scores = (weighted * np.maximum(dots, 0.0) if bug["relu_first"] else np.maximum(weighted * dots, 0.0)).sum(axis=1)
+    positions = np.asarray(positions)
+    if bug["causal"]:
+        scores = np.where(positions[None, :] <= positions[:, None], scores, -np.inf)
+    selected = [slow_dsa.slow_topk(row, cfg.index_topk) for row in scores]
+    if not bug["clamped"]:  # the k largest of every key, -inf ones included (ties: the lower index)
+        selected = [sorted(sorted(range(len(row)), key=lambda s, row=row: (-row[s], s))[: cfg.index_topk]) for row in scores]
+    return scores, selected
+
+
+def _padded(selected: list[list[int]], topk: int) -> list[list[int]]:
+    return [row + [-1] * (topk - len(row)) for row in selected]
+
+
+def _indexer_adapter(**changes) -> types.SimpleNamespace:
+    bug = {**CORRECT, **changes}
+
+    def dsa_indexer(config, weights, hidden, start_positions):
+        cfg = from_dict(config)
+        rows = [_indexer_rows(cfg, weights, row, int(start) + np.arange(len(row)), bug) for row, start in zip(hidden, start_positions)]
+        return {"indices": np.array([_padded(selected, cfg.index_topk) for _, selected in rows]),
+                "scores": np.array([scores for scores, _ in rows])}
+    return types.SimpleNamespace(dsa_indexer=dsa_indexer)
+
+
+def test_the_fast_indexer_is_the_slow_oracle():
+    """The einsum form above against independent_dsa's loops, on the first tokens of the golden case's first sequence."""
+    adapter = _indexer_adapter()
+    captured = {}
+
+    def capture(config, weights, hidden, start_positions):
+        captured.update(cfg=from_dict(config), weights=weights, hidden=np.asarray(hidden)[0, :12], start=int(start_positions[0]))
+        return adapter.dsa_indexer(config, weights, hidden, start_positions)
+    assert _only_case(types.SimpleNamespace(dsa_indexer=capture), INDEXER).status == "pass"
+    cfg, positions = captured["cfg"], captured["start"] + np.arange(12)
+    scores, selected = _indexer_rows(cfg, captured["weights"], captured["hidden"], positions, dict(CORRECT))
+    oracle = slow_dsa.slow_indexer_scores(cfg, captured["weights"], captured["hidden"], positions)
+    assert np.array_equal(np.isfinite(scores), np.isfinite(oracle))
+    assert np.allclose(scores[np.isfinite(scores)], oracle[np.isfinite(oracle)], rtol=1e-12, atol=1e-12)
+    assert selected == [slow_dsa.slow_topk(row, cfg.index_topk) for row in oracle]
+
+
+INDEXER_BUGS = {  # bug -> (its changes to CORRECT, the variant the diagnosis must name first)
+    "rope_interleaved": ({"layout": "interleaved"}, "indexer RoPE in interleaved pairs"),
+    "rope_on_the_last_dims": ({"rope_last": True}, "indexer RoPE on the last qk_rope_head_dim dims"),
+    "hadamard_missing_on_q": ({"hadamard_q": False}, "Hadamard on one side of the index scores only"),  # q.(Hk) = (Hq).k: one test
+    "relu_after_head_weights": ({"relu_first": False}, "ReLU after the index head weights (not before)"),
+    "no_causal_mask": ({"causal": False}, "no causal mask before the indexer's top-k"),
+    "topk_not_clamped": ({"clamped": False}, "indexer top-k not clamped to the visible keys"),
+}
+
+
+@pytest.mark.parametrize("bug", list(INDEXER_BUGS))
+def test_indexer_bug_is_named_from_outputs_alone(bug):
+    changes, expected = INDEXER_BUGS[bug]
+    _named_first(_only_case(_indexer_adapter(**changes), INDEXER), expected)
+
+
+@pytest.mark.parametrize("change, factor_name, factor", [
+    ("head_scale", "indexer head weights without index_n_heads^-0.5 (DSA.3)", "index_n_heads"),
+    ("dim_scale", "index scores without index_head_dim^-0.5 (DSA.8)", "index_head_dim")])
+def test_a_missing_index_score_scale_is_named_by_its_factor(change, factor_name, factor):
+    """A positive factor on every index score keeps the selection: only the scores fail, sqrt(factor) x the truth."""
+    case = _only_case(_indexer_adapter(**{change: False}), INDEXER)
+    assert [c.name for c in case.comparisons if not c.passed] == ["scores"], case.reason
+    root = math.sqrt(getattr(load_preset("tiny-dsa"), factor))
+    assert case.diagnosis == [f"scores is {root:.4f} x the truth (sqrt({factor}) = {root:.4g}: {factor_name})"], case.diagnosis
+
+
+def test_the_correct_independent_indexer_passes():
+    case = _only_case(_indexer_adapter(), INDEXER)
+    assert case.status == "pass" and not case.diagnosis, case.reason
