@@ -147,3 +147,89 @@ def test_a_missing_index_score_scale_is_named_by_its_factor(change, factor_name,
 def test_the_correct_independent_indexer_passes():
     case = _only_case(_indexer_adapter(), INDEXER)
     assert case.status == "pass" and not case.diagnosis, case.reason
+
+
+# ------------------------------------------------------------------ sparse attention (DSA.11-DSA.12)
+
+
+def _prefill_adapter(dense: bool) -> types.SimpleNamespace:
+    """dsa_prefill: the independent indexer's selection, then independent_mla's attention over the selected keys (or, with
+    ``dense``, over every causally visible key: the selection ignored)."""
+    def dsa_prefill(config, weights, hidden, start_positions):
+        cfg, outputs, lses, indices = from_dict(config), [], [], []
+        for row, start in zip(hidden, start_positions):
+            _, selected = _indexer_rows(cfg, weights, row, int(start) + np.arange(len(row)), dict(CORRECT))
+            chosen = [set(keys) for keys in selected]
+            out, lse = slow.slow_mla(cfg, weights, row, int(start) + np.arange(len(row)), None if dense else lambda i, j: j in chosen[i])
+            outputs.append(out), lses.append(lse), indices.append(_padded(selected, cfg.index_topk))
+        return {"output": np.stack(outputs), "indices": np.array(indices), "lse": np.stack(lses)}
+    return types.SimpleNamespace(dsa_prefill=dsa_prefill)
+
+
+def test_dense_attention_is_named_from_outputs_alone():
+    """The selection is returned right but not used: output and lse fail, and the dense layer is named."""
+    case = _only_case(_prefill_adapter(dense=True), PREFILL)
+    assert sorted(c.name for c in case.comparisons if not c.passed) == ["lse", "output"], case.reason
+    _named_first(case, "dense attention: the indexer's selection ignored")
+
+
+def test_the_correct_independent_sparse_layer_passes():
+    case = _only_case(_prefill_adapter(dense=False), PREFILL)
+    assert case.status == "pass" and not case.diagnosis, case.reason
+
+
+# ------------------------------------------------------------------ FP8 checkpoints (FP8.4): weight_scale_inv read wrong
+
+FP8_PREFILL = "mla.prefill.fp8/tiny-fp8/seed0"
+E4M3FN = np.array([slow._e4m3fn(code) for code in range(256)])  # independent_mla's bit-by-bit decoder, one entry per code
+
+
+def _dequantized(weights: dict, bug: str | None) -> dict:
+    """Float weights from an FP8 checkpoint: decode(code[i, j]) * scale[i // 128, j // 128], with ``bug`` in the scale read."""
+    suffix, out = "_scale_inv", {}
+    for name, value in weights.items():
+        if name.endswith(suffix):
+            continue
+        if name + suffix not in weights:
+            out[name] = np.asarray(value, dtype=np.float64)
+            continue
+        codes, scales = np.asarray(value), np.asarray(weights[name + suffix], dtype=np.float64)
+        rows, cols = np.arange(codes.shape[0]), np.arange(codes.shape[1])
+        row_block, col_block = 128, 128
+        if bug == "block_from_shapes":  # rows / scale rows, cols / scale cols (a partial edge block makes them differ from 128)
+            row_block, col_block = -(-codes.shape[0] // scales.shape[0]), -(-codes.shape[1] // scales.shape[1])
+        row_of = rows // row_block
+        if bug == "edge_block_neighbour":  # the partial last row block reads the last full block's scale
+            row_of = np.minimum(row_of, max(codes.shape[0] // 128 - 1, 0))
+        scale = scales[row_of][:, cols // col_block]  # [rows, cols]
+        scale = {"not_applied": np.ones_like(scale), "divided": 1.0 / scale,
+                 "power_of_two": 2.0 ** np.floor(np.log2(scale))}.get(bug, scale)
+        out[name] = E4M3FN[codes] * scale
+    return out
+
+
+def _fp8_prefill_adapter(bug: str | None) -> types.SimpleNamespace:
+    def mla_prefill(config, weights, hidden, start_positions):
+        cfg, floats = from_dict(config), _dequantized(weights, bug)
+        rows = [slow.slow_mla(cfg, floats, row, int(start) + np.arange(len(row))) for row, start in zip(hidden, start_positions)]
+        return {"output": np.stack([out for out, _ in rows]), "lse": np.stack([lse for _, lse in rows])}
+    return types.SimpleNamespace(mla_prefill=mla_prefill)
+
+
+FP8_WEIGHT_BUGS = {
+    "not_applied": "FP8 weight_scale_inv not applied (the codes read as values)",
+    "divided": "FP8 weight_scale_inv divided instead of multiplied",
+    "block_from_shapes": "FP8 block size inferred from the shapes (rows / scale rows) instead of 128",
+    "edge_block_neighbour": "FP8 edge block given its neighbour's scale (the last full block's)",
+    "power_of_two": "FP8 weight scales truncated to powers of two",
+}
+
+
+@pytest.mark.parametrize("bug", list(FP8_WEIGHT_BUGS))
+def test_fp8_weight_bug_is_named_from_outputs_alone(bug):
+    _named_first(_only_case(_fp8_prefill_adapter(bug), FP8_PREFILL, "fp8"), FP8_WEIGHT_BUGS[bug])
+
+
+def test_the_correct_independent_fp8_dequantisation_passes():
+    case = _only_case(_fp8_prefill_adapter(None), FP8_PREFILL, "fp8")
+    assert case.status == "pass" and not case.diagnosis, case.reason
