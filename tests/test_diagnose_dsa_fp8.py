@@ -59,30 +59,38 @@ def _rotate(cfg, vector, position: int, bug: dict) -> np.ndarray:
     return out
 
 
+def _index_projections(cfg, weights, x, position: int, bug: dict):
+    """One token's index queries [heads, dim], index key [dim] (both after RoPE and Hadamard) and head weights [heads]."""
+    get = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items() if name.startswith(("q_a_", "indexer."))}
+    heads, dim, hadamard = cfg.index_n_heads, cfg.index_head_dim, _hadamard(cfg.index_head_dim)
+    c_q = slow._rms_norm(slow._linear(x, get["q_a_proj.weight"]), get["q_a_layernorm.weight"], cfg.rms_norm_eps)
+    q_flat = slow._linear(c_q, get["indexer.wq_b.weight"])
+    queries = [_rotate(cfg, q_flat[h * dim:(h + 1) * dim], position, bug) for h in range(heads)]
+    key = _rotate(cfg, slow_dsa.slow_layer_norm(slow._linear(x, get["indexer.wk.weight"]), get["indexer.k_norm.weight"],
+                                                get["indexer.k_norm.bias"], cfg.index_norm_eps), position, bug)
+    head_weights = slow._linear(x, get["indexer.weights_proj.weight"]) / (math.sqrt(heads) if bug["head_scale"] else 1.0)
+    return (np.array([hadamard @ q if bug["hadamard_q"] else q for q in queries]), hadamard @ key if bug["hadamard_k"] else key,
+            head_weights)
+
+
+def _selection(cfg, queries, keys, head_weights, query_positions, key_positions, bug: dict):
+    """Masked index scores [T, keys] and the selected key sets of queries [T, heads, dim] over keys [keys, dim]."""
+    dots = np.einsum("thd,sd->ths", queries, keys) / (math.sqrt(cfg.index_head_dim) if bug["dim_scale"] else 1.0)
+    weighted = np.asarray(head_weights)[:, :, None]  # [T, heads, 1]
+    scores = (weighted * np.maximum(dots, 0.0) if bug["relu_first"] else np.maximum(weighted * dots, 0.0)).sum(axis=1)
+    if bug["causal"]:
+        scores = np.where(np.asarray(key_positions)[None, :] <= np.asarray(query_positions)[:, None], scores, -np.inf)
+    if bug["clamped"]:
+        return scores, [slow_dsa.slow_topk(row, cfg.index_topk) for row in scores]
+    # the k largest of every key, -inf ones included (ties: the lower index)
+    return scores, [sorted(sorted(range(len(row)), key=lambda s, row=row: (-row[s], s))[: cfg.index_topk]) for row in scores]
+
+
 def _indexer_rows(cfg, weights, hidden, positions, bug: dict):
     """One sequence: (masked scores [T, T], selected key sets) of the indexer with ``bug``'s changes to CORRECT."""
-    get = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items()}
-    heads, dim, hadamard = cfg.index_n_heads, cfg.index_head_dim, _hadamard(cfg.index_head_dim)
-    queries, keys, head_weights = [], [], []
-    for x, position in zip(np.asarray(hidden, dtype=np.float64), positions):
-        c_q = slow._rms_norm(slow._linear(x, get["q_a_proj.weight"]), get["q_a_layernorm.weight"], cfg.rms_norm_eps)
-        q_flat = slow._linear(c_q, get["indexer.wq_b.weight"])
-        q = [_rotate(cfg, q_flat[h * dim:(h + 1) * dim], position, bug) for h in range(heads)]
-        queries.append([hadamard @ v if bug["hadamard_q"] else v for v in q])
-        k = _rotate(cfg, slow_dsa.slow_layer_norm(slow._linear(x, get["indexer.wk.weight"]), get["indexer.k_norm.weight"],
-                                                  get["indexer.k_norm.bias"], cfg.index_norm_eps), position, bug)
-        keys.append(hadamard @ k if bug["hadamard_k"] else k)
-        head_weights.append(slow._linear(x, get["indexer.weights_proj.weight"]) / (math.sqrt(heads) if bug["head_scale"] else 1.0))
-    dots = np.einsum("thd,sd->ths", np.array(queries), np.array(keys)) / (math.sqrt(dim) if bug["dim_scale"] else 1.0)
-    weighted = np.array(head_weights)[:, :, None]  # [T, heads, 1]
-    scores = (weighted * np.maximum(dots, 0.0) if bug["relu_first"] else np.maximum(weighted * dots, 0.0)).sum(axis=1)
-    positions = np.asarray(positions)
-    if bug["causal"]:
-        scores = np.where(positions[None, :] <= positions[:, None], scores, -np.inf)
-    selected = [slow_dsa.slow_topk(row, cfg.index_topk) for row in scores]
-    if not bug["clamped"]:  # the k largest of every key, -inf ones included (ties: the lower index)
-        selected = [sorted(sorted(range(len(row)), key=lambda s, row=row: (-row[s], s))[: cfg.index_topk]) for row in scores]
-    return scores, selected
+    queries, keys, head_weights = zip(*(_index_projections(cfg, weights, x, position, bug)
+                                        for x, position in zip(np.asarray(hidden, dtype=np.float64), positions)))
+    return _selection(cfg, np.array(queries), np.array(keys), np.array(head_weights), positions, positions, bug)
 
 
 def _padded(selected: list[list[int]], topk: int) -> list[list[int]]:
@@ -175,6 +183,74 @@ def test_dense_attention_is_named_from_outputs_alone():
 
 def test_the_correct_independent_sparse_layer_passes():
     case = _only_case(_prefill_adapter(dense=False), PREFILL)
+    assert case.status == "pass" and not case.diagnosis, case.reason
+
+
+def _extend_token(cfg, weights, x, position: int):
+    """One new token's latent row [kv_lora_rank + rope] and its per-head (q_nope [heads, nope], rotated q_pe [heads, rope])."""
+    get = {name: np.asarray(value, dtype=np.float64) for name, value in weights.items()}
+    rank, nope, rope, eps = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.rms_norm_eps
+    frequencies, amplitude = slow.slow_frequencies(cfg), slow.slow_rope_amplitude(cfg)
+    kv_a = slow._linear(x, get["kv_a_proj_with_mqa.weight"])
+    row = np.concatenate([slow._rms_norm(kv_a[:rank], get["kv_a_layernorm.weight"], eps),
+                          slow.slow_rotate(kv_a[rank:], position, frequencies, amplitude, cfg.rope_layout)])
+    q = slow._linear(slow._rms_norm(slow._linear(x, get["q_a_proj.weight"]), get["q_a_layernorm.weight"], eps),
+                     get["q_b_proj.weight"]).reshape(cfg.num_attention_heads, nope + rope)
+    return row, q[:, :nope], np.array([slow.slow_rotate(head, position, frequencies, amplitude, cfg.rope_layout) for head in q[:, nope:]])
+
+
+def _extend_adapter(**changes) -> types.SimpleNamespace:
+    """dsa_extend in the absorbed form, per query: index scores over the cached and new indexer keys (bottom-right causal),
+    then latent attention over the selected latent rows; right-padded queries give zeros, -1 and lse -inf."""
+    bug = {**CORRECT, **changes}
+
+    def dsa_extend(config, weights, hidden, cache_rows, index_key_rows, cache_lengths, query_lengths):
+        cfg = from_dict(config)
+        heads, nope, rank, topk = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank, cfg.index_topk
+        kv_b = np.asarray(weights["kv_b_proj.weight"], dtype=np.float64).reshape(heads, nope + cfg.v_head_dim, rank)
+        batch, seq = np.shape(hidden)[:2]
+        out = {"output": np.zeros((batch, seq, np.shape(hidden)[2])), "rows": np.zeros((batch, seq, rank + cfg.qk_rope_head_dim)),
+               "index_keys": np.zeros((batch, seq, cfg.index_head_dim)), "indices": np.full((batch, seq, topk), -1),
+               "lse": np.full((batch, heads, seq), -np.inf)}
+        for b in range(batch):
+            prefix, new = int(cache_lengths[b]), int(query_lengths[b])
+            positions = prefix + np.arange(new)
+            tokens = [_extend_token(cfg, weights, x, p) for x, p in zip(np.asarray(hidden[b], dtype=np.float64), positions)]
+            index = [_index_projections(cfg, weights, x, p, bug) for x, p in zip(np.asarray(hidden[b], dtype=np.float64), positions)]
+            rows = np.concatenate([np.asarray(cache_rows[b][:prefix], dtype=np.float64), [row for row, _, _ in tokens]])
+            keys = np.concatenate([np.asarray(index_key_rows[b][:prefix], dtype=np.float64), [key for _, key, _ in index]])
+            _, selected = _selection(cfg, np.array([q for q, _, _ in index]), keys, np.array([w for _, _, w in index]),
+                                     positions, np.arange(prefix + new), bug)
+            out["rows"][b, :new], out["index_keys"][b, :new] = rows[prefix:], keys[prefix:]
+            out["indices"][b, :new] = _padded(selected, topk)
+            for t, ((_, q_nope, q_pe), chosen) in enumerate(zip(tokens, selected)):
+                attended, values = [], []
+                for h in range(heads):
+                    q_latent = q_nope[h] @ kv_b[h, :nope]  # [rank]: W_uk absorbed into the query
+                    logits = [slow.slow_softmax_scale(cfg) * (q_latent @ rows[j, :rank] + q_pe[h] @ rows[j, rank:]) for j in chosen]
+                    probs, out["lse"][b, h, t] = slow._softmax_with_lse(logits)
+                    attended.append(kv_b[h, nope:] @ sum(p * rows[j, :rank] for p, j in zip(probs, chosen)))
+                out["output"][b, t] = slow._linear(np.concatenate(attended), weights["o_proj.weight"])
+        return out
+    return types.SimpleNamespace(dsa_extend=dsa_extend)
+
+
+EXTEND = "dsa.extend.chunked/tiny-dsa/seed0"
+EXTEND_BUGS = {  # the cached keys carry the Hadamard, so the side it is missing on shows
+    "hadamard_missing_on_q": ({"hadamard_q": False}, "Hadamard missing on the index queries (keys rotated)"),
+    "hadamard_missing_on_new_keys": ({"hadamard_k": False}, "Hadamard missing on the new index keys"),
+    "hadamard_missing_on_both": ({"hadamard_q": False, "hadamard_k": False}, "Hadamard missing on both index queries and new keys"),
+}
+
+
+@pytest.mark.parametrize("bug", list(EXTEND_BUGS))
+def test_the_side_of_a_missing_hadamard_is_named_after_a_cached_prefix(bug):
+    changes, expected = EXTEND_BUGS[bug]
+    _named_first(_only_case(_extend_adapter(**changes), EXTEND), expected)
+
+
+def test_the_correct_independent_extend_layer_passes():
+    case = _only_case(_extend_adapter(), EXTEND)
     assert case.status == "pass" and not case.diagnosis, case.reason
 
 
