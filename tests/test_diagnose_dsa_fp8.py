@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 import types
 
 import numpy as np
@@ -308,4 +309,75 @@ def test_fp8_weight_bug_is_named_from_outputs_alone(bug):
 
 def test_the_correct_independent_fp8_dequantisation_passes():
     case = _only_case(_fp8_prefill_adapter(None), FP8_PREFILL, "fp8")
+    assert case.status == "pass" and not case.diagnosis, case.reason
+
+
+# ------------------------------------------------------------------ FP8 latent cache records (FP8.11) read wrong
+
+FP8_CORE = "mla.core.fp8/tiny-r512/bs16-seed0"
+
+
+def _e4m3fnuz(byte: int) -> float:
+    """One e4m3fnuz code: exponent bias 8, 0x80 the only NaN, no negative zero and no infinities."""
+    if byte == 0x80:
+        return math.nan
+    sign, exponent, mantissa = -1.0 if byte & 0x80 else 1.0, (byte >> 3) & 0xF, byte & 0x7
+    return sign * (math.ldexp(mantissa, -10) if exponent == 0 else math.ldexp(8 + mantissa, exponent - 11))
+
+
+def _nearest_e4m3(values) -> list[float]:
+    """``values`` rounded to the nearest finite e4m3fn value, saturating at +-448; a tie goes to the even code."""
+    values = np.clip(np.asarray(values, dtype=np.float64), -448.0, 448.0)[:, None]
+    codes = np.flatnonzero(np.isfinite(E4M3FN))
+    distance = np.abs(E4M3FN[codes][None, :] - values)  # [values, finite codes]
+    nearest = distance == distance.min(axis=1, keepdims=True)
+    even = nearest & (codes % 2 == 0)[None, :]
+    return E4M3FN[codes[np.where(even.any(axis=1), even.argmax(axis=1), nearest.argmax(axis=1))]].tolist()
+
+
+def _record_reader(bug: str | None):
+    """independent_mla.slow_record_row (byte by byte: codes | float32 scales | bf16 rope) with ``bug`` in one field."""
+    def read(record, head_dim_v: int) -> np.ndarray:
+        raw, tiles = bytes(np.asarray(record, dtype=np.uint8).tolist()), head_dim_v // 128
+        scales = list(struct.unpack_from(f"<{tiles}f", raw, head_dim_v))
+        if bug == "scales_as_bf16":  # 2-byte scales at the scales' offset, each the top half of a float32
+            scales = [struct.unpack("<f", b"\0\0" + raw[head_dim_v + 2 * k: head_dim_v + 2 * k + 2])[0] for k in range(tiles)]
+        elif bug == "scales_after_rope":  # a [latent | rope | scales] layout: the scales are the last bytes
+            scales = list(struct.unpack_from(f"<{tiles}f", raw, len(raw) - 4 * tiles))
+        scales = {"scales_doubled": [2 * s for s in scales], "scales_reversed": scales[::-1]}.get(bug, scales)
+        decode = _e4m3fnuz if bug == "codes_fnuz" else slow._e4m3fn
+        latent = [decode(raw[i]) * scales[i // 128] for i in range(head_dim_v)]
+        rope = [struct.unpack("<f", b"\0\0" + raw[k:k + 2])[0] for k in range(head_dim_v + 4 * tiles, len(raw), 2)]
+        if bug == "rope_quantised":
+            rope = _nearest_e4m3(rope)
+        return np.array(latent + rope, dtype=np.float64)
+    return read
+
+
+def _fp8_core_adapter(bug: str | None) -> types.SimpleNamespace:
+    def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(slow, "slow_record_row", _record_reader(bug))
+            out, lse = slow.slow_latent_core(q, k_cache, block_table, cache_seqlens, int(head_dim_v), float(softmax_scale), bool(causal))
+        return {"out": out, "lse": lse}
+    return types.SimpleNamespace(latent_attention_core=latent_attention_core)
+
+
+FP8_CACHE_BUGS = {
+    "codes_fnuz": "FP8 cache codes read as e4m3fnuz",
+    "scales_doubled": "FP8 cache scales doubled",
+    "scales_as_bf16": "FP8 cache scales read as bf16",
+    "scales_reversed": "FP8 cache scales applied in reverse order",
+    "scales_after_rope": "FP8 cache scales read after the rope part",
+    "rope_quantised": "FP8 cache rope part quantised to e4m3",
+}
+
+
+@pytest.mark.parametrize("bug", list(FP8_CACHE_BUGS))
+def test_fp8_cache_record_bug_is_named_from_outputs_alone(bug):
+    _named_first(_only_case(_fp8_core_adapter(bug), FP8_CORE), FP8_CACHE_BUGS[bug])
+
+
+def test_the_correct_independent_record_reader_passes():
+    case = _only_case(_fp8_core_adapter(None), FP8_CORE)
     assert case.status == "pass" and not case.diagnosis, case.reason
