@@ -158,6 +158,18 @@ def test_the_correct_independent_indexer_passes():
     assert case.status == "pass" and not case.diagnosis, case.reason
 
 
+def test_a_variant_that_would_change_a_passing_float_output_is_not_named():
+    """Indices selected without the causal mask, scores returned masked and right: the unmasked variant reproduces the
+    failing indices exactly but also unmasks the scores the candidate got right, so it is not this candidate's bug."""
+    unmasked, correct = _indexer_adapter(causal=False).dsa_indexer, _indexer_adapter().dsa_indexer
+
+    def dsa_indexer(*args):
+        return {"indices": unmasked(*args)["indices"], "scores": correct(*args)["scores"]}
+    case = _only_case(types.SimpleNamespace(dsa_indexer=dsa_indexer), INDEXER)
+    assert [c.name for c in case.comparisons if not c.passed] == ["indices"], case.reason
+    assert len(case.diagnosis) == 1 and case.diagnosis[0].startswith("no known pattern"), case.diagnosis
+
+
 # ------------------------------------------------------------------ sparse attention (DSA.11-DSA.12)
 
 
@@ -253,6 +265,24 @@ def test_the_side_of_a_missing_hadamard_is_named_after_a_cached_prefix(bug):
 def test_the_correct_independent_extend_layer_passes():
     case = _only_case(_extend_adapter(), EXTEND)
     assert case.status == "pass" and not case.diagnosis, case.reason
+
+
+def test_a_variant_that_would_change_a_passing_selection_is_not_named():
+    """Attention over a selection made without the causal mask, the right selection returned: the unmasked variant explains
+    output and lse but also changes the indices the candidate got right, so it is not named."""
+    def dsa_prefill(config, weights, hidden, start_positions):
+        cfg, outputs, lses, indices = from_dict(config), [], [], []
+        for row, start in zip(hidden, start_positions):
+            positions = int(start) + np.arange(len(row))
+            _, attended = _indexer_rows(cfg, weights, row, positions, {**CORRECT, "causal": False})
+            _, selected = _indexer_rows(cfg, weights, row, positions, dict(CORRECT))
+            chosen = [set(keys) for keys in attended]
+            out, lse = slow.slow_mla(cfg, weights, row, positions, lambda i, j: j in chosen[i] and j <= i)  # MLA.8 still applies
+            outputs.append(out), lses.append(lse), indices.append(_padded(selected, cfg.index_topk))
+        return {"output": np.stack(outputs), "indices": np.array(indices), "lse": np.stack(lses)}
+    case = _only_case(types.SimpleNamespace(dsa_prefill=dsa_prefill), PREFILL)
+    assert sorted(c.name for c in case.comparisons if not c.passed) == ["lse", "output"], case.reason
+    assert not any("no causal mask before the indexer's top-k" in text for text in case.diagnosis), case.diagnosis
 
 
 # ------------------------------------------------------------------ FP8 checkpoints (FP8.4): weight_scale_inv read wrong
