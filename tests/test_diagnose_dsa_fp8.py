@@ -22,15 +22,22 @@ import pytest
 import independent_dsa as slow_dsa
 import independent_mla as slow
 from mla_ref.config import from_dict, load_preset
-from mla_ref.conformance.check import check
+from mla_ref.conformance.check import load_case, run_case
+from mla_ref.golden.generate import default_golden_dir
+from mla_ref.golden.manifest import read_manifest
 
 INDEXER, PREFILL = "dsa.indexer/tiny-dsa/seed0", "dsa.prefill/tiny-dsa/seed0"
 
 
+@functools.lru_cache(maxsize=None)
+def _manifest_cases() -> dict:
+    return read_manifest(default_golden_dir() / "manifest.yaml")["cases"]
+
+
 def _only_case(adapter, case_id: str, profile: str = "fp32"):
-    report = check(adapter, profile, select=case_id)
-    assert len(report.cases) == 1, report.table()
-    return report.cases[0]
+    """The checker's verdict and diagnosis of one case: run_case as check(adapter, profile, select=case_id) calls it, without
+    check()'s fresh copy of the manifest per call (a tenth of a second; the tests of check() cover that part)."""
+    return run_case(adapter, default_golden_dir(), case_id, _manifest_cases()[case_id], profile)
 
 
 def _named_first(case, expected: str) -> None:
@@ -110,18 +117,13 @@ def _indexer_adapter(**changes) -> types.SimpleNamespace:
 
 
 def test_the_fast_indexer_is_the_slow_oracle():
-    """The einsum form above against independent_dsa's loops, on the first tokens of the golden case's first sequence."""
-    adapter = _indexer_adapter()
-    captured = {}
-
-    def capture(config, weights, hidden, start_positions):
-        captured.update(cfg=from_dict(config), weights=weights, hidden=np.asarray(hidden)[0, :12], start=int(start_positions[0]))
-        return adapter.dsa_indexer(config, weights, hidden, start_positions)
-    assert _only_case(types.SimpleNamespace(dsa_indexer=capture), INDEXER).status == "pass"
-    cfg, positions = captured["cfg"], captured["start"] + np.arange(12)
-    scores, selected = _indexer_rows(cfg, captured["weights"], captured["hidden"], positions, dict(CORRECT))
-    oracle = slow_dsa.slow_indexer_scores(cfg, captured["weights"], captured["hidden"], positions)
-    assert np.array_equal(np.isfinite(scores), np.isfinite(oracle))
+    """The einsum form above against independent_dsa's loops, on the first 12 tokens of the golden case's first sequence."""
+    entry = _manifest_cases()[INDEXER]
+    case, cfg = load_case(default_golden_dir(), entry), from_dict(entry["config"])
+    hidden, positions = case["input"]["hidden"][0, :12], int(case["input"]["start_positions"][0]) + np.arange(12)
+    scores, selected = _indexer_rows(cfg, case["weight"], hidden, positions, dict(CORRECT))
+    oracle = slow_dsa.slow_indexer_scores(cfg, case["weight"], hidden, positions)
+    assert np.array_equal(np.isfinite(scores), np.isfinite(oracle)) and np.isfinite(oracle).sum() == 12 * 13 // 2
     assert np.allclose(scores[np.isfinite(scores)], oracle[np.isfinite(oracle)], rtol=1e-12, atol=1e-12)
     assert selected == [slow_dsa.slow_topk(row, cfg.index_topk) for row in oracle]
 
