@@ -321,3 +321,11 @@ def test_a_model_level_routing_flip_within_the_allowance_is_explained_and_one_be
     assert verdict("model.greedy/", "fp32", greedy_decode=_greedy_with_routing_flip(within[0])).status == "fail"
     failures = [verdict("model.greedy/", "fp16", greedy_decode=_greedy_with_routing_flip(d)).status == "fail" for d in beyond[:3]]
     assert any(failures)  # a flip at a clear margin that moves the logits is not explained away
+
+
+def test_a_layer_output_of_the_wrong_shape_without_routing_fails_on_its_shape():
+    """No expert ids returned: the near-tie rows rule needs the output's shape; another shape is reported, not judged by row."""
+    def layer(config, weights, hidden, layer):
+        return {"output": ref.moe_layer(config, weights, hidden, layer)["output"][:-1]}
+    case = verdict("moe.layer.neartie/", "bf16", moe_layer=layer)
+    assert (case.status, case.reason, case.notes) == ("fail", "output: shape [9, 64], expected [10, 64]", [])
