@@ -10,7 +10,7 @@ import pytest
 from mla_ref.config import from_dict, load_preset
 from mla_ref.conformance import reference_adapter as ref
 from mla_ref.conformance.check import check
-from mla_ref.conformance.margins import routing_deficits, token_deficits
+from mla_ref.conformance.margins import routing_deficits, runner_up_groups, token_deficits
 from mla_ref.moe import group_mask, route, routing_weights
 
 PROFILES = ["fp64", "fp32", "tf32", "bf16", "fp16"]
@@ -329,3 +329,12 @@ def test_a_layer_output_of_the_wrong_shape_without_routing_fails_on_its_shape():
         return {"output": ref.moe_layer(config, weights, hidden, layer)["output"][:-1]}
     case = verdict("moe.layer.neartie/", "bf16", moe_layer=layer)
     assert (case.status, case.reason, case.notes) == ("fail", "output: shape [9, 64], expected [10, 64]", [])
+
+
+def test_with_every_group_kept_the_runner_up_group_routing_is_the_routing_itself():
+    """topk_group == n_group: no group is dropped, so no dropped group can replace the last kept one."""
+    config = load_preset("tiny").replace(topk_group=load_preset("tiny").n_group)
+    rng = np.random.default_rng(0)
+    selection = rng.standard_normal((5, config.n_routed_experts))
+    ids = np.argsort(-selection, axis=-1)[:, : config.num_experts_per_tok]
+    assert np.array_equal(runner_up_groups(config, rng.standard_normal((5, config.n_group)), selection, ids), ids)
