@@ -338,3 +338,15 @@ def test_with_every_group_kept_the_runner_up_group_routing_is_the_routing_itself
     selection = rng.standard_normal((5, config.n_routed_experts))
     ids = np.argsort(-selection, axis=-1)[:, : config.num_experts_per_tok]
     assert np.array_equal(runner_up_groups(config, rng.standard_normal((5, config.n_group)), selection, ids), ids)
+
+
+def test_an_expert_chosen_twice_fails_the_exact_comparison_and_is_not_judged_by_margin():
+    """K distinct experts per token (MOE.7): a repeated id is no routing the margin rule could accept, so expert_ids fail
+    their exact comparison (the reference cannot be forced to it)."""
+    def repeated(config, weights, hidden):
+        out = ref.moe_route(config, weights, hidden)
+        ids = np.array(out["expert_ids"])
+        ids[0, -1] = ids[0, 0]
+        return {"expert_ids": ids, "weights": out["weights"]}
+    case = verdict("moe.route.v3/tiny/seed0", "bf16", moe_route=repeated)
+    assert (case.status, case.reason, case.notes) == ("fail", "expert_ids: 1 of 72 values differ (exact comparison)", [])
