@@ -464,3 +464,11 @@ def test_numpy_scalars_in_a_report_are_written_as_plain_json_numbers_and_boolean
     data = _strict_json(report.to_json())["cases"][0]["comparisons"][0]
     assert data["passed"] is False and data["error_l2"] == 0.5 and data["used"] == "inf"
     assert data["worst_abs"] == {"index": [3, 1], "candidate": -0.25}
+
+
+def test_a_report_path_without_write_permission_is_refused_naming_it(tmp_path, monkeypatch):
+    """The tests run as root, for whom every path is writable: os.access is made to say no."""
+    from mla_ref.conformance import check as check_module
+    monkeypatch.setattr(check_module.os, "access", lambda path, mode: False)
+    with pytest.raises(InputError, match=rf"^report: {tmp_path / 'report.json'} is not writable \(GOLDEN.report\)$"):
+        check_module.check_report_path(tmp_path / "report.json")
