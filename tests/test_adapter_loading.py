@@ -104,3 +104,10 @@ def test_the_pytest_plugin_without_golden_data_says_how_to_get_it(tmp_path):
     plugin = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "mla_ref.conformance"],
                             cwd=tmp_path, env=env, capture_output=True, text=True)
     assert plugin.returncode == 1 and "mla-ref golden generate --dir DIR" in plugin.stdout, plugin.stdout
+
+
+def test_an_adapter_file_that_is_not_python_source_is_refused_naming_it(tmp_path):
+    path = tmp_path / "adapter.txt"
+    path.write_text("def latent_attention_core(**inputs):\n    return {}\n", encoding="utf-8")
+    with pytest.raises(InputError, match=rf"^adapter: cannot import '{path}': ImportError: cannot load {path} \(GOLDEN.adapter\)$"):
+        load_adapter(str(path))

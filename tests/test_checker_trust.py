@@ -18,7 +18,8 @@ import pytest
 
 from mla_ref.cli import main
 from mla_ref.conformance import reference_adapter as ref
-from mla_ref.conformance.check import check, format_used
+from mla_ref.conformance.check import CaseResult, Report, check, format_used
+from mla_ref.conformance.compare import Comparison
 from mla_ref.errors import GoldenError, InputError
 from mla_ref.golden.cases import case_definitions, file_name
 from mla_ref.golden.generate import default_golden_dir, verify
@@ -453,3 +454,21 @@ def test_ml_dtypes_bfloat16_outputs_are_judged():
         return {"out": ArrayLike(result["out"].astype(ml_dtypes.bfloat16)), "lse": result["lse"].astype(np.float32)}
     report = check(adapter(latent_attention_core=core), "bf16", "mla.core")
     assert report.ok and report.count("pass") == CORE_CASES, report.table()
+
+
+def test_numpy_scalars_in_a_report_are_written_as_plain_json_numbers_and_booleans():
+    """A comparison built from NumPy reductions may hold np.bool_, np.float32 or np.int64: the report is still strict JSON."""
+    comparison = Comparison("out", np.bool_(False), "x", error_l2=np.float32(0.5), used=np.float64(np.inf),
+                            worst_abs={"index": [np.int64(3), np.int64(1)], "candidate": np.float32(-0.25)})
+    report = Report("a", "fp32", [CaseResult("c/tiny/seed0", "latent_attention_core", "kernel", "fail", comparisons=[comparison])])
+    data = _strict_json(report.to_json())["cases"][0]["comparisons"][0]
+    assert data["passed"] is False and data["error_l2"] == 0.5 and data["used"] == "inf"
+    assert data["worst_abs"] == {"index": [3, 1], "candidate": -0.25}
+
+
+def test_a_report_path_without_write_permission_is_refused_naming_it(tmp_path, monkeypatch):
+    """The tests run as root, for whom every path is writable: os.access is made to say no."""
+    from mla_ref.conformance import check as check_module
+    monkeypatch.setattr(check_module.os, "access", lambda path, mode: False)
+    with pytest.raises(InputError, match=rf"^report: {tmp_path / 'report.json'} is not writable \(GOLDEN.report\)$"):
+        check_module.check_report_path(tmp_path / "report.json")

@@ -21,11 +21,13 @@ import yaml
 from mla_ref.checks import set_memory_limit
 from mla_ref.config import load_preset
 from mla_ref.errors import GoldenError
-from mla_ref.golden.cases import apply_noise_from, own_config_definitions, rebuild_weights
+from mla_ref.golden.cases import (apply_noise_from, build_fp8_cache_write, build_moe_route, case_config, case_definitions,
+                                  own_config_definitions, rebuild_weights, weights_recipe)
 from mla_ref.golden.generate import default_golden_dir, default_on_demand_dir
-from mla_ref.golden.integrity import verify_case_tensors
+from mla_ref.golden.integrity import field_differences, verify_case_tensors
 from mla_ref.golden.manifest import SCHEMA, read_manifest
 from mla_ref.golden.storage import atomic_file, read_npz, read_safetensors, temporary_path, write_npz
+from mla_ref.weights import generate_attention_weights
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -172,3 +174,73 @@ def test_a_manifest_over_the_yaml_size_limit_is_refused_unread(tmp_path, monkeyp
     monkeypatch.setattr(type(path), "read_bytes", lambda self: pytest.fail(f"{self} was read"))
     with pytest.raises(GoldenError, match=rf"manifest\.yaml: {limit + 1} bytes; a YAML file here is at most {limit} \(GOLDEN.manifest\)$"):
         read_manifest(path)
+
+
+def test_an_unreadable_manifest_is_refused_naming_the_file_and_why(tmp_path, monkeypatch):
+    """The tests run as root, where a chmod leaves the file readable: the read itself is made to fail."""
+    path = tmp_path / "manifest.yaml"
+    path.write_text(f"schema: {SCHEMA}\n", encoding="utf-8")
+
+    def unreadable(self):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(type(path), "read_bytes", unreadable)
+    with pytest.raises(GoldenError, match=r"manifest\.yaml: cannot be read: Permission denied \(GOLDEN.manifest\)$"):
+        read_manifest(path)
+
+
+def test_a_number_written_as_int_or_float_is_one_value_but_a_bool_is_not_a_number():
+    """YAML may write 1 for the spec's 1.0 (the same value); True for 1 is another value (field_differences)."""
+    assert field_differences("config.rope_factor", 1, 1.0) == []
+    assert field_differences("config.rope_factor", 40.0, 40) == []
+    assert field_differences("config.x", True, 1) == ["config.x: manifest True, spec 1"]
+    assert field_differences("config.x", 0, False) == ["config.x: manifest 0, spec False"]
+    assert field_differences("config.x", 2, 1.0) == ["config.x: manifest 2, spec 1.0"]
+
+
+# ---------------------------------------------------------------- case designs the generator cannot meet
+
+def _definition(case_id: str, **layout) -> dict:
+    definition = next(definition for definition in case_definitions() if definition["id"] == case_id)
+    return {**definition, "layout": {**definition["layout"], **layout}}
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"require": ["bias_ignored"]}, r"^layout\.require: unknown requirement 'bias_ignored' \(GOLDEN.cases\)$"),
+    ({"require": ["group_rule_matters"], "per_requirement": 10 ** 6},
+     r"^moe\.route\.v3/tiny/seed0: too few tokens where group_rule_matters \(found \d+\) \(GOLDEN.cases\)$"),
+    ({"require": [], "near_ties": 3, "max_near_margin": 0.0}, r"^moe\.route\.v3/tiny/seed0: too few near-tie tokens \(found 0\) \(GOLDEN.cases\)$"),
+    ({"require": [], "min_margin": 10.0}, r"^moe\.route\.v3/tiny/seed0: could not find 24 tokens with routing margins > 10.0 \(GOLDEN.cases\)$"),
+], ids=["unknown-requirement", "too-few-per-requirement", "too-few-near-ties", "margin-out-of-reach"])
+def test_a_routing_design_that_cannot_be_met_is_refused(layout, message):
+    definition = _definition("moe.route.v3/tiny/seed0", **layout)
+    with pytest.raises(GoldenError, match=message):
+        build_moe_route(definition, case_config(definition))
+
+
+def test_an_fp8_cache_write_case_needs_a_token_per_special_tile():
+    definition = _definition("fp8.cache.write/tiny-r512/seed0", tokens=3)
+    with pytest.raises(GoldenError, match=r"^layout\.tokens: expected at least 4 \(one per special tile\), got 3 \(GOLDEN.cases\)$"):
+        build_fp8_cache_write(definition, case_config(definition))
+
+
+def test_an_on_demand_layer_stores_the_recipe_of_its_weights_and_the_recipe_rebuilds_them():
+    """On-demand MLA / DSA layers store how their weights are made (seed, logit gain, FP8 checkpoint): the gain scales the
+    query and key-value up-projections of the generated weights and nothing else; an FP8 checkpoint takes no gain."""
+    on_demand = {d["id"]: weights_recipe(d) for d in case_definitions(on_demand=True) if d.get("on_demand") and d["level"] == "layer"}
+    assert on_demand["mla.prefill.fp8/deepseek-v3/seed0"]["fp8"] is True
+    assert "fp8" not in on_demand["mla.prefill.yarn/deepseek-v3/seed0"]
+    config = load_preset("tiny")
+    generated = generate_attention_weights(config, seed=3)
+    rebuilt = rebuild_weights(config, {"generator": "mla_ref.weights.generate_attention_weights", "seed": 3, "design": "logit_gain",
+                                       "logit_gain": 2.0})
+    assert set(rebuilt) == set(generated)
+    for name, value in generated.items():
+        assert np.array_equal(rebuilt[name], value * (2.0 if name in ("q_b_proj.weight", "kv_b_proj.weight") else 1.0)), name
+    fp8_config = load_preset("tiny-fp8")
+    recipe = {"generator": "mla_ref.weights.generate_attention_weights", "seed": 3, "design": "logit_gain", "logit_gain": 1.0, "fp8": True}
+    checkpoint = rebuild_weights(fp8_config, recipe)
+    assert {name: value.tobytes() for name, value in checkpoint.items()} == \
+        {name: value.tobytes() for name, value in generate_attention_weights(fp8_config, seed=3, fp8=True).items()}
+    with pytest.raises(GoldenError, match=r"^layout\.logit_gain: expected 1\.0 with fp8 weights \(FP8 codes take no gain\), got 2\.0 "
+                                          r"\(GOLDEN.cases\)$"):
+        rebuild_weights(fp8_config, {**recipe, "logit_gain": 2.0})

@@ -128,3 +128,19 @@ def test_the_child_loads_the_adapter_by_the_name_or_path_it_was_given(adapter_pa
     with pytest.raises(InputError, match=r"adapter: --isolate needs an adapter given by module name or path, got a "
                                          r"SimpleNamespace object \(GOLDEN.isolate\)"):
         adapter_reference(types.SimpleNamespace(moe_route=reference_adapter.moe_route))
+
+
+def test_an_isolated_failure_is_the_case_reason_as_it_is_not_wrapped_as_an_exception_of_the_adapter():
+    """run_case reports a child's failure (crash, timeout, exit) in the words isolate.py chose, once."""
+    from mla_ref.conformance.check import load_case, run_case
+    from mla_ref.golden.generate import default_golden_dir
+    from mla_ref.golden.manifest import read_manifest
+    case_id = "moe.route.v3/tiny/seed0"
+    entry = read_manifest(default_golden_dir() / "manifest.yaml")["cases"][case_id]
+    message = "adapter process killed by signal SIGSEGV (a crash inside the adapter); stderr: kernel: illegal memory access"
+
+    def crashed(module, entry, case):
+        raise IsolatedFailure(message)
+    result = run_case(reference_adapter, default_golden_dir(), case_id, entry, "fp32", caller=crashed,
+                      case=load_case(default_golden_dir(), entry))
+    assert (result.status, result.reason) == ("fail", message)

@@ -10,7 +10,7 @@ import pytest
 from mla_ref.config import from_dict, load_preset
 from mla_ref.conformance import reference_adapter as ref
 from mla_ref.conformance.check import check
-from mla_ref.conformance.margins import routing_deficits, token_deficits
+from mla_ref.conformance.margins import routing_deficits, runner_up_groups, token_deficits
 from mla_ref.moe import group_mask, route, routing_weights
 
 PROFILES = ["fp64", "fp32", "tf32", "bf16", "fp16"]
@@ -321,3 +321,32 @@ def test_a_model_level_routing_flip_within_the_allowance_is_explained_and_one_be
     assert verdict("model.greedy/", "fp32", greedy_decode=_greedy_with_routing_flip(within[0])).status == "fail"
     failures = [verdict("model.greedy/", "fp16", greedy_decode=_greedy_with_routing_flip(d)).status == "fail" for d in beyond[:3]]
     assert any(failures)  # a flip at a clear margin that moves the logits is not explained away
+
+
+def test_a_layer_output_of_the_wrong_shape_without_routing_fails_on_its_shape():
+    """No expert ids returned: the near-tie rows rule needs the output's shape; another shape is reported, not judged by row."""
+    def layer(config, weights, hidden, layer):
+        return {"output": ref.moe_layer(config, weights, hidden, layer)["output"][:-1]}
+    case = verdict("moe.layer.neartie/", "bf16", moe_layer=layer)
+    assert (case.status, case.reason, case.notes) == ("fail", "output: shape [9, 64], expected [10, 64]", [])
+
+
+def test_with_every_group_kept_the_runner_up_group_routing_is_the_routing_itself():
+    """topk_group == n_group: no group is dropped, so no dropped group can replace the last kept one."""
+    config = load_preset("tiny").replace(topk_group=load_preset("tiny").n_group)
+    rng = np.random.default_rng(0)
+    selection = rng.standard_normal((5, config.n_routed_experts))
+    ids = np.argsort(-selection, axis=-1)[:, : config.num_experts_per_tok]
+    assert np.array_equal(runner_up_groups(config, rng.standard_normal((5, config.n_group)), selection, ids), ids)
+
+
+def test_an_expert_chosen_twice_fails_the_exact_comparison_and_is_not_judged_by_margin():
+    """K distinct experts per token (MOE.7): a repeated id is no routing the margin rule could accept, so expert_ids fail
+    their exact comparison (the reference cannot be forced to it)."""
+    def repeated(config, weights, hidden):
+        out = ref.moe_route(config, weights, hidden)
+        ids = np.array(out["expert_ids"])
+        ids[0, -1] = ids[0, 0]
+        return {"expert_ids": ids, "weights": out["weights"]}
+    case = verdict("moe.route.v3/tiny/seed0", "bf16", moe_route=repeated)
+    assert (case.status, case.reason, case.notes) == ("fail", "expert_ids: 1 of 72 values differ (exact comparison)", [])
