@@ -297,10 +297,10 @@ def test_every_on_demand_case_builds_verifies_and_passes_the_reference_and_the_t
         if carrying(profile):
             assert check(reference_adapter, profile, directory=tmp_path).ok
     import independent_fp64_adapter  # RoPE by theta ** (-2j/d) and exp(i angle): 746% of the fixed fp64 floor at V3 prefill
-    if carrying("fp64"):
+    independent = [case_id for case_id in carrying("fp64") if hasattr(independent_fp64_adapter, built[case_id]["entry_point"])]
+    if independent:  # it implements MLA only (no moe_route, no dsa_*): a folder of DSA cases alone it cannot run
         report = check(independent_fp64_adapter, "fp64", directory=tmp_path)
-        assert report.ok and report.count("pass") == len([case_id for case_id in carrying("fp64")
-                                                           if built[case_id]["entry_point"] != "moe_route"]), report.table()
+        assert report.ok and report.count("pass") == len(independent), report.table()
     try:
         import torch  # noqa: F401 - the CI slow step installs it
     except ImportError:
