@@ -117,6 +117,20 @@ def test_selection_is_causal_and_keeps_min_k_visible(tiny_dsa):
     assert np.array_equal(again.scores[:, :30], result.scores[:, :30])
 
 
+def test_a_token_moves_its_own_score_row_and_column_only_with_fp8_too(tiny_dsa):
+    """The premise of the GC-DSA builder (cases._sequences_with_selection_margins scores only the queries that select): row t
+    of the index scores depends on token t and the earlier keys alone, with DSA.6's FP8 (per token, per (token, head)) as without."""
+    config, weights = tiny_dsa
+    hidden = hidden_states(config, 1, 20, 6)
+    changed = hidden.copy()
+    changed[:, 12] += 1.0
+    own_row_and_column = np.zeros((1, 20, 20), bool)
+    own_row_and_column[:, 12, :] = own_row_and_column[:, :, 12] = True
+    for quantize in (False, True):
+        moved = indexer_forward(config, weights, changed, quantize=quantize).scores != indexer_forward(config, weights, hidden, quantize=quantize).scores
+        assert moved[0, 12, :13].any() and moved[0, 13:, 12].any() and not (moved & ~own_row_and_column).any(), quantize
+
+
 def test_selection_is_the_top_of_the_visible_scores(tiny_dsa):
     config, weights = tiny_dsa
     result = indexer_forward(config, weights, hidden_states(config, 1, 40, 5))

@@ -225,7 +225,8 @@ def test_on_demand_cases_are_not_committed_and_build_with_one_command(tmp_path):
     assert report.ok and report.count("pass") == 1
 
 
-HEAVY_ON_DEMAND = ("mla.prefill.fp8/deepseek-v3/seed0", "dsa.indexer/deepseek-v3.2/seed0", "dsa.prefill/deepseek-v3.2/seed0")
+HEAVY_ON_DEMAND = ("mla.prefill.fp8/deepseek-v3/seed0", "dsa.indexer/deepseek-v3.2/seed0", "dsa.prefill/deepseek-v3.2/seed0",
+                   "dsa.extend.chunked/deepseek-v3.2/seed0")
 
 
 def _on_demand_groups() -> list:
@@ -235,6 +236,40 @@ def _on_demand_groups() -> list:
     light = [case_id for case_id in ids if case_id not in HEAVY_ON_DEMAND]
     heavy = [case_id for case_id in ids if case_id in HEAVY_ON_DEMAND]
     return [pytest.param(light, id="v3"), pytest.param(heavy, id="fp8-and-v3.2", marks=pytest.mark.heavy)]
+
+
+DSA_LAYER_ENTRY_POINTS = ("dsa_indexer", "dsa_prefill", "dsa_extend")
+
+
+def _clear_selections(folder, definition: dict) -> int:
+    """GC-DSA, checked rather than assumed: rebuilt from a built case's stored inputs, every query of a DSA layer case that
+    sees more than index_topk keys has a gap of more than ``min_margin`` x its largest |score| between its k-th and
+    (k+1)-th scores in the float64 truth, and more than half that in every profile's emulation (the fp8 one quantises the
+    indexer's q and k, DSA.6). Returns how many queries select."""
+    from mla_ref.conformance.check import load_case
+    from mla_ref.golden.cases import Case, case_args, case_config, profiles_of, selection_margins
+    from mla_ref.trace import Trace
+    parts = load_case(folder, read_manifest(folder / "manifest.yaml")["cases"][definition["id"]])
+    config = case_config(definition)
+    case = Case(definition["id"], definition, config, case_args(definition, config), parts["input"], parts["weight"])
+    least = definition["layout"].get("min_margin", 0.06)
+    selecting = None
+    for profile in [None, *profiles_of(definition)]:
+        trace = Trace(profile)
+        call_reference(case, trace)
+        margins = selection_margins(trace["DSA.9"]["masked_scores"], config.index_topk)  # [batch, seq], inf: keeps every key
+        selecting = np.isfinite(margins) if selecting is None else selecting
+        assert np.array_equal(np.isfinite(margins), selecting), profile
+        assert np.all(margins[selecting] > (least if profile is None else least / 2)), (profile, np.min(margins[selecting]))
+    return int(selecting.sum())
+
+
+@pytest.mark.slow  # 7 emulations of 4 cases: several seconds
+def test_committed_dsa_selections_keep_their_margin():
+    committed = [definition for definition in case_definitions() if definition["entry_point"] in DSA_LAYER_ENTRY_POINTS]
+    assert len(committed) >= 4
+    for definition in committed:
+        assert _clear_selections(default_golden_dir(), definition) >= 1, definition["id"]
 
 
 @pytest.mark.slow
@@ -252,16 +287,20 @@ def test_every_on_demand_case_builds_verifies_and_passes_the_reference_and_the_t
     assert not problems, problems
     built = {definition["id"]: definition for definition in case_definitions(on_demand=True) if definition["id"] in case_ids}
 
+    for case_id, definition in built.items():
+        if definition["entry_point"] in DSA_LAYER_ENTRY_POINTS:
+            assert _clear_selections(tmp_path, definition) >= 1, case_id
+
     def carrying(profile):
         return [case_id for case_id, definition in built.items() if profile in profiles_of(definition)]
     for profile in ("fp32", "fp8"):
         if carrying(profile):
             assert check(reference_adapter, profile, directory=tmp_path).ok
     import independent_fp64_adapter  # RoPE by theta ** (-2j/d) and exp(i angle): 746% of the fixed fp64 floor at V3 prefill
-    if carrying("fp64"):
+    independent = [case_id for case_id in carrying("fp64") if hasattr(independent_fp64_adapter, built[case_id]["entry_point"])]
+    if independent:  # it implements MLA only (no moe_route, no dsa_*): a folder of DSA cases alone it cannot run
         report = check(independent_fp64_adapter, "fp64", directory=tmp_path)
-        assert report.ok and report.count("pass") == len([case_id for case_id in carrying("fp64")
-                                                           if built[case_id]["entry_point"] != "moe_route"]), report.table()
+        assert report.ok and report.count("pass") == len(independent), report.table()
     try:
         import torch  # noqa: F401 - the CI slow step installs it
     except ImportError:

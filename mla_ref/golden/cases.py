@@ -391,20 +391,32 @@ def _sequences_with_selection_margins(definition: dict, config: ModelConfig, wei
     """Hidden states ``[batch, max(lengths), hidden_size]`` built position by position (64 candidates at a time) so that
     every query's DSA selection keeps a relative margin of ``min_margin`` at the k-th score (GC-DSA), both without and
     with DSA.6's FP8 (which the fp8 profile emulates): causal, so a later token never moves an earlier query's
-    selection; positions past a sequence's length are random."""
+    selection; positions past a sequence's length are random.
+
+    Only a query that sees more than ``index_topk`` keys has a selection boundary, and its scores depend on its own
+    hidden state and the earlier tokens' indexer keys only (DSA.6 quantises each token's key and each (token, head)
+    query on its own), so a position before ``index_topk`` takes its first candidate unscored and the keys of those
+    positions are computed together when the first position that selects needs them: a sequence of index_topk = 2048
+    plus a few tokens scores only the few.
+    """
     from ..dsa import index_scores, indexer_query_key
     from ..mla import query_latent
     rng = _rng(definition, "hidden")
     min_margin, tries = definition["layout"].get("min_margin", 0.06), 64
     hidden = rng.standard_normal((len(lengths), int(max(lengths)), config.hidden_size))
     for b, length in enumerate(lengths):
-        keys = {quantize: np.zeros((0, config.index_head_dim)) for quantize in (False, True)}  # indexer keys chosen so far
+        keys = {}  # quantize -> the indexer keys of the positions chosen so far, [position, index_dim]
         for position in range(int(length)):
+            if position < config.index_topk:  # sees at most index_topk keys and keeps them all: the first candidate of one draw
+                hidden[b, position] = rng.standard_normal((tries, 1, config.hidden_size))[0, 0]
+                continue
+            if not keys:
+                keys = _indexer_keys(config, weights, hidden[b: b + 1, :position], starts[b])
             for _ in range(definition["layout"].get("attempts", 256) // tries):
                 candidates = rng.standard_normal((tries, 1, config.hidden_size))
                 c_q = query_latent(candidates, weights, config.rms_norm_eps)  # MLA.1
                 every_key, margins = {}, []
-                for quantize in keys:
+                for quantize in (False, True):
                     q_hat, k_hat, head_weights = indexer_query_key(config, weights, candidates, c_q, np.full((tries, 1), starts[b] + position),
                                                                    quantize)
                     every_key[quantize] = np.concatenate([np.repeat(keys[quantize][None], tries, axis=0), k_hat], axis=1)  # [tries, position + 1, index_dim]
@@ -417,6 +429,16 @@ def _sequences_with_selection_margins(definition: dict, config: ModelConfig, wei
             else:
                 raise GoldenError(definition["id"], f"no hidden state keeps the DSA selection margin at position {position}", "GOLDEN.cases")
     return hidden
+
+
+def _indexer_keys(config: ModelConfig, weights: dict, hidden: np.ndarray, start: int) -> dict[bool, np.ndarray]:
+    """DSA.1-DSA.6 of one sequence's tokens ``hidden [1, seq, hidden_size]`` from position ``start``: their indexer keys
+    ``[seq, index_dim]`` without and with FP8 (key True)."""
+    from ..dsa import indexer_query_key
+    from ..mla import query_latent
+    c_q = query_latent(hidden, weights, config.rms_norm_eps)  # MLA.1
+    positions = start + np.arange(hidden.shape[1])[None, :]  # [1, seq]
+    return {quantize: indexer_query_key(config, weights, hidden, c_q, positions, quantize)[1][0] for quantize in (False, True)}
 
 
 def _check_selection_stable(definition: dict, config: ModelConfig, weights: dict, inputs: dict) -> dict:
@@ -451,11 +473,27 @@ def build_dsa_extend(definition: dict, config: ModelConfig):
     for b in range(batch):
         prefix_hidden[b, : prefixes[b]] = whole[b, : prefixes[b]]
         hidden[b, : query_lengths[b]] = whole[b, prefixes[b]: prefixes[b] + query_lengths[b]]
-    prefill = reference_adapter.dsa_extend(config.to_dict(), weights, prefix_hidden, np.zeros((batch, 0, config.latent_cache_width)),
-                                           np.zeros((batch, 0, config.index_head_dim)), np.zeros(batch, np.int64), prefixes)
-    inputs = {"hidden": hidden, "cache_rows": prefill["rows"], "index_key_rows": prefill["index_keys"], "cache_lengths": prefixes,
+    cache_rows, index_key_rows = _cached_rows(config, weights, prefix_hidden, prefixes)
+    inputs = {"hidden": hidden, "cache_rows": cache_rows, "index_key_rows": index_key_rows, "cache_lengths": prefixes,
               "query_lengths": query_lengths}
     return _check_selection_stable(definition, config, weights, inputs), weights
+
+
+def _cached_rows(config: ModelConfig, weights: dict, hidden: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What a DSA layer caches for the prefix tokens ``hidden [batch, seq, hidden_size]`` at positions 0.. (MLA.18, DSA.7):
+    latent rows ``[batch, seq, latent_cache_width]`` (MLA.3-MLA.5) and indexer keys ``[batch, seq, index_dim]`` (DSA.1-DSA.6,
+    float64), 0 past each sequence's length. Without the prefix's own attention, which no output of the case reads: at
+    V3.2 shapes that prefill of 2048 queries over 2048 selected rows costs minutes."""
+    from ..dsa import indexer_query_key
+    from ..mla import kv_latent_and_rope_key, latent_cache_rows, query_latent, rotate_query_key
+    batch, seq, _ = hidden.shape
+    positions = np.broadcast_to(np.arange(seq), (batch, seq))
+    kv_latent, k_pe = kv_latent_and_rope_key(config, hidden, weights)  # MLA.3: [batch, seq, kv_lora_rank], [batch, seq, rope]
+    no_query = np.zeros((batch, seq, 0, config.qk_rope_head_dim))  # MLA.4 rotates the cached key only
+    rows = latent_cache_rows(kv_latent, rotate_query_key(config, no_query, k_pe, positions)[1])  # MLA.5
+    index_keys = indexer_query_key(config, weights, hidden, query_latent(hidden, weights, config.rms_norm_eps), positions)[1]
+    written = (np.arange(seq)[None, :] < lengths[:, None])[..., None]  # [batch, seq, 1]
+    return np.where(written, rows, 0.0), np.where(written, index_keys, 0.0)
 
 
 def _gate_weights(definition: dict, config: ModelConfig, layer: int, experts: bool = True) -> dict[str, np.ndarray]:
@@ -699,7 +737,7 @@ def weights_recipe(definition: dict) -> dict | None:
         if recipe["design"] in SPREAD_NORMS:
             recipe["norm_spread"] = float(layout["norm_spread"])
         return recipe
-    if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend", "dsa_indexer", "dsa_prefill"):
+    if definition.get("on_demand") and definition["entry_point"] in ("mla_prefill", "mla_extend", "dsa_indexer", "dsa_prefill", "dsa_extend"):
         recipe = {"generator": "mla_ref.weights.generate_attention_weights", "seed": seed, "design": "logit_gain",
                   "logit_gain": float(layout.get("logit_gain", 1.0))}
         if layout.get("fp8"):
