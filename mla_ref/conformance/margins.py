@@ -125,7 +125,14 @@ def judge_choices(entry: dict, case: dict, produced: Mapping, profile: str) -> J
         return _near_tie_rows(entry, case, produced, profile, noise_max)
     judgement = _judge_tokens(entry, case, produced, profile, noise_max) if entry["entry_point"] in TOKEN_CHOICES else Judgement()
     if entry["entry_point"] in ("model_logits", "greedy_decode") and from_dict(entry["config"]).moe_layers:
-        return _with_routing_flip(entry, case, produced, profile, noise_max, judgement)
+        judgement = _with_routing_flip(entry, case, produced, profile, noise_max, judgement)
+    return _next_token_on_judged_path(entry, judgement)
+
+
+def _next_token_on_judged_path(entry: dict, judgement: Judgement) -> Judgement:
+    """MODEL.6's stored intermediate ``next_token`` is the last step's choice: the judged path's, whichever rule judged the tokens."""
+    if entry["entry_point"] == "greedy_decode" and "tokens" in judgement.outputs:
+        judgement.steps["MODEL.6/next_token"] = judgement.outputs["tokens"][:, -1]
     return judgement
 
 
@@ -301,8 +308,6 @@ def _judge_tokens(entry: dict, case: dict, produced: Mapping, profile: str, nois
         logits, largest = judgement.outputs["logits"], noise_max.get("output:logits", 0.0)
     allowed = margin_allowance(profile, largest, logits, storage_format(profile, "MODEL.5", "logits"))
     _token_verdict(judgement, name, axis, candidate, logits, allowed, profile)
-    if entry["entry_point"] == "greedy_decode":  # MODEL.6's stored intermediate is the last step's choice: the judged path's
-        judgement.steps["MODEL.6/next_token"] = judgement.outputs[name][:, -1]
     return judgement
 
 
