@@ -99,7 +99,7 @@ def test_ranked_selection_orders_a_set_as_the_reference_ranks_it():
     assert ranked_selection(scores, np.array([[[-1, 2, 1]]]))[0, 0].tolist() == [1, 2, -1]
 
 
-@pytest.mark.parametrize("profile", ["fp64", "fp32", "bf16", "fp8"])
+@pytest.mark.parametrize("profile", ["fp64", "fp8"])  # the strictest allowance and the loosest
 def test_an_indexer_that_breaks_ties_toward_the_higher_position_passes(profile):
     k = _k(INDEXER)
 
@@ -127,7 +127,7 @@ def test_an_indexer_that_takes_the_runner_up_at_a_near_tie_is_judged_by_margin(p
         assert "query 20:" in case.reason and f"beyond the {profile} allowance" in case.reason and "(DSA.10)" in case.reason, case.reason
 
 
-@pytest.mark.parametrize("profile", ["fp32", "bf16"])
+@pytest.mark.parametrize("profile", ["fp32", "bf16"])  # not fp8: its allowance on these scores (2 x 0.17) exceeds the 6% gap
 def test_a_selection_at_a_clear_gap_fails_and_names_dsa_10(profile):
     scores, k = _scores(INDEXER), _k(INDEXER)
     clear = 12  # a query with the 6% gap at the k-th score
