@@ -22,7 +22,7 @@ from . import mla  # DSA builds on MLA's steps; mla refers to this module by nam
 from .cache import LatentCache, PagedLatentCache, config_fingerprint
 from .checks import check_int_vector, check_tensor, compute_dtype
 from .config import ModelConfig
-from .errors import CacheError, ConfigError, InputError
+from .errors import CacheError, ConfigError, InputError, ShapeError
 from .fp8 import act_quant, decode_fp8
 from .precision import matmul
 from .rope import apply_rope, rope_angles
@@ -228,22 +228,37 @@ def indexer_query_key(config: ModelConfig, weights: Mapping[str, np.ndarray], hi
     return q_hat, k_hat, head_weights
 
 
+def check_forced_indices(forced_indices: npt.ArrayLike, shape: tuple[int, int, int], keys: int) -> np.ndarray:
+    """Another implementation's DSA.10 selection ``[batch, seq, selected]`` as int64: integers in -1 .. keys - 1 (TOLERANCE.4)."""
+    indices = np.asarray(forced_indices)
+    if indices.dtype.kind not in "iu" or indices.shape != shape:
+        raise ShapeError("forced_indices", f"expected integers of shape {list(shape)}, got {indices.dtype} {list(indices.shape)}", "DSA.10")
+    if indices.size and (indices.min() < -1 or indices.max() >= keys):
+        raise InputError("forced_indices", f"expected key positions in 0 .. {keys - 1} or -1, got {indices.min()} .. {indices.max()}", "DSA.10")
+    return indices.astype(np.int64)
+
+
 def select_keys(config: ModelConfig, q_hat: np.ndarray, k_hat: np.ndarray, head_weights: np.ndarray, visible: np.ndarray,
-                keep_scores: bool = False, trace: Trace | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                keep_scores: bool = False, trace: Trace | None = None,
+                forced_indices: npt.ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """DSA.8 -> DSA.10 over blocks of queries: ``indices [batch, seq, selected]`` and (``keep_scores``) the masked scores.
 
     A block of queries holds about DEFAULT_SCORE_ELEMENTS q.k products; with a trace there is one block.
+    ``forced_indices [batch, seq, selected]`` replaces DSA.10's choice (teacher forcing: another implementation's
+    acceptable selection, TOLERANCE.4); the scores are computed all the same.
     """
     batch, seq, heads, _ = q_hat.shape
     keys = k_hat.shape[1]
     chunk = seq if trace is not None else max(1, DEFAULT_SCORE_ELEMENTS // max(1, batch * heads * keys))
     indices = np.empty((batch, seq, min(config.index_topk, keys)), np.int64)
+    forced = None if forced_indices is None else check_forced_indices(forced_indices, indices.shape, keys)
     scores = np.empty((batch, seq, keys), q_hat.dtype) if keep_scores else None
     for start in range(0, seq, chunk):
         block = slice(start, start + chunk)
         raw = emit(trace, "DSA.8", index_scores(q_hat[:, block], k_hat, head_weights[:, block]))
         masked = emit(trace, "DSA.9", index_visibility(raw, visible[:, block]))
-        indices[:, block] = emit(trace, "DSA.10", select_top_k(masked, config.index_topk))
+        chosen = select_top_k(masked, config.index_topk) if forced is None else forced[:, block]
+        indices[:, block] = emit(trace, "DSA.10", chosen)
         if scores is not None:
             scores[:, block] = masked
     return indices, scores
@@ -278,15 +293,16 @@ class IndexerResult:
 
 def indexer_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: np.ndarray,
                     start_positions: npt.ArrayLike | None = None, *, query_lengths: npt.ArrayLike | None = None,
-                    quantize: bool = False, dtype: npt.DTypeLike = np.float64, trace: Trace | None = None) -> IndexerResult:
+                    quantize: bool = False, dtype: npt.DTypeLike = np.float64, forced_indices: npt.ArrayLike | None = None,
+                    trace: Trace | None = None) -> IndexerResult:
     """The lightning indexer of one layer (DSA.1-DSA.10) on a batch of tokens, causal among them (MLA.8).
 
     ``weights``: the attention tensors relative to ``self_attn.`` (the indexer reads MLA.1's
     q_a_proj and q_a_layernorm and its own ``indexer.*``). ``hidden [batch, seq, hidden_size]``
     is the attention input; token i of sequence b sits at position ``start_positions[b] + i``
     (default 0; RoPE only). ``query_lengths`` marks right padding. ``quantize``: DSA.6's FP8 (also on
-    under a trace whose profile sets ``indexer_fp8``, the fp8 profile).
-    The layer with a cache is :func:`mla_ref.mla.mla_forward`.
+    under a trace whose profile sets ``indexer_fp8``, the fp8 profile). ``forced_indices``: another implementation's
+    selection in place of DSA.10's (TOLERANCE.4). The layer with a cache is :func:`mla_ref.mla.mla_forward`.
     """
     if not config.sparse_attention:
         raise ConfigError("index_topk", "the indexer needs a DSA config (index_topk, index_n_heads, index_head_dim set), got null", "DSA.1")
@@ -307,5 +323,5 @@ def indexer_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidd
     quantize = quantize or (trace is not None and trace.indexer_fp8)  # DSA.6: asked for, or a precision effect of the profile
     q_hat, k_hat, head_weights = indexer_query_key(config, w, x, c_q, positions, quantize, table_dtype, trace)
     visible = emit(trace, "MLA.8", mla.causal_visibility(np.zeros(batch, np.int64), lengths, seq, seq))
-    indices, scores = select_keys(config, q_hat, k_hat, head_weights, visible, keep_scores=True, trace=trace)
+    indices, scores = select_keys(config, q_hat, k_hat, head_weights, visible, keep_scores=True, trace=trace, forced_indices=forced_indices)
     return IndexerResult(scores, indices, k_hat)

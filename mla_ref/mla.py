@@ -361,8 +361,8 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
                 start_positions: npt.ArrayLike | None = None,
                 cache: LatentCache | PagedLatentCache | Fp8LatentCache | NaiveCache | dsa.SparseCache | None = None, *,
                 attention: str | None = None, query_lengths: npt.ArrayLike | None = None, query_chunk: int | None = None,
-                indexer_fp8: bool = False, dtype: npt.DTypeLike = np.float64, allow_nonfinite: bool = False,
-                trace: Trace | None = None) -> MLAResult:
+                indexer_fp8: bool = False, forced_indices: npt.ArrayLike | None = None, dtype: npt.DTypeLike = np.float64,
+                allow_nonfinite: bool = False, trace: Trace | None = None) -> MLAResult:
     """One MLA layer: prefill, prefill after a cached prefix, or cached decode (spec/mla.yaml).
 
     ``weights``: the attention tensors under names relative to ``self_attn.``.
@@ -377,7 +377,8 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     A config with ``index_topk`` runs DeepSeek Sparse Attention (spec/dsa.yaml): the indexer
     (DSA.1-DSA.10; ``indexer_fp8``, or a trace whose profile sets it, switches DSA.6's FP8 on) selects the keys each query
     attends to, the absorbed form gathers their latent rows (DSA.11-DSA.12) and the naive form
-    masks the others out; its cache is a :class:`mla_ref.dsa.SparseCache`.
+    masks the others out; its cache is a :class:`mla_ref.dsa.SparseCache`. ``forced_indices [batch, seq, selected]``
+    replaces the indexer's selection (teacher forcing, TOLERANCE.4).
     """
     w, x, starts, lengths, attention = _prepare(config, weights, hidden, start_positions, cache, attention,
                                                 query_lengths, dtype, allow_nonfinite, trace)
@@ -419,7 +420,7 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     visible = emit(trace, "MLA.8", causal_visibility(key_offsets, lengths, seq, num_keys))  # [batch, seq, keys]
     if config.sparse_attention:
         index_keys = k_hat if cache is None else cache.index_key_rows()  # [batch, keys, index_dim]
-        indices, _ = dsa.select_keys(config, q_hat, index_keys, head_weights, visible, trace=trace)  # DSA.8-DSA.10
+        indices, _ = dsa.select_keys(config, q_hat, index_keys, head_weights, visible, trace=trace, forced_indices=forced_indices)  # DSA.8-DSA.10
         if attention != "absorbed":
             visible = visible & dsa.selected_visibility(indices, num_keys)  # the index mask narrows MLA.10
     if attention == "absorbed":

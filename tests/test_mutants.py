@@ -98,8 +98,10 @@ def test_checker_accepts_a_float64_rope_table(profile):
 @pytest.mark.parametrize("profile", ["fp64", "fp32", "bf16"])  # the tie cases carry no fp8 profile
 @pytest.mark.parametrize("variant", mutate.correct_variants(), ids=lambda entry: entry["name"])
 def test_checker_accepts_correct_variants(variant, profile):
-    """torch.topk's tie order (TOLERANCE.4): accepted in every profile, with the accepted choice noted where it differs."""
-    result = check(mutate.load(variant, DTYPES[profile]), profile=profile, select="moe.", waivers=KNOWN_CHECKER_ISSUES.get(profile))
+    """torch.topk's tie order (TOLERANCE.4): accepted in every profile, with the accepted choice noted where it differs
+    (a variant's ``select``: the cases it concerns, default the MoE ones)."""
+    result = check(mutate.load(variant, DTYPES[profile]), profile=profile, select=variant.get("select", "moe."),
+                   waivers=KNOWN_CHECKER_ISSUES.get(profile))
     assert result.failed == [], result.table()
     if "chooses_differently_in" in variant:
         case = next(case for case in result.cases if case.case_id == variant["chooses_differently_in"])

@@ -416,16 +416,17 @@ def run_case(module, directory: Path | None, case_id: str, entry: dict, profile:
     judgement = judge_choices(entry, case, produced, profile)  # TOLERANCE.4: ties and near ties, the truth under accepted choices
     result.notes, result.comparisons = judgement.notes, list(judgement.comparisons)
     truth_outputs, truth_steps = {**case["output"], **judgement.outputs}, {**case["step"], **judgement.steps}
+    compared = _align_expert_order(produced, truth_outputs, truth_steps, by_row=True)  # sets judged, in the candidate's order
     output_steps = entry_points()[entry["entry_point"]]["output_steps"]
     for name in [name for name in truth_outputs if name in produced and name not in judgement.judged]:
         fmt = storage_format(profile, output_steps[name], name)
-        result.comparisons.append(compare_tensor(name, produced[name], truth_outputs[name], noise.get(f"output:{name}", 0.0), profile,
+        result.comparisons.append(compare_tensor(name, compared[name], truth_outputs[name], noise.get(f"output:{name}", 0.0), profile,
                                                  fmt=fmt, noise_max=noise_max.get(f"output:{name}", 0.0)))
     step_results = []
     for key, truth in truth_steps.items():
         if key in produced:
             step, tensor = key.split("/")
-            truth, produced_value = _without_padding(entry, case, step, tensor, truth, produced[key])
+            truth, produced_value = _without_padding(entry, case, step, tensor, truth, compared[key])
             comparison = compare_tensor(key, produced_value, truth, noise.get(f"step:{step}:{tensor}", 0.0), profile,
                                         fmt=storage_format(profile, step, tensor), noise_max=noise_max.get(f"step:{step}:{tensor}", 0.0))
             result.comparisons.append(comparison)
@@ -470,10 +471,12 @@ def _without_padding(entry: dict, case: dict, step: str, tensor: str, truth: np.
     return np.where(padded, 0.0, truth), np.where(padded, 0.0, candidate.astype(np.float64))
 
 
-def _align_expert_order(produced: Mapping, outputs: Mapping, steps: Mapping) -> dict:
+def _align_expert_order(produced: Mapping, outputs: Mapping, steps: Mapping, by_row: bool = False) -> dict:
     """Experts chosen as the truth chose them but listed in another order (near ties inside the top-k reorder
     under low precision) are reordered, with the weights aligned to them: the set and the weights are what count.
-    The DSA selection (``indices``, DSA.10) likewise: its set is specified, not its order."""
+    The DSA selection (``indices``, DSA.10) likewise: its set is specified, not its order. ``by_row`` (for the
+    comparisons, after TOLERANCE.4 judged the sets): row by row, a row with another set keeping the ids it shares
+    with the truth in the truth's slots; otherwise only an array holding the truth's set in every row."""
     produced = dict(produced)
     for ids_name, weights_name in (("expert_ids", "weights"), ("MOE.7/expert_ids", "MOE.8/weights"), ("MOE.5/kept_groups", None),
                                    ("indices", None), ("DSA.10/indices", None)):
@@ -483,15 +486,29 @@ def _align_expert_order(produced: Mapping, outputs: Mapping, steps: Mapping) -> 
         candidate = np.asarray(produced[ids_name])
         if candidate.shape != truth.shape or candidate.dtype.kind not in "iu" or np.array_equal(candidate, truth):
             continue
-        if not np.array_equal(np.sort(candidate, axis=-1), np.sort(truth, axis=-1)):
+        other_set = np.any(np.sort(candidate, axis=-1) != np.sort(truth, axis=-1), axis=-1)
+        if other_set.any() and not by_row:
             continue
         order = np.argsort(candidate, axis=-1, kind="stable")
         target = np.argsort(np.argsort(truth, axis=-1, kind="stable"), axis=-1, kind="stable")
-        permutation = np.take_along_axis(order, target, axis=-1)  # candidate position of each truth slot
+        permutation = np.take_along_axis(order, target, axis=-1)  # candidate slot of each truth slot, where the sets agree
+        for row in np.argwhere(other_set):
+            permutation[tuple(row)] = _slots_as_truth(candidate[tuple(row)].tolist(), truth[tuple(row)].tolist())
         produced[ids_name] = np.take_along_axis(candidate, permutation, axis=-1)
         if weights_name is not None and weights_name in produced and np.shape(produced[weights_name]) == truth.shape:
             produced[weights_name] = np.take_along_axis(np.asarray(produced[weights_name]), permutation, axis=-1)
     return produced
+
+
+def _slots_as_truth(candidate: list[int], truth: list[int]) -> list[int]:
+    """For a row whose set differs from the truth's: the candidate slot of each truth slot, an id both hold in the truth's
+    slot and the candidate's other ids in their own order in the slots left, so only the ids that differ are counted."""
+    slots: dict[int, list[int]] = {}
+    for slot, value in enumerate(candidate):
+        slots.setdefault(value, []).append(slot)
+    shared = [slots[value].pop(0) if slots.get(value) else None for value in truth]
+    rest = sorted(slot for left in slots.values() for slot in left)
+    return [slot if slot is not None else rest.pop(0) for slot in shared]
 
 
 def adapter_failure(error: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""TOLERANCE.4 — discrete choices judged by margin: ties, near ties and flips of expert routing and greedy tokens.
+"""TOLERANCE.4 — discrete choices judged by margin: ties, near ties and flips of expert routing, greedy tokens and DSA selections.
 
 The reference breaks exact ties its own way (lower expert or group index, lowest token id).
 A conforming implementation may pick any member of a tied optimum, and any choice whose score
@@ -123,9 +123,18 @@ def judge_choices(entry: dict, case: dict, produced: Mapping, profile: str) -> J
         if "expert_ids" in produced:
             return _judge_routing(entry, case, produced, profile, noise_max)
         return _near_tie_rows(entry, case, produced, profile, noise_max)
+    if entry["entry_point"] in SELECTIONS and "indices" in produced:
+        return _judge_selection(entry, case, produced, profile, noise_max)
     judgement = _judge_tokens(entry, case, produced, profile, noise_max) if entry["entry_point"] in TOKEN_CHOICES else Judgement()
     if entry["entry_point"] in ("model_logits", "greedy_decode") and from_dict(entry["config"]).moe_layers:
-        return _with_routing_flip(entry, case, produced, profile, noise_max, judgement)
+        judgement = _with_routing_flip(entry, case, produced, profile, noise_max, judgement)
+    return _next_token_on_judged_path(entry, judgement)
+
+
+def _next_token_on_judged_path(entry: dict, judgement: Judgement) -> Judgement:
+    """MODEL.6's stored intermediate ``next_token`` is the last step's choice: the judged path's, whichever rule judged the tokens."""
+    if entry["entry_point"] == "greedy_decode" and "tokens" in judgement.outputs:
+        judgement.steps["MODEL.6/next_token"] = judgement.outputs["tokens"][:, -1]
     return judgement
 
 
@@ -265,6 +274,96 @@ def runner_up_groups(config: ModelConfig, scores_of_groups: np.ndarray, selectio
     return np.argsort(-group_mask(config, selection, kept), axis=-1, kind="stable")[:, : config.num_experts_per_tok]
 
 
+# ------------------------------------------------------------------ DSA selections (DSA.10)
+
+SELECTIONS = ("dsa_indexer", "dsa_prefill", "dsa_extend")  # entry points whose ``indices`` output is a DSA.10 selection
+
+
+def selection_deficits(masked_scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """TOLERANCE.4 on DSA.10 — how far each query's selected set falls below an optimal one on the DSA.9 scores.
+
+    ``masked_scores [batch, seq, keys]`` (-inf where a key is not visible), ``indices [batch, seq, selected]``
+    (any order, -1 pads). Per query: the best unselected visible score minus the worst selected one, 0 for an
+    optimal set (ties included); inf for a row that is no acceptable set (not min(selected, visible) distinct
+    visible positions with -1 in the other slots). Returns ``[batch, seq]``.
+    """
+    keys = masked_scores.shape[-1]
+    visible = np.isfinite(masked_scores)  # [batch, seq, keys]
+    valid = indices >= 0
+    in_range = (indices >= -1) & (indices < keys)
+    chosen = np.zeros(masked_scores.shape[:2] + (keys + 1,), bool)  # the extra column takes the -1 slots
+    np.put_along_axis(chosen, np.where(valid & in_range, indices, keys), True, axis=-1)
+    chosen = chosen[..., :keys]
+    acceptable = (in_range.all(axis=-1) & (chosen.sum(axis=-1) == valid.sum(axis=-1))  # distinct
+                  & (valid.sum(axis=-1) == np.minimum(indices.shape[-1], visible.sum(axis=-1))) & ~(chosen & ~visible).any(axis=-1))
+    worst_chosen = np.where(chosen, masked_scores, np.inf).min(axis=-1)
+    best_other = np.where(chosen | ~visible, -np.inf, masked_scores).max(axis=-1)
+    with np.errstate(invalid="ignore"):  # -inf - -inf or inf - inf: nothing competes
+        deficit = np.nan_to_num(np.maximum(best_other - worst_chosen, 0.0), nan=0.0, posinf=np.inf)
+    return np.where(acceptable, deficit, np.inf)
+
+
+def ranked_selection(masked_scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Each row's selected set in DSA.10's rank order (descending score, ties to the lower position), -1 last: the
+    order the reference is forced in, so that a candidate's order within a row changes no verdict."""
+    keys = masked_scores.shape[-1]
+    score = np.where(indices >= 0, np.take_along_axis(masked_scores, np.clip(indices, 0, keys - 1), axis=-1), -np.inf)
+    order = np.lexsort((np.where(indices >= 0, indices, keys), -score), axis=-1)  # last key first: score, then position
+    return np.take_along_axis(indices, order, axis=-1)
+
+
+def _judge_selection(entry: dict, case: dict, produced: Mapping, profile: str, noise_max: dict) -> Judgement:
+    """DSA selections by margin; the layer's outputs and intermediates under the candidate's accepted selection."""
+    truth = case["output"]["indices"]
+    candidate = np.asarray(produced["indices"])
+    if candidate.shape != truth.shape or candidate.dtype.kind not in "iu":
+        return Judgement()  # wrong shape or dtype: the exact comparison says so
+    candidate = candidate.astype(np.int64)
+    flipped = np.any(np.sort(candidate, axis=-1) != np.sort(truth, axis=-1), axis=-1)  # [batch, seq]
+    if not flipped.any():
+        return Judgement()
+    scores = case["step"]["DSA.9/masked_scores"]  # [batch, seq, keys], the float64 truth's
+    allowed = margin_allowance(profile, noise_max.get("step:DSA.9:masked_scores", 0.0), np.where(np.isfinite(scores), scores, 0.0),
+                               storage_format(profile, "DSA.9", "masked_scores"))
+    deficit = selection_deficits(scores, candidate)
+    accepted, rejected = flipped & (deficit <= allowed), flipped & (deficit > allowed)
+    judgement = Judgement()
+    for b, t in np.argwhere(accepted)[:NOTES_SHOWN]:
+        judgement.notes.append(f"sequence {b} query {t}: selected differently ({_selection_text(candidate, truth, b, t)}) at margin "
+                               f"{_deficit_text(deficit[b, t], allowed, profile)}: judged under the candidate's selection")
+    if accepted.sum() > NOTES_SHOWN:
+        judgement.notes.append(f"{int(accepted.sum()) - NOTES_SHOWN} more queries selected differently within the {profile} allowance")
+    comparison = Comparison("indices", not rejected.any())
+    if rejected.any():
+        b, t = (int(i) for i in np.argwhere(rejected)[0])
+        comparison.reason = (f"{int(rejected.sum())} of {flipped.size} queries select keys beyond the {profile} margin allowance "
+                             f"(DSA.10); sequence {b} query {t}: {_selection_text(candidate, truth, b, t)} at margin "
+                             f"{_deficit_text(deficit[b, t], allowed, profile)}")
+    judgement.comparisons.append(comparison)
+    if not accepted.any():
+        return judgement
+    forced = np.where(accepted[..., None], ranked_selection(scores, candidate), truth)
+    trace = Trace()
+    outputs = _rerun(entry, case, entry["entry_point"], trace, forced_indices=forced)
+    judgement.outputs = {name: np.asarray(value) for name, value in outputs.items() if name != "indices"}
+    judgement.steps = {f"{step}/{name}": value for step, arrays in trace.steps.items() for name, value in arrays.items()
+                       if f"{step}/{name}" in case["step"]}
+    return judgement
+
+
+def _selection_text(candidate: np.ndarray, truth: np.ndarray, b: int, t: int) -> str:
+    chosen, best = set(candidate[b, t].tolist()) - {-1}, set(truth[b, t].tolist()) - {-1}
+    return f"keys {sorted(chosen - best)} instead of {sorted(best - chosen)}"
+
+
+def _deficit_text(deficit: float, allowed: float, profile: str) -> str:
+    if deficit == 0:
+        return "0 (an exact tie)"
+    if not np.isfinite(deficit):
+        return "inf (not min(index_topk, visible) distinct visible keys)"
+    return f"{deficit:.3g} (index scores), {'within' if deficit <= allowed else 'beyond'} the {profile} allowance {allowed:.3g}"
+
+
 TOKEN_CHOICES = {  # entry point -> (its output of greedy choices, the reference keyword that forces them, the label of axis 1)
     "greedy_decode": ("tokens", "forced_tokens", "step"),
     "mtp_draft": ("drafts", "forced_drafts", "depth"),
@@ -301,8 +400,6 @@ def _judge_tokens(entry: dict, case: dict, produced: Mapping, profile: str, nois
         logits, largest = judgement.outputs["logits"], noise_max.get("output:logits", 0.0)
     allowed = margin_allowance(profile, largest, logits, storage_format(profile, "MODEL.5", "logits"))
     _token_verdict(judgement, name, axis, candidate, logits, allowed, profile)
-    if entry["entry_point"] == "greedy_decode":  # MODEL.6's stored intermediate is the last step's choice: the judged path's
-        judgement.steps["MODEL.6/next_token"] = judgement.outputs[name][:, -1]
     return judgement
 
 

@@ -78,27 +78,34 @@ def mla_extend(config, weights, hidden, cache_rows, cache_lengths, query_lengths
     return {"output": result.output, "rows": rows, "lse": result.lse}
 
 
-def dsa_indexer(config, weights, hidden, start_positions, trace=None):
-    """DSA.1-DSA.10 — the lightning indexer's selected key positions (rank order, -1 pads) and masked scores."""
-    result = indexer_forward(from_dict(config), weights, hidden, start_positions, dtype=_arithmetic(trace), trace=trace)
+def dsa_indexer(config, weights, hidden, start_positions, forced_indices=None, trace=None):
+    """DSA.1-DSA.10 — the lightning indexer's selected key positions (rank order, -1 pads) and masked scores
+    (``forced_indices``: teacher forcing, another implementation's selection)."""
+    result = indexer_forward(from_dict(config), weights, hidden, start_positions, dtype=_arithmetic(trace), forced_indices=forced_indices,
+                             trace=trace)
     return {"indices": result.indices, "scores": result.scores}
 
 
-def dsa_prefill(config, weights, hidden, start_positions, trace=None):
-    """MLA.1-MLA.12 with DSA.1-DSA.10 narrowing attention to the selected keys, without a cache (naive form)."""
-    result = mla_forward(from_dict(config), weights, hidden, start_positions, dtype=_arithmetic(trace), trace=trace)
+def dsa_prefill(config, weights, hidden, start_positions, forced_indices=None, trace=None):
+    """MLA.1-MLA.12 with DSA.1-DSA.10 narrowing attention to the selected keys, without a cache (naive form;
+    ``forced_indices``: teacher forcing)."""
+    result = mla_forward(from_dict(config), weights, hidden, start_positions, dtype=_arithmetic(trace), forced_indices=forced_indices,
+                         trace=trace)
     return {"output": result.output, "indices": result.indices, "lse": result.lse}
 
 
-def dsa_extend(config, weights, hidden, cache_rows, index_key_rows, cache_lengths, query_lengths, attention="absorbed", trace=None):
-    """A DSA layer after a cached prefix of latent rows and indexer keys: chunked prefill (bottom-right causal) or decode."""
+def dsa_extend(config, weights, hidden, cache_rows, index_key_rows, cache_lengths, query_lengths, attention="absorbed",
+               forced_indices=None, trace=None):
+    """A DSA layer after a cached prefix of latent rows and indexer keys: chunked prefill (bottom-right causal) or decode
+    (``forced_indices``: teacher forcing)."""
     cfg, dtype = from_dict(config), _arithmetic(trace)
     lengths = np.asarray(cache_lengths, dtype=np.int64)
     latent = LatentCache(np.asarray(cache_rows, dtype=dtype), lengths)
     if trace is not None and trace.latent_cache_fp8(cfg):  # FP8.12: the fp8 profile holds the handed-over prefix as FP8 records
         latent = Fp8LatentCache.empty(cfg, len(lengths), dtype).append(latent.rows, lengths)
     cache = SparseCache(latent, LatentCache(np.asarray(index_key_rows, dtype=dtype), lengths))
-    result = mla_forward(cfg, weights, hidden, cache=cache, attention=attention, query_lengths=query_lengths, dtype=dtype, trace=trace)
+    result = mla_forward(cfg, weights, hidden, cache=cache, attention=attention, query_lengths=query_lengths, dtype=dtype,
+                         forced_indices=forced_indices, trace=trace)
     batch, seq = np.shape(hidden)[:2]
     positions = np.minimum(lengths[:, None] + np.arange(seq)[None, :], result.cache.key_rows().shape[1] - 1)  # [batch, seq]
     written = (np.arange(seq)[None, :] < np.asarray(query_lengths)[:, None])[..., None]

@@ -375,23 +375,31 @@ def build_mla_extend(definition: dict, config: ModelConfig):
     return {"hidden": hidden, "cache_rows": prefill["rows"], "cache_lengths": prefixes, "query_lengths": query_lengths}, weights
 
 
-def selection_margins(masked_scores: np.ndarray, index_topk: int) -> np.ndarray:
-    """Per query ``[batch, seq]``: the gap between its k-th and (k+1)-th index scores (DSA.9) over its largest |score|;
-    inf for a query that sees at most k keys (it keeps them all)."""
+def selection_gaps(masked_scores: np.ndarray, index_topk: int) -> np.ndarray:
+    """Per query ``[batch, seq]``: its k-th minus its (k+1)-th index score (DSA.9), the truth's margin of its DSA.10
+    selection (TOLERANCE.4); inf for a query that sees at most k keys (it keeps them all)."""
     ranked = -np.sort(-masked_scores, axis=-1)  # [batch, seq, keys], descending, -inf last
     if ranked.shape[-1] <= index_topk:
         return np.full(ranked.shape[:2], np.inf)
     kth, next_best = ranked[..., index_topk - 1], ranked[..., index_topk]
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(next_best), kth - next_best, np.inf)
+
+
+def selection_margins(masked_scores: np.ndarray, index_topk: int) -> np.ndarray:
+    """Per query ``[batch, seq]``: :func:`selection_gaps` over its largest |score|; inf for a query that keeps every key."""
     scale = np.max(np.abs(np.where(np.isfinite(masked_scores), masked_scores, 0.0)), axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(np.isfinite(next_best), (kth - next_best) / scale, np.inf)
+        return selection_gaps(masked_scores, index_topk) / scale
 
 
 def _sequences_with_selection_margins(definition: dict, config: ModelConfig, weights: dict, lengths, starts) -> np.ndarray:
     """Hidden states ``[batch, max(lengths), hidden_size]`` built position by position (64 candidates at a time) so that
     every query's DSA selection keeps a relative margin of ``min_margin`` at the k-th score (GC-DSA), both without and
     with DSA.6's FP8 (which the fp8 profile emulates): causal, so a later token never moves an earlier query's
-    selection; positions past a sequence's length are random.
+    selection; positions past a sequence's length are random. Layout ``tie_positions: {exact: [..], near: [..]}``
+    (GC-DSA-TIES): at those positions of every sequence the query's k-th and (k+1)-th float64 scores tie exactly
+    (keys scoring 0 after the ReLU) or differ by less than ``max_near_margin`` of its largest |score|.
 
     Only a query that sees more than ``index_topk`` keys has a selection boundary, and its scores depend on its own
     hidden state and the earlier tokens' indexer keys only (DSA.6 quantises each token's key and each (token, head)
@@ -403,6 +411,8 @@ def _sequences_with_selection_margins(definition: dict, config: ModelConfig, wei
     from ..mla import query_latent
     rng = _rng(definition, "hidden")
     min_margin, tries = definition["layout"].get("min_margin", 0.06), 64
+    ties = definition["layout"].get("tie_positions", {})
+    max_near = definition["layout"].get("max_near_margin", 0.0)
     hidden = rng.standard_normal((len(lengths), int(max(lengths)), config.hidden_size))
     for b, length in enumerate(lengths):
         keys = {}  # quantize -> the indexer keys of the positions chosen so far, [position, index_dim]
@@ -421,7 +431,12 @@ def _sequences_with_selection_margins(definition: dict, config: ModelConfig, wei
                                                                    quantize)
                     every_key[quantize] = np.concatenate([np.repeat(keys[quantize][None], tries, axis=0), k_hat], axis=1)  # [tries, position + 1, index_dim]
                     margins.append(selection_margins(index_scores(q_hat, every_key[quantize], head_weights), config.index_topk)[:, 0])
-                good = np.flatnonzero(np.minimum(*margins) > min_margin)
+                if position in ties.get("exact", []):
+                    good = np.flatnonzero(margins[0] == 0)
+                elif position in ties.get("near", []):
+                    good = np.flatnonzero((margins[0] > 0) & (margins[0] < max_near))
+                else:
+                    good = np.flatnonzero(np.minimum(*margins) > min_margin)
                 if good.size:
                     hidden[b, position] = candidates[good[0], 0]
                     keys = {quantize: rows[good[0]] for quantize, rows in every_key.items()}
@@ -442,7 +457,10 @@ def _indexer_keys(config: ModelConfig, weights: dict, hidden: np.ndarray, start:
 
 
 def _check_selection_stable(definition: dict, config: ModelConfig, weights: dict, inputs: dict) -> dict:
-    """``inputs``, after checking that every profile's emulation selects the keys the float64 truth selects (DSA.10)."""
+    """``inputs``, after checking that every profile's emulation selects the keys the float64 truth selects (DSA.10);
+    a case with designed ties (GC-DSA-TIES) is judged by margin instead (TOLERANCE.4) and not checked."""
+    if "tie_positions" in definition["layout"]:
+        return inputs
     probe = Case(definition["id"], definition, config, case_args(definition, config), inputs, weights)
     truth = np.sort(call_reference(probe, None)["indices"], axis=-1)  # the set is specified, not the order
     for profile in profiles_of(definition):
@@ -863,6 +881,8 @@ def call_reference(case: Case, trace: Trace | None) -> dict[str, np.ndarray]:
         kwargs["attention"] = case.definition["layout"]["attention"]
     if "expert_ids" in case.outputs and trace is not None and trace.precision is not None:
         kwargs["forced_expert_ids"] = case.outputs["expert_ids"]  # emulate rounding, not a flip of a near tie (TOLERANCE.4)
+    if "indices" in case.outputs and trace is not None and trace.precision is not None:
+        kwargs["forced_indices"] = case.outputs["indices"]  # likewise for a DSA selection
     available = {**case.inputs, **case.args, "config": case.config.to_dict(), "weights": case.weights}
     extra = {name: value for name, value in kwargs.items() if name not in case.args}
     return call(function, case.entry_point, available, **extra, trace=trace)
@@ -871,9 +891,11 @@ def call_reference(case: Case, trace: Trace | None) -> dict[str, np.ndarray]:
 def choice_margins(case: Case, trace: Trace) -> dict[str, np.ndarray]:
     """GOLDEN margins — the truth's margin of each discrete choice a case's outputs make (TOLERANCE.4): per token the
     MOE.7 expert margin and the MOE.5 group margin of the routing, per greedy step or MTP draft the gap between the
-    chosen token's logit and the next best."""
+    chosen token's logit and the next best, per query of a DSA layer its k-th index score minus the (k+1)-th."""
     if "expert_ids" in case.outputs and "MOE.7" in trace:
         return {"expert_ids": trace["MOE.7"]["expert_margin"], "groups": trace["MOE.5"]["group_margin"]}
+    if "indices" in case.outputs and "DSA.9" in trace:
+        return {"indices": selection_gaps(trace["DSA.9"]["masked_scores"], case.config.index_topk)}
     chosen = {"greedy_decode": "tokens", "mtp_draft": "drafts"}.get(case.entry_point)
     if chosen is None:
         return {}

@@ -31,7 +31,7 @@ CONDITIONING_PROFILES = ("fp32", "tf32", "bf16", "fp16", "fp8")  # whose largest
 # a difference of two of the scores it is taken from, by those scores (counted twice).
 MEASURED_BY = {"input:cache_rows": ("output:rows", 1.0), "margin:tokens": ("output:logits", 2.0),
                "margin:drafts": ("output:logits", 2.0), "margin:expert_ids": ("step:MOE.6:masked", 2.0),
-               "margin:groups": ("step:MOE.4:group_scores", 2.0)}
+               "margin:groups": ("step:MOE.4:group_scores", 2.0), "margin:indices": ("step:DSA.9:masked_scores", 2.0)}
 EMULATED_ULPS = 4  # an emulated tensor, in units of its format: measured bitwise equal across kernels, CPUs and NumPy 1.24-2.4
 NOISE_RELATIVE = 1e-5  # a recorded noise against the rebuilt one: the truth moves by 2^-29 of the noise; measured <= 2e-7
 
