@@ -302,7 +302,7 @@ def test_next_token_follows_the_path_of_a_model_level_routing_flip():
     """dsa.greedy bf16: a routing flip within the allowance that changes the last greedy token is explained by the flip
     search, and MODEL.6/next_token is judged on that path too: the candidate's own last token passes (that an intermediate
     next_token is compared at all: test_greedy_next_token_intermediate_is_judged_on_the_same_path)."""
-    args, decisions, allowed = _model_routing_decisions("dsa.greedy/", "greedy_decode", "bf16")
+    args, decisions, allowed = _model_routing_decisions("dsa.greedy/tiny-dsa/", "greedy_decode", "bf16")
     truth_last = ref.greedy_decode(*args)["tokens"][:, -1]
     changing = next(d for d in decisions if d[0] <= min(allowed)
                     and (_greedy_with_routing_flip(d)(*args)["tokens"][:, -1] != truth_last).any())
@@ -310,7 +310,7 @@ def test_next_token_follows_the_path_of_a_model_level_routing_flip():
     def with_next_token(*args):
         result = _greedy_with_routing_flip(changing)(*args)
         return {**result, "MODEL.6/next_token": result["tokens"][:, -1]}
-    case = verdict("dsa.greedy/", "bf16", greedy_decode=with_next_token)
+    case = verdict("dsa.greedy/tiny-dsa/", "bf16", greedy_decode=with_next_token)
     assert case.status == "pass", case.reason
     assert any("routed to the runner-up" in note for note in case.notes), case.notes
 
