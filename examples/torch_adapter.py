@@ -4,8 +4,9 @@ Written the way an inference engine writes it, independently of mla_ref: weights
 activations in one dtype, attention logits, softmax, LSE and the router in fp32 (float64
 in float64 mode), interleaved-pair RoPE through complex numbers, prefill in the naive form
 (per-head keys and values), cached extension in the absorbed form against latent rows
-``[normalised latent | rotated k_pe]``, the FlashMLA-layout kernel over a paged cache, and
-FlashMLA's sparse decode and prefill kernels (DSA.13, DSA.14).
+``[normalised latent | rotated k_pe]``, the FlashMLA-layout kernel over a paged cache,
+FlashMLA's sparse decode and prefill kernels (DSA.13, DSA.14), and the indexer's FP8 key cache
+as vLLM writes it and DeepGEMM's paged logits read it (DSA.15-DSA.18).
 A DeepSeek-V3.2 config (``index_topk`` set) adds the lightning indexer (its own NeoX RoPE on the
 first rope dims, a Sylvester Hadamard, ReLU before the signed head weights, causal top-k; no FP8)
 and sparse attention: the naive prefill masks out the unselected keys, the cached path gathers
