@@ -4,8 +4,9 @@ Written the way an inference engine writes it, independently of mla_ref: weights
 activations in one dtype, attention logits, softmax, LSE and the router in fp32 (float64
 in float64 mode), interleaved-pair RoPE through complex numbers, prefill in the naive form
 (per-head keys and values), cached extension in the absorbed form against latent rows
-``[normalised latent | rotated k_pe]``, the FlashMLA-layout kernel over a paged cache, and
-FlashMLA's sparse decode and prefill kernels (DSA.13, DSA.14).
+``[normalised latent | rotated k_pe]``, the FlashMLA-layout kernel over a paged cache,
+FlashMLA's sparse decode and prefill kernels (DSA.13, DSA.14), and the indexer's FP8 key cache
+as vLLM writes it and DeepGEMM's paged logits read it (DSA.15-DSA.18).
 A DeepSeek-V3.2 config (``index_topk`` set) adds the lightning indexer (its own NeoX RoPE on the
 first rope dims, a Sylvester Hadamard, ReLU before the signed head weights, causal top-k; no FP8)
 and sparse attention: the naive prefill masks out the unselected keys, the cached path gathers
@@ -421,6 +422,51 @@ def fp8_cache_write(rows, scales):
     """FP8.10 — vLLM's / SGLang's FP8 cache store with explicit scales: rows ``[tokens, rank + rope]`` to records."""
     scale = torch.as_tensor(np.asarray(scales), device=DEVICE).to(torch.float32)  # [tokens, tiles]
     return {"records": encode_records(torch.as_tensor(np.asarray(rows), device=DEVICE), scale).cpu().numpy()}
+
+
+def index_cache_write(keys, k_cache, slot_mapping, scale_rule):
+    """DSA.15-DSA.16 — vLLM's indexer_k_quant_and_cache: per token the float32 scale max(amax, 1e-4) / 448 (ue8m0: rounded
+    up to a power of two) and e4m3 codes of key / scale, into DeepGEMM's pages: a page's block_size x D codes, then its
+    block_size float32 scales. Float32 whatever the dtype: the pages are bytes."""
+    pages = torch.as_tensor(np.array(k_cache), device=DEVICE)  # a copy: [num_blocks, block_size, 1, D + 4]
+    num_blocks, block_size, _, width = pages.shape
+    dim, slots = width - 4, _ints(slot_mapping)
+    k = torch.as_tensor(np.asarray(keys), device=DEVICE).to(torch.float32)[slots >= 0]  # [written, D]
+    scale = k.abs().amax(dim=-1).clamp(min=1e-4) / FP8_MAX  # [written]
+    scale = ue8m0(scale) if scale_rule == "ue8m0" else scale
+    codes = e4m3(k / scale[:, None]).view(torch.uint8)  # [written, D]
+    page, offset = slots[slots >= 0] // block_size, slots[slots >= 0] % block_size
+    flat = pages.view(num_blocks, block_size * width)  # one page per row
+    code_at, scale_at = offset[:, None] * dim, block_size * dim + offset[:, None] * 4  # [written, 1]: all codes, then all scales
+    flat[page[:, None], code_at + torch.arange(dim, device=DEVICE)] = codes
+    flat[page[:, None], scale_at + torch.arange(4, device=DEVICE)] = scale[:, None].view(torch.uint8)
+    return {"k_cache": pages.cpu().numpy(), "DSA.16/k_cache": pages.cpu().numpy()}
+
+
+def index_key_pages(pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DSA.17 — DeepGEMM's paged indexer keys ``[num_blocks, block_size, 1, D + 4]`` uint8: codes ``[num_blocks, block_size, D]``
+    (the page's first block_size x D bytes) as floats and scales ``[num_blocks, block_size]`` (the float32s after them)."""
+    num_blocks, block_size, _, width = pages.shape
+    flat = pages.reshape(num_blocks, block_size * width)
+    codes = flat[:, : block_size * (width - 4)].contiguous().view(torch.float8_e4m3fn).unflatten(-1, (block_size, width - 4))
+    scales = flat[:, block_size * (width - 4):].contiguous().view(torch.float32)  # [num_blocks, block_size]
+    return codes.to(_stat()), scales.to(_stat())
+
+
+def index_logits_paged(q, k_cache, logit_weights, context_lens, block_table):
+    """DSA.18 — DeepGEMM fp8_paged_mqa_logits: relu(q . codes) x the key's scale per head, weighted by the caller's folded
+    weights and summed over heads; query i sees the keys up to context_len - next_n + i, -inf elsewhere."""
+    q_codes = torch.as_tensor(np.asarray(q), device=DEVICE).view(torch.float8_e4m3fn).to(_stat())  # [batch, next_n, heads, D]
+    key_codes, key_scales = index_key_pages(torch.as_tensor(np.asarray(k_cache), device=DEVICE))
+    table, lengths, weights = _ints(block_table), _ints(context_lens), _t(logit_weights, _stat())
+    next_n, block_size = q_codes.shape[1], key_codes.shape[1]
+    positions = torch.arange(table.shape[1] * block_size, device=DEVICE)  # [keys]
+    page, offset = table[:, positions // block_size].clamp(min=0), positions % block_size  # [batch, keys]; -1 pages masked below
+    dots = torch.einsum("bnhd,bkd->bnhk", q_codes, key_codes[page, offset]) * key_scales[page, offset][:, None, None, :]
+    logits = (dots.relu() * weights[..., None]).sum(2)  # [batch, next_n, keys]
+    last = lengths[:, None] - next_n + torch.arange(next_n, device=DEVICE)  # [batch, next_n]: each query's position
+    logits = logits.masked_fill(positions > last[..., None], float("-inf"))  # replaces the NaN of unused slots too
+    return _np({"logits": logits, "DSA.18/logits": logits})
 
 
 def latent_attention_core(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):

@@ -104,6 +104,12 @@ def indexer_quantize(q_index: np.ndarray, k_index: np.ndarray, quantize: bool) -
     return _fp8_round_trip(q_index), _fp8_round_trip(k_index)
 
 
+def stored_index_keys(index_keys: np.ndarray, quantize: bool) -> np.ndarray:
+    """DSA.7 — cached indexer keys ``[batch, keys, index_dim]`` as an FP8 cache holds them: with DSA.6's FP8 on, rows given as
+    floats (a cached prefix) go through the same round trip, which leaves rows DSA.6 already quantised unchanged."""
+    return _fp8_round_trip(index_keys) if quantize else index_keys
+
+
 def index_scores(q_hat: np.ndarray, k_hat: np.ndarray, head_weights: np.ndarray) -> np.ndarray:
     """DSA.8 — ``I[t, s] = sum_h w[t, h] * d^-0.5 * ReLU(q_hat[t, h] . k_hat[s])`` (V32P eq. 1; EXP fp8_index)."""
     batch, seq, heads, width = q_hat.shape

@@ -419,7 +419,7 @@ def mla_forward(config: ModelConfig, weights: Mapping[str, np.ndarray], hidden: 
     num_keys = k_full.shape[1] if isinstance(cache, NaiveCache) else key_rows.shape[1]
     visible = emit(trace, "MLA.8", causal_visibility(key_offsets, lengths, seq, num_keys))  # [batch, seq, keys]
     if config.sparse_attention:
-        index_keys = k_hat if cache is None else cache.index_key_rows()  # [batch, keys, index_dim]
+        index_keys = k_hat if cache is None else dsa.stored_index_keys(cache.index_key_rows(), quantize)  # [batch, keys, index_dim]
         indices, _ = dsa.select_keys(config, q_hat, index_keys, head_weights, visible, trace=trace, forced_indices=forced_indices)  # DSA.8-DSA.10
         if attention != "absorbed":
             visible = visible & dsa.selected_visibility(indices, num_keys)  # the index mask narrows MLA.10

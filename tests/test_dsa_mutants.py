@@ -31,6 +31,12 @@ pytestmark = [pytest.mark.torch, pytest.mark.slow]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 DSA = "dsa."
 MUTANTS = [entry["name"] for entry in mutate.catalogue() if entry.get("reaches") == DSA]
+INDEX_CACHE = "dsa.index_"  # the indexer's FP8 key cache cases (DSA.15-DSA.18) and the mutants of its writer and reader
+INDEX_CACHE_NAMES = {  # mutant -> the name its diagnosis gives first in every case it fails, from outputs alone
+    "dsa_index_cache_codes_read_as_fnuz": "indexer K cache codes read as e4m3fnuz",
+    "dsa_index_cache_scale_fnuz_range": "indexer K cache scales from the FNUZ range",
+    "dsa_index_cache_interleaved": "indexer K cache record token-interleaved",
+}
 INDEXER, CHUNKED, DECODE = "dsa.indexer/tiny-dsa/seed0", "dsa.extend.chunked/tiny-dsa/seed0", "dsa.extend.decode/tiny-dsa/seed0"
 
 
@@ -159,3 +165,18 @@ def test_dsa_separation_table(capsys):
         print(f"\n{'DSA mutant':30s} {'fp32':32s} {'bf16':32s} outputs-only diagnosis (fp32)")
         print("\n".join(rows))
     assert all(rejections(name, profile) for name in MUTANTS for profile in DTYPES)
+
+
+def test_the_index_cache_mutants_are_catalogued():
+    assert {entry["name"] for entry in mutate.catalogue() if entry.get("reaches") == INDEX_CACHE} == set(INDEX_CACHE_NAMES)
+
+
+@pytest.mark.parametrize("profile", list(DTYPES))
+@pytest.mark.parametrize("name", sorted(INDEX_CACHE_NAMES))
+def test_every_index_cache_mutant_is_rejected_and_named_from_outputs_alone(name, profile):
+    """A writer bug changes bytes (an exact mismatch in every profile), the FNUZ reader halves every logit and turns the key
+    with a -0 code into NaN; the diagnosis reruns the reference with the bug and names it in every case that fails."""
+    module = outputs_only(mutate.load(mutate.mutant(name), DTYPES[profile]))
+    failed = [case for case in check(module, profile=profile, select=INDEX_CACHE).cases if case.status == "fail"]
+    assert failed and all(case.diagnosis and INDEX_CACHE_NAMES[name] in case.diagnosis[0] for case in failed), \
+        {case.case_id: case.diagnosis for case in failed}

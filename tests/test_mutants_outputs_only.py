@@ -68,6 +68,9 @@ CATALOGUE_NAMES = {  # mutant -> what its diagnosis must say first in some case 
     "cache_rope_quantised": "FP8 cache rope part quantised",
     "cache_scales_reversed": "FP8 cache scales applied in reverse order",
     "cache_scales_after_rope": "FP8 cache scales read after the rope part",
+    "dsa_index_cache_codes_read_as_fnuz": "indexer K cache codes read as e4m3fnuz",
+    "dsa_index_cache_scale_fnuz_range": "indexer K cache scales from the FNUZ range",
+    "dsa_index_cache_interleaved": "indexer K cache record token-interleaved",
 }
 
 

@@ -23,10 +23,10 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .. import dsa as dsa_module, fp8_cache as fp8_cache_module, mla as mla_module, moe as moe_module, mtp as mtp_steps, rope as rope_module
+from .. import dsa as dsa_module, dsa_cache as dsa_cache_module, fp8_cache as fp8_cache_module, mla as mla_module, moe as moe_module, mtp as mtp_steps, rope as rope_module
 from ..cache import gather_paged_rows
 from ..config import from_dict
-from ..fp8 import BLOCK_SIZE, decode_fp8, encode_fp8
+from ..fp8 import AMAX_FLOOR, BLOCK_SIZE, decode_fp8, encode_fp8, ue8m0_scale
 from ..mla import causal_visibility, latent_attention
 from ..moe import BIAS, renormalises_topk, routing_weights
 from ..norm import rms_norm
@@ -240,6 +240,7 @@ _reference_visibility = mla_module.causal_visibility
 _reference_softmax = mla_module.masked_softmax
 _reference_routing_weights = moe_module.routing_weights
 _reference_record_scales = fp8_cache_module.record_scales
+_reference_index_scales = dsa_cache_module.index_scales
 _reference_record_rope = fp8_cache_module.record_rope
 
 
@@ -341,6 +342,30 @@ def _fp8_cache_variants() -> list[Variant]:
         Variant("FP8 cache rope part quantised to e4m3 (it is stored as bf16)",
                 patches={(fp8_cache_module, "record_rope"): lambda records, rank: decode_fp8(encode_fp8(_reference_record_rope(records, rank)))}),
     ]
+
+
+FNUZ_WRITER_MAX = 224.0  # vLLM / SGLang quantise to +-224 on FNUZ hardware (gfx942), not to e4m3fnuz's 240
+
+
+def _fnuz_range_index_key_scale(amax, scale_rule: str = "ue8m0") -> np.ndarray:
+    """DSA.15 as a gfx942 writer computes it: max(amax, 1e-4) / 224 (the FNUZ range), twice the OCP scale."""
+    scale = np.maximum(np.asarray(amax, dtype=np.float32), np.float32(AMAX_FLOOR)) / np.float32(FNUZ_WRITER_MAX)
+    return ue8m0_scale(scale) if scale_rule == "ue8m0" else scale
+
+
+def _index_cache_variants(point: str) -> list[Variant]:
+    """Indexer key cache bugs (DSA.15-DSA.18): the FNUZ / OCP mix-ups of vLLM #52109 and gfx942 writers, the record
+    token-interleaved as the [block_size, 1, D + 4] view suggests."""
+    if point == "index_cache_write":
+        return [Variant("indexer K cache scales from the FNUZ range (max(amax, 1e-4) / 224, gfx942): every scale x2",
+                        patches={(dsa_cache_module, "index_key_scale"): _fnuz_range_index_key_scale}),
+                Variant("indexer K cache record token-interleaved (each token's scale right after its codes) instead of "
+                        "DeepGEMM's page layout (all codes, then all scales)",
+                        patches={(dsa_cache_module, "page_fields"): lambda pages: (pages[:, :, 0, :-4], pages[:, :, 0, -4:])})]
+    return [Variant("indexer K cache codes read as e4m3fnuz (OCP codes with the FNUZ bias, vLLM #52109): every key x0.5, "
+                    "code 0x80 (-0) NaN",
+                    patches={(dsa_cache_module, "decode_index_keys"):
+                             lambda codes, scale_bytes: decode_fp8(codes, "e4m3fnuz") * _reference_index_scales(scale_bytes)[..., None]})]
 
 
 def _routing_variants(config, case: dict) -> list[Variant]:
@@ -540,6 +565,8 @@ def _variants(entry: dict, config, case: dict) -> list[Variant]:
         variants += _sparse_core_variants(point)
         if point == "sparse_decode_core" and np.asarray(case["input"]["k_cache"]).dtype == np.uint8:
             variants += _fp8_cache_variants()
+    if point in ("index_cache_write", "index_logits_paged"):
+        variants += _index_cache_variants(point)
     if point in ("moe_route", "moe_layer"):
         variants += _routing_variants(config, case)
     if point in MODEL_LEVEL:  # the same bugs inside every layer of the stack
@@ -651,7 +678,8 @@ def _closeness(failed_outputs: list[str], produced: Mapping, expected: Mapping, 
         if truth.dtype.kind in "iub":
             if not np.array_equal(candidate.astype(np.int64), variant.astype(np.int64)):
                 return None
-            measured = measured or name in SET_OUTPUTS  # a whole selection matched: specific, unlike a count
+            measured = measured or name in SET_OUTPUTS or truth.dtype == np.uint8  # a whole selection or byte image matched:
+            # specific, unlike a count
             continue
         to_variant, to_truth = _distance(candidate, variant), _distance(candidate, truth)
         closeness = math.inf if math.isinf(to_variant) else (to_variant / to_truth if to_truth > 0 else math.inf)

@@ -12,6 +12,7 @@ import numpy as np
 from ..cache import Fp8LatentCache, LatentCache
 from ..config import from_dict
 from ..dsa import SparseCache, indexer_forward
+from ..dsa_cache import paged_index_logits, write_index_key_pages
 from ..mla import latent_attention_core as core, mla_forward
 from ..balance import bias_update, expert_load, sequence_balance_loss, v2_balance_losses
 from ..dispatch import dispatch_plan as plan
@@ -57,6 +58,17 @@ def fp8_cache_write(rows, scales, trace=None):
     rank = BLOCK_SIZE * np.shape(scales)[-1]
     rows = np.asarray(rows)
     return {"records": encode_latent_record(rows[..., :rank], rows[..., rank:], scale=np.asarray(scales))}
+
+
+def index_cache_write(keys, k_cache, slot_mapping, scale_rule, trace=None):
+    """DSA.15-DSA.16 — indexer keys ``[tokens, index_head_dim]`` written as FP8 records into DeepGEMM's paged layout (a copy of
+    ``k_cache``; bytes in every profile)."""
+    return {"k_cache": emit(trace, "DSA.16", write_index_key_pages(k_cache, keys, slot_mapping, str(scale_rule)))}
+
+
+def index_logits_paged(q, k_cache, logit_weights, context_lens, block_table, trace=None):
+    """DSA.18 — DeepGEMM's fp8_paged_mqa_logits over the paged FP8 indexer key cache (q as e4m3 codes, its scale in weights)."""
+    return {"logits": paged_index_logits(q, k_cache, logit_weights, context_lens, block_table, dtype=_arithmetic(trace), trace=trace)}
 
 
 def mla_prefill(config, weights, hidden, start_positions, trace=None):

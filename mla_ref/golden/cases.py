@@ -20,8 +20,9 @@ import numpy as np
 from ..config import ModelConfig, load_preset
 from ..conformance import reference_adapter
 from ..conformance.protocol import call
+from ..dsa_cache import SCALE_BYTES, write_index_key_pages
 from ..errors import GoldenError
-from ..fp8 import BLOCK_SIZE
+from ..fp8 import BLOCK_SIZE, act_quant
 from ..fp8_cache import encode_latent_record, latent_tile_scale, record_width
 from ..precision import UNIT_ROUNDOFF, round_bf16
 from ..rope import softmax_scale
@@ -149,7 +150,7 @@ def case_args(definition: dict, config: ModelConfig) -> dict:
         return {"head_dim_v": config.kv_lora_rank, "softmax_scale": softmax_scale(config)}
     if entry_point == "mtp_forward":
         return {"mtp_lambda": layout.get("mtp_lambda", 0.3)}
-    from_layout = {"moe_layer": "layer", "dispatch_plan": "ranks", "greedy_decode": "steps", "speculative_decode": "steps"}
+    from_layout = {"index_cache_write": "scale_rule", "moe_layer": "layer", "dispatch_plan": "ranks", "greedy_decode": "steps", "speculative_decode": "steps"}
     return {from_layout[entry_point]: layout[from_layout[entry_point]]} if entry_point in from_layout else {}
 
 
@@ -306,6 +307,59 @@ def build_fp8_cache_write(definition: dict, config: ModelConfig):
     scales[1, 2] = amax[1, 2] / np.float32(448 * 1.5)
     scales[3, 3] = amax[3, 3] * np.float32(32)
     return {"rows": rows, "scales": scales}, {}
+
+
+INDEX_PAGE_POISON = 0xFF  # a NaN e4m3fn code, and four of them a NaN float32 scale
+
+
+def build_index_cache_write(definition: dict, config: ModelConfig):
+    """GC-INDEX-CACHE writer (DSA.16): bf16-representable keys ``[tokens, index_head_dim]`` (scaled by 2^-6 .. 2^4) at shuffled
+    slots of pages full of 0xFF, the last token skipped (slot -1); token 0 reaches 1000 (past 448: scale > 1), token 1 is
+    all zero and token 2 reaches 3e-5 (both below the 1e-4 floor), token 3 reaches 2e-5 but one value of 1 (the rest in
+    e4m3's subnormals and at +-0), token 4 reaches 56 = 448 x 2^-3 (a scale that is a power of two in both rules)."""
+    layout = definition["layout"]
+    tokens, block_size, pages = layout["tokens"], layout["block_size"], layout["pages"]
+    if tokens < 6 or tokens > pages * block_size + 1:
+        raise GoldenError("layout.tokens", f"expected 6 .. pages * block_size + 1 = {pages * block_size + 1}, got {tokens}", "GOLDEN.cases")
+    rng = _rng(definition, "inputs")
+    keys = rng.standard_normal((tokens, config.index_head_dim)) * 2.0 ** rng.uniform(-6, 4, size=(tokens, 1))
+    for token, amax in ((0, 1000.0), (2, 3e-5), (3, 2e-5), (4, 56.0)):
+        keys[token] *= amax / np.abs(keys[token]).max()
+    keys[1] = 0.0
+    keys[3, 0] = 1.0
+    slots = np.append(rng.permutation(pages * block_size)[: tokens - 1], -1)  # [tokens]
+    k_cache = np.full((pages, block_size, 1, config.index_head_dim + SCALE_BYTES), INDEX_PAGE_POISON, dtype=np.uint8)
+    return {"keys": round_bf16(keys), "k_cache": k_cache, "slot_mapping": slots}, {}
+
+
+def build_index_logits_paged(definition: dict, config: ModelConfig):
+    """GC-INDEX-LOGITS (DSA.18): queries as e4m3 codes with ue8m0 scales per (token, head) folded into signed head weights
+    (``logit_weights = w * q_scale * index_head_dim^-0.5``, float32), each sequence's bf16 keys (scaled by 2^-4 .. 2^4 per token)
+    written with plain scales on shuffled pages, the block table padded with -1, every slot past a context 0xFF; key 3 of
+    sequence 0 holds one value that rounds to -0 (code 0x80)."""
+    layout = definition["layout"]
+    rng = _rng(definition, "inputs")
+    lengths = np.array(layout["context_lens"], dtype=np.int64)
+    next_n, block_size, pages, max_blocks = (layout[key] for key in ("next_n", "block_size", "pages", "max_blocks"))
+    heads, dim, batch = config.index_n_heads, config.index_head_dim, len(lengths)
+    q_codes, q_scale = act_quant(rng.standard_normal((batch, next_n, heads, dim)), "ue8m0")  # [.., dim] uint8, [.., 1] float32
+    head_weights = rng.standard_normal((batch, next_n, heads)) * heads ** -0.5
+    logit_weights = (head_weights * q_scale[..., 0] * dim ** -0.5).astype(np.float32).astype(np.float64)  # [batch, next_n, heads]
+    blocks = -(-lengths // block_size)  # [batch]
+    if blocks.sum() > pages or blocks.max() > max_blocks:
+        raise GoldenError("layout.pages", f"expected room for {blocks.tolist()} blocks, got {pages} pages, max_blocks {max_blocks}", "GOLDEN.cases")
+    order = rng.permutation(pages)
+    table = np.full((batch, max_blocks), -1, dtype=np.int64)
+    k_cache = np.full((pages, block_size, 1, dim + SCALE_BYTES), INDEX_PAGE_POISON, dtype=np.uint8)
+    for b, length in enumerate(lengths):
+        table[b, : blocks[b]] = order[blocks[:b].sum(): blocks[:b + 1].sum()]
+        keys = rng.standard_normal((length, dim)) * 2.0 ** rng.uniform(-4, 4, size=(length, 1))
+        if b == 0:
+            keys[3, 5] = -1e-6 * np.abs(keys[3]).max()  # below 2^-10 x its scale: code 0x80, NaN as e4m3fnuz
+        positions = np.arange(length)
+        slots = table[b, positions // block_size] * block_size + positions % block_size
+        k_cache = write_index_key_pages(k_cache, round_bf16(keys), slots, "plain")
+    return {"q": q_codes, "k_cache": k_cache, "logit_weights": logit_weights, "context_lens": lengths, "block_table": table}, {}
 
 
 def _layer_weights(definition: dict, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -863,7 +917,8 @@ def build_speculative_decode(definition: dict, config: ModelConfig):
 
 
 BUILDERS = {"latent_attention_core": build_paged_core, "sparse_decode_core": build_sparse_decode,
-            "sparse_prefill_core": build_sparse_prefill, "fp8_cache_write": build_fp8_cache_write, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
+            "sparse_prefill_core": build_sparse_prefill, "fp8_cache_write": build_fp8_cache_write,
+            "index_cache_write": build_index_cache_write, "index_logits_paged": build_index_logits_paged, "mla_prefill": build_mla_prefill, "mla_extend": build_mla_extend,
             "dsa_indexer": build_dsa_layer, "dsa_prefill": build_dsa_layer, "dsa_extend": build_dsa_extend,
             "moe_route": build_moe_route, "moe_layer": build_moe_layer, "moe_balance": build_moe_balance,
             "dispatch_plan": build_dispatch_plan, "model_logits": build_model_logits, "greedy_decode": build_greedy_decode,

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "mla_ref"
 MATH = ("config.py", "norm.py", "rope.py", "mla.py", "cache.py", "moe.py", "balance.py", "dispatch.py", "mtp.py", "model.py",
-        "speculative.py", "weights.py", "precision.py", "fp8.py", "fp8_cache.py", "dsa.py", "dsa_kernel.py")
+        "speculative.py", "weights.py", "precision.py", "fp8.py", "fp8_cache.py", "dsa.py", "dsa_kernel.py", "dsa_cache.py")
 
 
 def group(path: Path) -> str | None:
