@@ -12,6 +12,7 @@ from mla_ref.conformance import reference_adapter as ref
 from mla_ref.conformance.check import check
 from mla_ref.conformance.margins import routing_deficits, runner_up_groups, token_deficits
 from mla_ref.moe import group_mask, route, routing_weights
+from mla_ref.trace import Trace
 
 PROFILES = ["fp64", "fp32", "tf32", "bf16", "fp16"]
 
@@ -185,6 +186,27 @@ def test_greedy_next_token_intermediate_is_judged_on_the_same_path(offset, accep
         assert "MODEL.6/next_token" in case.reason, case.reason
 
 
+GREEDY_INTERMEDIATES = (("MODEL.1", "hidden"), ("MODEL.2", "hidden"), ("MODEL.3", "hidden"), ("MODEL.4", "post_norm_hidden"),
+                        ("MODEL.5", "logits"))  # the last step's, as greedy decoding's cases store them
+
+
+def test_greedy_intermediates_are_judged_on_the_accepted_path():
+    """A candidate that takes the runner-up token at a near tie (bf16, before the last step) and returns its last step's
+    intermediates MODEL.1-MODEL.5 along its own tokens passes: they are compared with the reference forced to its tokens
+    (TOLERANCE.4), not with the truth's path, whose last step read another token."""
+    def with_intermediates(config, weights, prompt_tokens, prompt_lengths, steps):
+        result = _greedy_other_token_at_smallest_margin(config, weights, prompt_tokens, prompt_lengths, steps)
+        trace = Trace()
+        ref.greedy_decode(config, weights, prompt_tokens, prompt_lengths, steps, forced_tokens=result["tokens"], trace=trace)
+        return {**result, **{f"{step}/{name}": trace.steps[step][name] for step, name in GREEDY_INTERMEDIATES}}
+    args = _case_args("model.greedy/")
+    truth, flipped = ref.greedy_decode(*args)["tokens"], _greedy_other_token_at_smallest_margin(*args)["tokens"]
+    assert (truth[:, :-1] != flipped[:, :-1]).any()  # the flip reaches the last step's input: its intermediates differ
+    case = verdict("model.greedy/", "bf16", greedy_decode=with_intermediates)
+    assert case.status == "pass", case.reason
+    assert {"MODEL.1/hidden", "MODEL.5/logits"} <= {c.name for c in case.comparisons}
+
+
 def test_greedy_path_still_checks_the_logits():
     def wrong_logits(*args):
         result = _greedy_other_token_at_smallest_margin(*args)
@@ -300,19 +322,24 @@ def _model_routing_decisions(select: str, entry_point: str, profile: str):
 
 def test_next_token_follows_the_path_of_a_model_level_routing_flip():
     """dsa.greedy bf16: a routing flip within the allowance that changes the last greedy token is explained by the flip
-    search, and MODEL.6/next_token is judged on that path too: the candidate's own last token passes (that an intermediate
-    next_token is compared at all: test_greedy_next_token_intermediate_is_judged_on_the_same_path)."""
+    search, and the last step's intermediates MODEL.1-MODEL.6 are judged on that path too: the candidate's own pass (that an
+    intermediate next_token is compared at all: test_greedy_next_token_intermediate_is_judged_on_the_same_path)."""
     args, decisions, allowed = _model_routing_decisions("dsa.greedy/tiny-dsa/", "greedy_decode", "bf16")
     truth_last = ref.greedy_decode(*args)["tokens"][:, -1]
     changing = next(d for d in decisions if d[0] <= min(allowed)
                     and (_greedy_with_routing_flip(d)(*args)["tokens"][:, -1] != truth_last).any())
 
-    def with_next_token(*args):
-        result = _greedy_with_routing_flip(changing)(*args)
-        return {**result, "MODEL.6/next_token": result["tokens"][:, -1]}
-    case = verdict("dsa.greedy/tiny-dsa/", "bf16", greedy_decode=with_next_token)
+    def with_intermediates(*args):
+        from mla_ref.conformance.margins import RoutingRecorder
+        _, _, index, row, ids = changing
+        trace = RoutingRecorder(None, {index: ([row], ids[None])}, keep=True)
+        result = ref.greedy_decode(*args, trace=trace)
+        return {**result, **{f"{step}/{name}": trace.steps[step][name] for step, name in GREEDY_INTERMEDIATES},
+                "MODEL.6/next_token": result["tokens"][:, -1]}
+    case = verdict("dsa.greedy/tiny-dsa/", "bf16", greedy_decode=with_intermediates)
     assert case.status == "pass", case.reason
     assert any("routed to the runner-up" in note for note in case.notes), case.notes
+    assert {"MODEL.2/hidden", "MODEL.6/next_token"} <= {c.name for c in case.comparisons}
 
 
 def _greedy_with_routing_flip(decision):

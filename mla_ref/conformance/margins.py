@@ -198,8 +198,7 @@ def _judge_routing(entry: dict, case: dict, produced: Mapping, profile: str, noi
     if not np.array_equal(forced, truth_ids):
         outputs, trace = _rerun_layer(entry, case, forced)
         judgement.outputs = {name: np.asarray(value) for name, value in outputs.items() if name != "expert_ids"}
-        judgement.steps = {f"{step}/{name}": value for step, arrays in trace.steps.items() for name, value in arrays.items()
-                           if f"{step}/{name}" in case["step"]}
+        judgement.steps = _stored_steps(trace, case)
         _rebase_groups(config, judgement.steps, routing.selection, kept_groups, accepted)
     return judgement
 
@@ -346,8 +345,7 @@ def _judge_selection(entry: dict, case: dict, produced: Mapping, profile: str, n
     trace = Trace()
     outputs = _rerun(entry, case, entry["entry_point"], trace, forced_indices=forced)
     judgement.outputs = {name: np.asarray(value) for name, value in outputs.items() if name != "indices"}
-    judgement.steps = {f"{step}/{name}": value for step, arrays in trace.steps.items() for name, value in arrays.items()
-                       if f"{step}/{name}" in case["step"]}
+    judgement.steps = _stored_steps(trace, case)
     return judgement
 
 
@@ -377,8 +375,14 @@ def _rerun(entry: dict, case: dict, entry_point: str, trace: Trace | None = None
     return call(getattr(reference_adapter, entry_point), entry_point, available, **forced, trace=trace)
 
 
+def _stored_steps(trace: Trace, case: dict) -> dict[str, np.ndarray]:
+    """The intermediates of a re-run (``trace``) that the case stores, keyed as it keys them (``STEP/tensor``)."""
+    return {f"{step}/{name}": value for step, arrays in trace.steps.items() for name, value in arrays.items()
+            if f"{step}/{name}" in case["step"]}
+
+
 def _judge_tokens(entry: dict, case: dict, produced: Mapping, profile: str, noise_max: dict) -> Judgement:
-    """Greedy tokens (and MTP drafts) by margin; the logits, drafts and acceptance counts along the candidate's own tokens.
+    """Greedy tokens (and MTP drafts) by margin; the logits, drafts, acceptance counts and intermediates along the candidate's own tokens.
 
     Speculative decoding emits greedy decoding's tokens: their logits come from greedy decoding forced to them, the
     noise from the profile's emulation of that run (the case stores no logits).
@@ -396,7 +400,9 @@ def _judge_tokens(entry: dict, case: dict, produced: Mapping, profile: str, nois
         judgement.outputs = {key: value for key, value in _rerun(entry, case, "speculative_decode", forced_tokens=candidate).items()
                              if key != name}
     else:
-        judgement.outputs = _rerun(entry, case, entry["entry_point"], **{keyword: candidate})
+        trace = Trace()
+        judgement.outputs = _rerun(entry, case, entry["entry_point"], trace, **{keyword: candidate})
+        judgement.steps = _stored_steps(trace, case)  # the last step's intermediates along the candidate's tokens
         logits, largest = judgement.outputs["logits"], noise_max.get("output:logits", 0.0)
     allowed = margin_allowance(profile, largest, logits, storage_format(profile, "MODEL.5", "logits"))
     _token_verdict(judgement, name, axis, candidate, logits, allowed, profile)
@@ -436,8 +442,8 @@ def _with_routing_flip(entry: dict, case: dict, produced: Mapping, profile: str,
         forced["forced_tokens"] = tokens
     allowed = margin_allowance(profile, noise_max.get("output:logits", 0.0), case["output"]["logits"], storage_format(profile, "MODEL.5", "logits"))
 
-    def explains(outputs: dict) -> Judgement | None:
-        flipped = Judgement(outputs=dict(outputs), notes=[])
+    def explains(outputs: dict, trace: Trace) -> Judgement | None:
+        flipped = Judgement(outputs=dict(outputs), steps=_stored_steps(trace, case), notes=[])
         if greedy:
             _token_verdict(flipped, "tokens", "step", forced["forced_tokens"], outputs["logits"], allowed, profile)
         passed = all(c.passed for c in flipped.comparisons) and _outputs_pass(entry, produced, flipped.outputs, profile)
@@ -467,11 +473,11 @@ class RoutingRecorder(Trace):
     """A trace that records each MoE routing call of a run (MOE.3-MOE.7) and replaces the experts of chosen rows.
 
     ``overrides``: MOE.7 call index (in the order of the run) -> (rows, expert ids [rows, K]).
-    ``precision``: emulate a profile as :class:`Trace` does (None: exact float64).
+    ``precision``: emulate a profile as :class:`Trace` does (None: exact float64); ``keep``: keep the intermediates.
     """
 
-    def __init__(self, precision: str | None = None, overrides: Mapping[int, tuple] | None = None) -> None:
-        super().__init__(precision, keep=False)
+    def __init__(self, precision: str | None = None, overrides: Mapping[int, tuple] | None = None, keep: bool = False) -> None:
+        super().__init__(precision, keep=keep)
         self.overrides = dict(overrides or {})
         self.calls: list[dict[str, np.ndarray]] = []
         self._current: dict[str, np.ndarray] = {}
@@ -492,8 +498,9 @@ class RoutingRecorder(Trace):
 
 
 def explaining_routing_flip(entry: dict, profile: str, rerun: Callable[[Trace], dict],
-                            explains: Callable[[dict], Judgement | None]) -> tuple[Judgement, str] | None:
-    """``explains``' judgement of the first reference run with one near-tie routing decision flipped that it accepts, and a note.
+                            explains: Callable[[dict, Trace], Judgement | None]) -> tuple[Judgement, str] | None:
+    """``explains``' judgement of the first reference run with one near-tie routing decision flipped that it accepts, and a note
+    (``explains`` gets the run's outputs and its trace, which keeps the run's intermediates).
 
     ``rerun(trace)`` runs the reference on the case (on the candidate's tokens if they were accepted).
     The allowances come from the profile's emulation of the same run, forced to the truth's routing.
@@ -510,7 +517,8 @@ def explaining_routing_flip(entry: dict, profile: str, rerun: Callable[[Trace], 
                          np.concatenate([t[name].ravel() for t in truth.calls]), storage_format(profile, step, name))
         for step, name in (("MOE.3", "selection"), ("MOE.4", "group_scores")))
     for margin, allowed, index, row, ids in _near_ties(config, truth.calls, expert_allowed, group_allowed)[:MAX_FLIPS_TRIED]:
-        judgement = explains(rerun(RoutingRecorder(None, {index: ([row], ids[None])})))
+        flipped = RoutingRecorder(None, {index: ([row], ids[None])}, keep=True)
+        judgement = explains(rerun(flipped), flipped)
         if judgement is not None:
             layers = config.moe_layers
             return judgement, (f"MoE layer {layers[index % len(layers)]}, forward {index // len(layers)}, token row {row}: routed to "
