@@ -67,3 +67,13 @@ def edit_manifest(folder: Path, change) -> None:
     change(document)
     path.write_text(yaml.dump(document, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False, width=120),
                     encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def manifest_parsed_once():
+    """check() reads and copies golden/manifest.yaml on every call: for a module of many single-case checks, read it once
+    (the file does not change during a run). Modules ask for it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    from mla_ref.conformance import check as check_module
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(check_module, "read_manifest", functools.lru_cache(maxsize=None)(check_module.read_manifest))
+        yield

@@ -65,12 +65,7 @@ def _with_scale(formula):
     return types.SimpleNamespace(mla_prefill=wrap(ref.mla_prefill), mla_extend=wrap(ref.mla_extend))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _manifest_parsed_once():
-    """One parse of golden/manifest.yaml for the ~70 single-case checks of this module (the file does not change)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(check_module, "read_manifest", functools.lru_cache(maxsize=None)(check_module.read_manifest))
-        yield
+pytestmark = pytest.mark.usefixtures("manifest_parsed_once")  # tests/conftest.py
 
 
 def _catalogue(description: str):

@@ -9,7 +9,6 @@ fraction times a small integer.
 
 from __future__ import annotations
 
-import functools
 import math
 import shutil
 import types
@@ -245,18 +244,12 @@ def test_verdicts_do_not_depend_on_element_order_or_batch_shape(truth, seed, sca
 
 # ------------------------------------------------------------------ verdicts on cases: padded rows, case order
 
-@pytest.fixture(scope="module", autouse=True)
-def _manifest_parsed_once():
-    """check() parses a manifest on every call: parse each once for this module's checker runs."""
-    from mla_ref.conformance import check as check_module
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(check_module, "read_manifest", functools.lru_cache(maxsize=None)(check_module.read_manifest))
-        yield
+pytestmark = pytest.mark.usefixtures("manifest_parsed_once")  # tests/conftest.py
 
 
 def _truth_adapter(case_id: str, entry_point: str, edits: dict):
     """An adapter that returns the stored truth of ``case_id`` with ``edits`` ({tensor: (index, value)}) applied."""
-    from mla_ref.conformance import check as check_module  # its read_manifest: parsed once (_manifest_parsed_once)
+    from mla_ref.conformance import check as check_module  # its read_manifest: parsed once (manifest_parsed_once)
     from mla_ref.golden.generate import default_golden_dir
     directory = default_golden_dir()
     case = check_module.load_case(directory, check_module.read_manifest(directory / "manifest.yaml")["cases"][case_id])

@@ -17,14 +17,7 @@ from mla_ref.trace import Trace
 PROFILES = ["fp64", "fp32", "tf32", "bf16", "fp16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _manifest_parsed_once():
-    """check() parses golden/manifest.yaml on every call: parse it once for this module's runs."""
-    import functools
-    from mla_ref.conformance import check as check_module
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(check_module, "read_manifest", functools.lru_cache(maxsize=None)(check_module.read_manifest))
-        yield
+pytestmark = pytest.mark.usefixtures("manifest_parsed_once")  # tests/conftest.py
 
 
 def verdict(select: str, profile: str, **functions):
