@@ -30,10 +30,14 @@ def _needs_torch_and_triton():
 
 
 KERNEL = Path(__file__).resolve().parents[1] / "examples" / "triton_mla_decode.py"
-CORE_CASES = 7  # mla.core.* in spec/golden.yaml: six on float rows, one on FP8 records
-SPARSE_CASES = 4  # dsa.core.*: decode with pages of 16 and 64, decode on FP8 records, prefill
+CORE_CASES = 8  # mla.core.* in spec/golden.yaml: seven on float rows (one with 64 heads), one on FP8 records
+SPARSE_CASES = 7  # dsa.core.*: decode with pages of 16 and 64, decode on FP8 records, prefill; and each with 64 or 128 heads
+MANY_HEADS = {"dsa.core.decode/tiny-yarn-h128/bs64-seed0", "dsa.core.decode.fp8/tiny-yarn-r512-h64/bs16-seed0",
+              "dsa.core.prefill/tiny-yarn-h128/seed0"}  # more heads than one BLOCK_M (GC-HEADS)
 SPARSE_DECODE = {"dsa.core.decode/tiny-yarn/bs16-seed0", "dsa.core.decode/tiny-yarn/bs64-seed0",
-                 "dsa.core.decode.fp8/tiny-yarn-r512/bs16-seed0"}
+                 "dsa.core.decode.fp8/tiny-yarn-r512/bs16-seed0", "dsa.core.decode/tiny-yarn-h128/bs64-seed0",
+                 "dsa.core.decode.fp8/tiny-yarn-r512-h64/bs16-seed0"}
+SPARSE_PREFILL = {"dsa.core.prefill/tiny-yarn/seed0", "dsa.core.prefill/tiny-yarn-h128/seed0"}
 
 
 def load_kernel(path: Path = KERNEL, name: str = "triton_mla_decode_under_test"):
@@ -91,6 +95,10 @@ CANARY = ("    seqlen = tl.load(seqlens_ptr + batch_index)\n",
           "    seqlen = tl.load(seqlens_ptr + batch_index) + 1  # mutant: the canary slot is read and attended\n")
 CAUSAL_SHIFT = ("        last_visible = seqlen - s_q + query_index  # [BLOCK_M], bottom-right aligned\n",
                 "        last_visible = seqlen - s_q + query_index + 1  # mutant: each draft sees the next one\n")
+ROW_BLOCK_IGNORED = ("    row = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M], row = query_index * heads + head\n",
+                     "    row = tl.arange(0, BLOCK_M)  # mutant: every row block computes rows 0 .. BLOCK_M - 1\n")
+HEAD_BLOCK_IGNORED = ("    head = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]; every head reads the query's rows\n",
+                      "    head = tl.arange(0, BLOCK_M)  # mutant: every head block computes heads 0 .. BLOCK_M - 1\n")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -105,7 +113,24 @@ def test_canary_mutant_is_rejected_and_named(tmp_path, dtype):
 def test_causal_shift_mutant_is_rejected(tmp_path, splits):
     report = run(mutant(tmp_path, "causal_shift", *CAUSAL_SHIFT), "float32", splits)
     failed = {case.case_id for case in report.cases if case.status == "fail"}
+    # not the 64-head case: its row blocks each hold one query, and a block loads no key past its last query's bound
     assert failed == {"mla.core.verify/tiny/sq2-seed0", "mla.core.verify/tiny/sq4-seed0"}, report.table()
+
+
+def test_row_block_mutant_is_rejected_by_the_many_head_case_alone(tmp_path):
+    """Every row block of the dense kernel computes rows 0 .. BLOCK_M - 1: the 4-head cases (at most 16 rows) hold one
+    block, so only the 64-head case (GC-HEADS, 128 rows) rejects it."""
+    report = run(mutant(tmp_path, "row_block", *ROW_BLOCK_IGNORED), "float32", splits=1)
+    failed = {case.case_id for case in report.cases if case.status == "fail"}
+    assert failed == {"mla.core.verify/tiny-yarn-h64/sq2-seed0"}, report.table()
+
+
+def test_head_block_mutant_is_rejected_by_the_many_head_cases_alone(tmp_path):
+    """Every head block of the sparse kernel computes heads 0 .. BLOCK_M - 1: invisible with 4 heads, rejected by
+    the golden cases with 64 and 128 heads (GC-HEADS) without a hand-written test."""
+    report = run(mutant(tmp_path, "head_block", *HEAD_BLOCK_IGNORED), "float32", splits=1, select="dsa.core")
+    failed = {case.case_id for case in report.cases if case.status == "fail"}
+    assert failed == MANY_HEADS, report.table()
 
 
 # One-line bugs of the sparse kernel (DSA.13 / DSA.14 pitfalls in spec/dsa.yaml): the words the checker's diagnosis
@@ -116,7 +141,7 @@ SPARSE_MUTANTS = {
     "minus_one_attended": (
         "        valid = (index >= 0) & (index < slots)  # DSA.14's rule; DSA.13's indices are -1 or in range\n",
         "        valid = index < slots  # mutant: -1 padding is clamped to row 0 and attended\n",
-        "-1 padding attended", SPARSE_DECODE | {"dsa.core.prefill/tiny-yarn/seed0"}, SPARSE_DECODE),
+        "-1 padding attended", SPARSE_DECODE | SPARSE_PREFILL, SPARSE_DECODE),
     "page_major": (
         "        page = slot // block_size  # token encoding: index = page * block_size + offset (DSA.13)\n"
         "        offset = slot % block_size\n",
@@ -126,11 +151,11 @@ SPARSE_MUTANTS = {
     "base2_lse": (
         "    lse = tl.where(has_key, (m + tl.log2(l_safe)) * 0.6931471805599453, empty_lse)  # base-2 units to natural log\n",
         "    lse = tl.where(has_key, m + tl.log2(l_safe), empty_lse)  # mutant: FlashMLA's first release, base 2\n",
-        "LSE in base 2", SPARSE_DECODE | {"dsa.core.prefill/tiny-yarn/seed0"}, SPARSE_DECODE | {"dsa.core.prefill/tiny-yarn/seed0"}),
+        "LSE in base 2", SPARSE_DECODE | SPARSE_PREFILL, SPARSE_DECODE | SPARSE_PREFILL),
     "default_scale": (
         "    scale_log2 = float(softmax_scale) / LN2  # logits in base-2 units: exp2(x * scale / ln 2) = exp(x * scale)\n",
         "    scale_log2 = width ** -0.5 / LN2  # mutant: FlashMLA's default softmax_scale 576^-0.5\n",
-        "softmax scale 576^-0.5", SPARSE_DECODE | {"dsa.core.prefill/tiny-yarn/seed0"}, SPARSE_DECODE | {"dsa.core.prefill/tiny-yarn/seed0"}),
+        "softmax scale 576^-0.5", SPARSE_DECODE | SPARSE_PREFILL, SPARSE_DECODE | SPARSE_PREFILL),
 }
 
 
@@ -152,7 +177,7 @@ def test_fp8_scales_read_as_bf16_are_rejected_and_named(tmp_path):
     module.configure("bfloat16", 1)
     report = check(module, module.PROFILE, select="fp8")
     failed = {case.case_id: " ".join(case.diagnosis) for case in report.cases if case.status == "fail"}
-    assert set(failed) == {FP8_CASE, "dsa.core.decode.fp8/tiny-yarn-r512/bs16-seed0"}, report.table()
+    assert set(failed) == {FP8_CASE, "dsa.core.decode.fp8/tiny-yarn-r512/bs16-seed0", "dsa.core.decode.fp8/tiny-yarn-r512-h64/bs16-seed0"}, report.table()
     assert "scales read as bf16" in failed[FP8_CASE], report.table()
 
 
@@ -218,7 +243,7 @@ def test_sparse_bad_input_names_the_tensor(kernel):
 
 @pytest.mark.parametrize("splits", [1, 4])
 def test_sparse_kernel_beyond_the_golden_shapes(kernel, splits):
-    """Shapes the golden cases do not reach: more heads than one program's block (20 > BLOCK_M), an index list of
+    """Shapes the golden cases do not reach: a ragged last head block (20 heads; the golden 64 and 128 fill theirs), an index list of
     several tiles with a ragged end (37 entries), a repeated index (it counts twice, DSA.13), a page size of 5 (not
     a power of two); compared with the reference's DSA.13 and DSA.14 in float64."""
     import numpy as np
