@@ -84,7 +84,7 @@ scenario("hf-no-model-type-no-topk-method", ConfigError, r"^topk_method$",
 scenario("hf-model-type-unknown", ConfigError, r"^model_type$", call(load_config, hf(model_type="llama")))
 scenario("official-unknown-key-strict", ConfigError, r"^n_expert_group$", call(load_config, {**OFFICIAL, "n_expert_group": 8}, strict=True))
 scenario("preset-file-unknown-top-key", ConfigError, r"^sourse$",
-         in_file("p.yaml", 'spec_version: "0.5.0"\nsourse: x\nconfig: {vocab_size: 10}\n', load_config))
+         in_file("p.yaml", 'spec_version: "0.6.0"\nsourse: x\nconfig: {vocab_size: 10}\n', load_config))
 scenario("huge-key-name-bounded", ConfigError, r"^k{50}", call(load_config, own(**{"k" * 1_000_000: 1})))
 
 # ----------------------------------------------------------------------------- configs: rope forms
