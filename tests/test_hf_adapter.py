@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.transformers]
 UNSUPPORTED_ENTRY_POINTS = {"latent_attention_core", "moe_balance", "dispatch_plan", "mtp_forward", "mtp_draft", "speculative_decode"}
 DSA_CASES = {"dsa.indexer/tiny-dsa/seed0", "dsa.prefill/tiny-dsa/seed0", "dsa.extend.chunked/tiny-dsa/seed0",
              "dsa.extend.decode/tiny-dsa/seed0", "dsa.logits/tiny-dsa/seed0", "dsa.greedy/tiny-dsa/seed0",
-             "dsa.extend.decode/tiny-dsa-r512/seed0", "dsa.greedy/tiny-dsa-r512/seed0"}
+             "dsa.extend.decode/tiny-dsa-r512/seed0", "dsa.greedy/tiny-dsa-r512/seed0",
+             "dsa.indexer.ties/tiny-dsa/seed0", "dsa.prefill.ties/tiny-dsa/seed0"}  # ties: HF's torch.topk, judged by margin
 
 
 @pytest.fixture
