@@ -245,7 +245,8 @@ def _clear_selections(folder, definition: dict) -> int:
     """GC-DSA, checked rather than assumed: rebuilt from a built case's stored inputs, every query of a DSA layer case that
     sees more than index_topk keys has a gap of more than ``min_margin`` x its largest |score| between its k-th and
     (k+1)-th scores in the float64 truth, and more than half that in every profile's emulation (the fp8 one quantises the
-    indexer's q and k, DSA.6). Returns how many queries select."""
+    indexer's q and k, DSA.6); a designed tie (layout tie_positions, GC-DSA-TIES) is instead within max_near_margin in the
+    float64 truth. Returns how many queries select with a clear gap."""
     from mla_ref.conformance.check import load_case
     from mla_ref.golden.cases import Case, case_args, case_config, profiles_of, selection_margins
     from mla_ref.trace import Trace
@@ -253,6 +254,8 @@ def _clear_selections(folder, definition: dict) -> int:
     config = case_config(definition)
     case = Case(definition["id"], definition, config, case_args(definition, config), parts["input"], parts["weight"])
     least = definition["layout"].get("min_margin", 0.06)
+    ties = definition["layout"].get("tie_positions", {})
+    tied = [*ties.get("exact", []), *ties.get("near", [])]  # query positions of every sequence
     selecting = None
     for profile in [None, *profiles_of(definition)]:
         trace = Trace(profile)
@@ -260,8 +263,12 @@ def _clear_selections(folder, definition: dict) -> int:
         margins = selection_margins(trace["DSA.9"]["masked_scores"], config.index_topk)  # [batch, seq], inf: keeps every key
         selecting = np.isfinite(margins) if selecting is None else selecting
         assert np.array_equal(np.isfinite(margins), selecting), profile
-        assert np.all(margins[selecting] > (least if profile is None else least / 2)), (profile, np.min(margins[selecting]))
-    return int(selecting.sum())
+        clear = selecting.copy()
+        clear[:, tied] = False
+        assert np.all(margins[clear] > (least if profile is None else least / 2)), (profile, np.min(margins[clear]))
+        if profile is None and tied:
+            assert np.all(margins[:, tied] <= definition["layout"]["max_near_margin"]), margins[:, tied]
+    return int(clear.sum())
 
 
 @pytest.mark.slow  # 7 emulations of 4 cases: several seconds
