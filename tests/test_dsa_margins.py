@@ -7,15 +7,14 @@ largest |score|) at queries 20 and 33 of both sequences; every other query keeps
 from __future__ import annotations
 
 import functools
-import types
 
 import numpy as np
 import pytest
 
 from mla_ref.conformance import reference_adapter as ref
-from mla_ref.conformance.check import check
 from mla_ref.conformance.margins import ranked_selection, selection_deficits
 from mla_ref.dsa import select_top_k
+from golden_verdicts import case_args, verdict
 
 INDEXER, PREFILL = "dsa.indexer.ties/", "dsa.prefill.ties/"
 EXACT, NEAR = [14, 27], [20, 33]
@@ -24,29 +23,12 @@ EXACT, NEAR = [14, 27], [20, 33]
 pytestmark = pytest.mark.usefixtures("manifest_parsed_once")  # tests/conftest.py
 
 
-def verdict(select: str, profile: str, **functions):
-    report = check(types.SimpleNamespace(**functions), profile, select)
-    assert len(report.cases) == 1, select
-    return report.cases[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _case_args(select: str) -> tuple:
-    """The positional arguments (protocol order) of the first golden case whose id starts with ``select``."""
-    from mla_ref.conformance.check import load_case, read_manifest
-    from mla_ref.conformance.protocol import parameters
-    from mla_ref.golden.generate import default_golden_dir
-    directory = default_golden_dir()
-    entry = next(e for case_id, e in read_manifest(directory / "manifest.yaml")["cases"].items() if case_id.startswith(select))
-    case = load_case(directory, entry)
-    available = {**case["input"], **entry["args"], "config": dict(entry["config"]), "weights": case["weight"]}
-    return tuple(available[name] for name in parameters(entry["entry_point"]))
 
 
 @functools.lru_cache(maxsize=None)
 def _scores(select: str) -> np.ndarray:
     """The float64 DSA.9 masked scores of a case's layer (the indexer runs the same on both cases' entry points)."""
-    config, weights, hidden, starts = _case_args(select)
+    config, weights, hidden, starts = case_args(select)
     return ref.dsa_indexer(config, weights, hidden, starts)["scores"]
 
 
@@ -71,7 +53,7 @@ def _runner_up_at(scores: np.ndarray, k: int, queries: list[int]) -> np.ndarray:
 
 
 def _k(select: str) -> int:
-    return int(_case_args(select)[0]["index_topk"])
+    return int(case_args(select)[0]["index_topk"])
 
 
 def test_selection_deficits_on_a_hand_made_row():
@@ -103,7 +85,7 @@ def test_an_indexer_that_breaks_ties_toward_the_higher_position_passes(profile):
     case = verdict(INDEXER, profile, dsa_indexer=indexer)
     assert case.status == "pass", case.reason
     assert case.notes and all("0 (an exact tie)" in note or "more queries" in note for note in case.notes), case.notes
-    truth, candidate = ref.dsa_indexer(*_case_args(INDEXER))["indices"], indexer(*_case_args(INDEXER))["indices"]
+    truth, candidate = ref.dsa_indexer(*case_args(INDEXER))["indices"], indexer(*case_args(INDEXER))["indices"]
     differs = np.any(np.sort(truth, -1) != np.sort(candidate, -1), axis=-1)
     assert sorted({int(t) for _, t in np.argwhere(differs)}) == EXACT  # the case does test the tie order, and only there
 

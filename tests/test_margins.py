@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
 
 from mla_ref.config import from_dict, load_preset
 from mla_ref.conformance import reference_adapter as ref
-from mla_ref.conformance.check import check
 from mla_ref.conformance.margins import routing_deficits, runner_up_groups, token_deficits
 from mla_ref.moe import group_mask, route, routing_weights
 from mla_ref.trace import Trace
+from golden_verdicts import case_args, verdict
 
 PROFILES = ["fp64", "fp32", "tf32", "bf16", "fp16"]
 
 
 pytestmark = pytest.mark.usefixtures("manifest_parsed_once")  # tests/conftest.py
 
-
-def verdict(select: str, profile: str, **functions):
-    report = check(types.SimpleNamespace(**functions), profile, select)
-    assert len(report.cases) == 1, select
-    return report.cases[0]
 
 
 def _top_k_higher_index_first(scores: np.ndarray, k: int) -> np.ndarray:
@@ -50,21 +44,10 @@ def test_a_router_that_breaks_ties_toward_the_higher_index_passes(profile):
     case = verdict("moe.route.ties/", profile, moe_route=torch_like_route)
     assert case.status == "pass", case.reason
     assert case.notes and all("margin 0 " in note or "more tokens" in note for note in case.notes), case.notes
-    truth = ref.moe_route(*_case_args("moe.route.ties/"))["expert_ids"]
-    candidate = torch_like_route(*_case_args("moe.route.ties/"))["expert_ids"]
+    truth = ref.moe_route(*case_args("moe.route.ties/"))["expert_ids"]
+    candidate = torch_like_route(*case_args("moe.route.ties/"))["expert_ids"]
     assert (np.sort(truth, -1) != np.sort(candidate, -1)).any(axis=-1).sum() >= 3  # the case does test the tie order
 
-
-def _case_args(select: str) -> tuple:
-    """The positional arguments (protocol order) of the first golden case whose id starts with ``select``."""
-    from mla_ref.conformance.check import load_case, read_manifest
-    from mla_ref.conformance.protocol import parameters
-    from mla_ref.golden.generate import default_golden_dir
-    directory = default_golden_dir()
-    entry = next(e for case_id, e in read_manifest(directory / "manifest.yaml")["cases"].items() if case_id.startswith(select))
-    case = load_case(directory, entry)
-    available = {**case["input"], **entry["args"], "config": dict(entry["config"]), "weights": case["weight"]}
-    return tuple(available[name] for name in parameters(entry["entry_point"]))
 
 
 def _swap_kth_at(config, weights, hidden, token: int):
@@ -78,7 +61,7 @@ def _swap_kth_at(config, weights, hidden, token: int):
 
 @pytest.mark.parametrize("profile", ["fp32", "bf16"])
 def test_a_flip_at_a_clear_margin_fails_and_names_token_and_margin(profile):
-    config, weights, hidden = _case_args("moe.route.v3/tiny")
+    config, weights, hidden = case_args("moe.route.v3/tiny")
     token = int(np.argmax(route(from_dict(config), weights, hidden).expert_margin))
     margin = float(route(from_dict(config), weights, hidden).expert_margin[token])
 
@@ -192,7 +175,7 @@ def test_greedy_intermediates_are_judged_on_the_accepted_path():
         trace = Trace()
         ref.greedy_decode(config, weights, prompt_tokens, prompt_lengths, steps, forced_tokens=result["tokens"], trace=trace)
         return {**result, **{f"{step}/{name}": trace.steps[step][name] for step, name in GREEDY_INTERMEDIATES}}
-    args = _case_args("model.greedy/")
+    args = case_args("model.greedy/")
     truth, flipped = ref.greedy_decode(*args)["tokens"], _greedy_other_token_at_smallest_margin(*args)["tokens"]
     assert (truth[:, :-1] != flipped[:, :-1]).any()  # the flip reaches the last step's input: its intermediates differ
     case = verdict("model.greedy/", "bf16", greedy_decode=with_intermediates)
@@ -270,7 +253,7 @@ def test_speculative_tokens_at_a_near_tie_are_judged_on_their_own_path(profile, 
     case = verdict(select, profile, speculative_decode=_speculative_on_a_flipped_path)
     assert (case.status == "pass") == accepted, case.reason
     assert accepted == any("judged on the candidate's path" in note for note in case.notes)
-    reference, flipped = ref.speculative_decode(*_case_args(select)), _speculative_on_a_flipped_path(*_case_args(select))
+    reference, flipped = ref.speculative_decode(*case_args(select)), _speculative_on_a_flipped_path(*case_args(select))
     assert not np.array_equal(reference["proposed_per_depth"], flipped["proposed_per_depth"])
 
     def counts_of_the_reference_path(*args):  # the flipped tokens with the acceptance counts of the reference's own path
@@ -304,7 +287,7 @@ def _model_routing_decisions(select: str, entry_point: str, profile: str):
     """Every routing decision of the truth run, smallest margin first, and the profile's expert / group allowances
     measured here from its emulation forced to the truth's routing (2 x the largest score error)."""
     from mla_ref.conformance.margins import RoutingRecorder, _near_ties
-    args = _case_args(select)
+    args = case_args(select)
     truth = RoutingRecorder()
     getattr(ref, entry_point)(*args, trace=truth)
     emulation = RoutingRecorder(profile, {i: (slice(None), call["expert_ids"]) for i, call in enumerate(truth.calls)})
